@@ -1,0 +1,44 @@
+# pingu-dask developer and demo entry points.
+#
+#   make demo    set up .venv (if needed) and run the bundled demo
+#   make test    set up .venv (if needed), lint, and run the test suite
+#
+# TORCH chooses the torch build installed *before* the project. The default is the
+# CPU build that lies on this machine's disk (small venv, fast install; its PyPI
+# torchvision cannot import, which pingu-dask never needs). For a CUDA build, e.g.:
+#   make setup TORCH="torch==2.14.1 torchvision==0.29.1"
+# Whatever was installed is then pinned with a constraints file so that installing
+# the project cannot swap it for another build.
+
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pingu-installed
+PIN    := $(VENV)/torch-constraint.txt
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo test lint clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(PIN)
+	$(BIN)/pip install -q --disable-pip-version-check -c $(PIN) -e '.[test]'
+	$(BIN)/python scripts/check_torch.py $(PIN)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/pingu-dask demo $(DEMO_OUT)
+
+lint: setup
+	$(BIN)/ruff check pingu_dask tests scripts
+	$(BIN)/ruff format --check pingu_dask tests scripts
+
+test: setup lint
+	$(BIN)/pytest
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

@@ -1,0 +1,126 @@
+"""NIfTI input/output and geometry checks.
+
+This is the only module that opens image files. Everything else passes plain numpy
+arrays plus a 4x4 affine (the nibabel way), so that the rest of the code never depends
+on a file format and tests can build images in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message says why in plain words."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What the header of a NIfTI file says, read without loading the voxels."""
+
+    path: Path
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    dtype: str
+
+    @property
+    def is_3d(self) -> bool:
+        """True for a 3D volume, or a 4D one whose fourth axis has a single frame."""
+        return len(self.shape) == 3 or (len(self.shape) == 4 and self.shape[3] == 1)
+
+
+def is_nifti_path(path: str | os.PathLike[str]) -> bool:
+    """True when the file name ends like a NIfTI file (.nii or .nii.gz)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_info(path: str | os.PathLike[str]) -> ImageInfo:
+    """Read a NIfTI header (shape, spacing, affine) without loading the voxel data.
+
+    Raises ImageError with a reason a person can act on (missing, unreadable, not NIfTI).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"file not found: {path}")
+    if not path.is_file():
+        raise ImageError(f"not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ImageError(f"file not readable (permissions): {path}")
+    if not is_nifti_path(path):
+        raise ImageError(f"not a NIfTI file (expected .nii or .nii.gz): {path}")
+    try:
+        image = nib.load(path)
+        header = image.header
+        shape = tuple(int(n) for n in image.shape)
+        spacing = tuple(float(z) for z in header.get_zooms()[: len(shape)])
+        affine = np.asarray(image.affine, dtype=np.float64)
+        dtype = str(header.get_data_dtype())
+    except Exception as error:  # nibabel raises many types for a damaged file
+        raise ImageError(f"cannot read NIfTI header of {path}: {error}") from error
+    return ImageInfo(path=path, shape=shape, spacing=spacing, affine=affine, dtype=dtype)
+
+
+def save_nifti(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    affine: np.ndarray,
+) -> Path:
+    """Write a 3D array as NIfTI-1 in scanner space, atomically.
+
+    The file is written under a temporary name in the same folder and renamed into
+    place, so a reader (or a crash) never sees half a file. qform and sform both carry
+    the affine with code 1 (scanner), which is what converters such as dcm2niix write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(image, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def load_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI volume as (float32 array, affine); a single-frame 4D is squeezed."""
+    info = read_info(path)
+    if not info.is_3d:
+        raise ImageError(f"expected a 3D image, got shape {info.shape}: {path}")
+    try:
+        data = np.asanyarray(nib.load(path).dataobj, dtype=np.float32)
+    except Exception as error:
+        raise ImageError(
+            f"cannot read voxel data of {path} (truncated or corrupt?): {error}"
+        ) from error
+    return data.reshape(info.shape[:3]), info.affine
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each array axis: the column norms of the affine's 3x3 part."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """Map (N, 3) voxel indices (may be fractional) to (N, 3) scanner coordinates in mm."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def world_to_voxel(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+    """Map (N, 3) scanner coordinates in mm to fractional voxel indices."""
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    return np.asarray(xyz, dtype=np.float64) @ inverse[:3, :3].T + inverse[:3, 3]

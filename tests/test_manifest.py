@@ -1,0 +1,228 @@
+"""Manifest reading and validation: formats, every kind of problem, Scan records, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pingu_dask.cli import main
+from pingu_dask.imaging import save_nifti
+from pingu_dask.manifest import (
+    ManifestError,
+    load_manifest,
+    require_valid,
+    unsafe_id_reason,
+)
+
+
+def write(table: pd.DataFrame, path: Path) -> Path:
+    if path.suffix == ".parquet":
+        table.to_parquet(path, index=False)
+    else:
+        table.to_csv(path, sep="\t" if path.suffix == ".tsv" else ",", index=False)
+    return path
+
+
+@pytest.fixture
+def cohort_table(cohort: Path) -> pd.DataFrame:
+    return pd.read_csv(cohort / "manifest.csv", dtype=str, keep_default_na=False)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_valid_manifest_in_every_format(
+    cohort: Path, cohort_table: pd.DataFrame, suffix: str
+) -> None:
+    path = write(cohort_table, cohort / f"copy{suffix}")
+    report = load_manifest(path)
+    assert report.ok and report.n_rows == 3
+    assert [s.scan_id for s in report.scans] == ["sub-001", "sub-002", "sub-003"]
+    scan = report.scans[1]
+    assert scan.channel("t1w") == cohort / "sub-002/anat/sub-002_T1w.nii.gz"
+    assert scan.site == "iso08mm" and scan.subject == "002" and scan.session is None
+    assert scan.parcellation == cohort / "derivatives/synthseg/sub-002/anat/sub-002_dseg.nii.gz"
+    assert scan.row == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        scan.scan_id = "other"  # type: ignore[misc]
+
+
+def test_model_channels_decide_the_required_columns(cohort: Path) -> None:
+    report = load_manifest(cohort / "manifest.csv", channels=["t1w", "t2w"])
+    assert report.ok
+    assert [name for name, _ in report.scans[0].channels] == ["t1w", "t2w"]
+    missing = load_manifest(cohort / "manifest.csv", channels=["t1w", "flair"])
+    assert not missing.ok and not missing.scans
+    assert "missing required column 'flair'" in str(missing.problems[0])
+
+
+def test_relative_paths_resolve_against_the_manifest_folder(cohort: Path, tmp_path: Path) -> None:
+    table = pd.DataFrame({"scan_id": ["a"], "t1w": ["../img.nii.gz"]})
+    shutil.copy(cohort / "sub-001/anat/sub-001_T1w.nii.gz", tmp_path / "img.nii.gz")
+    (tmp_path / "lists").mkdir()
+    report = load_manifest(write(table, tmp_path / "lists" / "m.csv"))
+    assert report.ok
+    assert report.scans[0].channel("t1w") == tmp_path / "img.nii.gz"
+
+
+@pytest.mark.parametrize(
+    ("scan_id", "reason"),
+    [
+        ("../x", "'..'"),
+        ("..", "'..'"),
+        ("a/b", "path separator"),
+        ("a\\b", "path separator"),
+        (".hidden", "starts with a dot"),
+        ("bad\x07id", "control characters"),
+        ("tab\tid", "control characters"),
+        ("with space", "only letters"),
+        ("", "empty"),
+        ("x" * 200, "longer than"),
+    ],
+)
+def test_unsafe_scan_ids_are_named(scan_id: str, reason: str) -> None:
+    assert reason in unsafe_id_reason(scan_id)
+
+
+@pytest.mark.parametrize("scan_id", ["sub-01", "sub-01_ses-02", "P001.v2", "7"])
+def test_ordinary_ids_are_safe(scan_id: str) -> None:
+    assert unsafe_id_reason(scan_id) is None
+
+
+def test_every_problem_is_reported_at_once_with_its_row(cohort: Path, tmp_path: Path) -> None:
+    t1 = str(cohort / "sub-001/anat/sub-001_T1w.nii.gz")
+    save_nifti(tmp_path / "flat.nii.gz", np.zeros((20, 20), dtype=np.int16), np.eye(4))
+    save_nifti(tmp_path / "series.nii.gz", np.zeros((8, 8, 8, 3), dtype=np.int16), np.eye(4))
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"this is not an image")
+    (tmp_path / "notes.txt").write_text("hello")
+    table = pd.DataFrame(
+        {
+            "scan_id": [
+                "ok-1",
+                "ok-1",
+                "../x",
+                "",
+                "missing",
+                "flat",
+                "series",
+                "corrupt",
+                "text",
+                "nopath",
+            ],
+            "t1w": [
+                t1,
+                t1,
+                t1,
+                t1,
+                "nowhere/none.nii.gz",
+                "flat.nii.gz",
+                "series.nii.gz",
+                "corrupt.nii.gz",
+                "notes.txt",
+                "",
+            ],
+        }
+    )
+    report = load_manifest(write(table, tmp_path / "m.csv"))
+    found = {(p.row, p.column): p.message for p in report.problems}
+    assert [s.scan_id for s in report.scans] == ["ok-1"]
+    assert "duplicate scan_id (first used in row 1)" in found[(2, "scan_id")]
+    assert "'..'" in found[(3, "scan_id")]
+    assert "empty scan_id" in found[(4, "scan_id")]
+    assert "file not found" in found[(5, "t1w")]
+    assert "not a 3D image (shape (20, 20))" in found[(6, "t1w")]
+    assert "not a 3D image (shape (8, 8, 8, 3))" in found[(7, "t1w")]
+    assert "cannot read NIfTI header" in found[(8, "t1w")]
+    assert "not a NIfTI file" in found[(9, "t1w")]
+    assert "no image path for channel 't1w'" in found[(10, "t1w")]
+    assert len(report.problems) == 9
+    with pytest.raises(ManifestError, match="9 problem"):
+        require_valid(report)
+
+
+def test_channels_on_different_grids_are_rejected(cohort: Path, tmp_path: Path) -> None:
+    table = pd.DataFrame(
+        {
+            "scan_id": ["mixed"],
+            "t1w": [str(cohort / "sub-001/anat/sub-001_T1w.nii.gz")],
+            "t2w": [str(cohort / "sub-002/anat/sub-002_T2w.nii.gz")],
+        }
+    )
+    report = load_manifest(write(table, tmp_path / "m.csv"), channels=("t1w", "t2w"))
+    assert not report.scans
+    assert "channels have different shapes" in report.problems[0].message
+
+
+def test_optional_files_are_checked_too(cohort: Path, cohort_table: pd.DataFrame) -> None:
+    table = cohort_table.copy()
+    table.loc[0, "parcellation"] = "missing_dseg.nii.gz"
+    report = load_manifest(write(table, cohort / "bad_parc.csv"))
+    assert [s.scan_id for s in report.scans] == ["sub-002", "sub-003"]
+    assert report.problems[0].column == "parcellation" and report.problems[0].row == 1
+
+
+def test_file_checks_can_be_turned_off(tmp_path: Path) -> None:
+    table = pd.DataFrame(
+        {"scan_id": ["a", "b"], "t1w": ["a.nii.gz", "b.nii.gz"], "notes": ["", ""]}
+    )
+    report = load_manifest(write(table, tmp_path / "m.csv"), check_files=False)
+    assert report.ok and len(report.scans) == 2
+    assert report.notes == ("columns ignored: notes",)
+
+
+def test_header_names_are_case_insensitive(tmp_path: Path) -> None:
+    table = pd.DataFrame({"Scan_ID": ["a"], "T1w": ["a.nii.gz"], "Site": ["x"]})
+    report = load_manifest(write(table, tmp_path / "m.tsv"), check_files=False)
+    assert report.ok and report.scans[0].site == "x"
+
+
+def test_large_manifest_without_file_checks(tmp_path: Path) -> None:
+    n = 100_000
+    ids = [f"sub-{i:06d}" for i in range(n)]
+    ids[50_000] = ids[10]
+    table = pd.DataFrame(
+        {"scan_id": ids, "t1w": [f"{i}/t1.nii.gz" for i in ids], "site": ["a", "b"] * (n // 2)}
+    )
+    report = load_manifest(write(table, tmp_path / "big.parquet"), check_files=False)
+    assert report.n_rows == n and len(report.scans) == n - 1
+    assert [(p.row, p.scan_id) for p in report.problems] == [(50_001, "sub-000010")]
+
+
+def test_unsupported_format_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "m.xlsx").write_text("x")
+    with pytest.raises(ValueError, match=r"use \.csv, \.tsv or \.parquet"):
+        load_manifest(tmp_path / "m.xlsx")
+
+
+def test_cli_validate_reports_the_four_classic_mistakes(cohort: Path, tmp_path: Path) -> None:
+    t1 = str(cohort / "sub-001/anat/sub-001_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((10, 10), dtype=np.int16), np.eye(4)), tmp_path / "2d.nii.gz")
+    table = pd.DataFrame(
+        {
+            "scan_id": ["a", "a", "../x", "gone", "flat"],
+            "t1w": [t1, t1, t1, "gone.nii.gz", "2d.nii.gz"],
+        }
+    )
+    result = CliRunner().invoke(main, ["validate", str(write(table, tmp_path / "m.csv"))])
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "5 rows, 1 valid scans, 4 problem(s)" in text
+    assert "duplicate scan_id" in text and "'..'" in text
+    assert "file not found" in text and "not a 3D image" in text
+
+
+def test_cli_synth_then_validate(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["synth", str(tmp_path / "c"), "-n", "2", "--sites", "axial3mm"])
+    assert result.exit_code == 0, result.output
+    assert "2 scans written" in result.output
+    result = runner.invoke(main, ["validate", str(tmp_path / "c" / "manifest.csv")])
+    assert result.exit_code == 0, result.output
+    assert "2 valid scans, 0 problem(s)" in result.output and "all rows valid" in result.output
+    result = runner.invoke(main, ["synth", str(tmp_path / "d"), "--sites", "venus"])
+    assert result.exit_code == 2 and "unknown site" in result.output
