@@ -1,0 +1,90 @@
+"""Settings: one home for everything a run can be told.
+
+Values come from the command line (or a caller), falling back to Dask's own config
+system under a `pingu` section (e.g. `~/.config/dask/pingu.yaml`, or the environment
+variable DASK_PINGU__CACHE_DIR): one file format that a lab already uses for
+dask-jobqueue. No other module reads environment variables or config files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import dask.config
+
+DEFAULTS = {
+    "pingu": {
+        "cache-dir": None,  # None: ~/.cache/pingu-dask
+        "tta": True,
+        "step-size": 0.5,
+        "device": "auto",
+        "checkpoint": "checkpoint_final.pth",
+    }
+}
+dask.config.update_defaults(DEFAULTS)
+
+
+def setting(key: str):
+    """A value of the `pingu` section of Dask's config, e.g. setting('step-size')."""
+    return dask.config.get(f"pingu.{key}")
+
+
+def cache_dir() -> Path:
+    """Where unpacked model zips live (shared by runs; safe to delete)."""
+    configured = setting("cache-dir")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "pingu-dask"
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the nnU-Net predictor runs. Hashable: it keys the per-worker model cache.
+
+    `tta` is nnU-Net's mirroring test-time augmentation (on by default in nnU-Net,
+    ~8x the network cost in 3D). `torch_threads` None means: the cores of the worker
+    divided by its inference slots, set by the worker itself (Dask's nanny sets
+    OMP/MKL threads to 1, which would otherwise leave CPU inference on one core).
+    """
+
+    folds: tuple[str, ...] | None = None  # None: every fold the model folder has
+    checkpoint: str = "checkpoint_final.pth"
+    tta: bool = True
+    step_size: float = 0.5
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int | None = None
+
+    @classmethod
+    def from_config(cls, **overrides) -> InferenceSettings:
+        """Settings from Dask's `pingu` config, with explicit (non-None) overrides on top."""
+        base = {
+            "checkpoint": setting("checkpoint"),
+            "tta": bool(setting("tta")),
+            "step_size": float(setting("step-size")),
+            "device": str(setting("device")),
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        if base.get("folds") is not None:
+            base["folds"] = tuple(str(f) for f in base["folds"])
+        return cls(**base)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.step_size <= 1.0:
+            raise ValueError(f"step size must be in (0, 1], got {self.step_size}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("torch threads must be at least 1")
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings that change the masks (for provenance)."""
+        relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "torch_threads")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects taskset / cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

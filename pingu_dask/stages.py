@@ -1,0 +1,239 @@
+"""The three per-scan stages that run on Dask workers, and the per-worker model cache.
+
+    preprocess (CPU)  read the channels with the model's reader, nnU-Net preprocessing
+    predict    (slot) sliding-window logits with this worker's cached predictor
+    finish     (CPU)  logits -> mask on the original grid, clusters, mask file, record
+
+Each is a plain function of small picklable arguments (a Scan, a Model, settings) and
+the previous stage's result, so Dask can place, retry and overlap them: while one scan
+is on the GPU the next is being preprocessed and the last exported. Big arrays (the
+preprocessed volume, the logits) stay in worker memory and move between workers only
+if Dask chooses to; `finish` returns a small dict, the only thing the driver receives.
+
+Nothing here starts processes: Dask workers are daemonic and cannot have children,
+which is why nnU-Net's own multi-process predict_from_files is not used.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pingu_dask.config import InferenceSettings, available_cores
+from pingu_dask.evaluate import cluster_agreement, voxel_dice
+from pingu_dask.imaging import load_volume, read_info, save_nifti
+from pingu_dask.manifest import Scan
+from pingu_dask.model import Model, load_predictor
+from pingu_dask.postprocess import label_clusters
+
+# Readers whose arrays are the NIfTI array with the axes reversed (SimpleITK order).
+TRANSPOSING_READERS = {"SimpleITKIO", "NibabelIO"}
+
+_lock = threading.Lock()
+_predictors: dict[tuple[str, InferenceSettings], Any] = {}
+_plans: dict[str, Any] = {}
+_load_counts: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The light part of a model (no weights): what preprocess and finish need."""
+
+    plans_manager: Any
+    configuration: Any
+    dataset_json: dict
+    label_manager: Any
+
+
+def model_plan(model: Model) -> ModelPlan:
+    """This process's cached ModelPlan for `model`."""
+    import json
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    with _lock:
+        if model.fingerprint not in _plans:
+            plans_manager = PlansManager(json.loads((model.folder / "plans.json").read_text()))
+            dataset_json = json.loads((model.folder / "dataset.json").read_text())
+            checkpoint_configuration = _configuration_name(model)
+            _plans[model.fingerprint] = ModelPlan(
+                plans_manager,
+                plans_manager.get_configuration(checkpoint_configuration),
+                dataset_json,
+                plans_manager.get_label_manager(dataset_json),
+            )
+        return _plans[model.fingerprint]
+
+
+def _configuration_name(model: Model) -> str:
+    """The configuration (e.g. 3d_fullres) from the folder name Trainer__Plans__configuration."""
+    parts = model.folder.name.split("__")
+    return parts[2] if len(parts) == 3 else "3d_fullres"
+
+
+def cached_predictor(model: Model, settings: InferenceSettings):
+    """This process's predictor for (model, settings), loaded on first use only."""
+    key = (model.fingerprint, settings)
+    with _lock:
+        if key not in _predictors:
+            _predictors[key] = load_predictor(model, settings)
+            _load_counts[model.fingerprint] += 1
+        return _predictors[key]
+
+
+def load_counts() -> dict[str, int]:
+    """How many times this process loaded each model (by fingerprint). For tests and QA."""
+    with _lock:
+        return dict(_load_counts)
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:
+        return "local"
+
+
+def _set_torch_threads(settings: InferenceSettings) -> None:
+    import torch
+
+    threads = settings.torch_threads or available_cores()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class Preprocessed:
+    scan_id: str
+    data: np.ndarray  # (C, Z, Y, X) float32, nnU-Net's preprocessed volume
+    properties: dict
+    seconds: float
+    worker: str
+
+
+@dataclass
+class Predicted:
+    scan_id: str
+    logits: Any  # torch.Tensor (classes, Z, Y, X) on the CPU
+    properties: dict
+    seconds: dict[str, float]
+    workers: dict[str, str]
+
+
+def preprocess(scan: Scan, model: Model) -> Preprocessed:
+    """Read the scan's channels with the model's reader and run nnU-Net preprocessing."""
+    started = time.perf_counter()
+    plan = model_plan(model)
+    preprocessor = plan.configuration.preprocessor_class(verbose=False)
+    files = [str(scan.channel(column)) for column in model.channels]
+    data, _, properties = preprocessor.run_case(
+        files, None, plan.plans_manager, plan.configuration, plan.dataset_json
+    )
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    return Preprocessed(
+        scan.scan_id, data, properties, time.perf_counter() - started, _worker_name()
+    )
+
+
+def predict(item: Preprocessed, model: Model, settings: InferenceSettings) -> Predicted:
+    """Sliding-window logits on this worker's cached predictor (one at a time per worker)."""
+    import torch
+
+    started = time.perf_counter()
+    predictor = cached_predictor(model, settings)
+    _set_torch_threads(settings)
+    data = torch.from_numpy(item.data)
+    logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+    return Predicted(
+        item.scan_id,
+        logits,
+        item.properties,
+        {"preprocess": item.seconds, "predict": time.perf_counter() - started},
+        {"preprocess": item.worker, "predict": _worker_name()},
+    )
+
+
+def finish(
+    item: Predicted, scan: Scan, model: Model, settings: InferenceSettings, out: Path
+) -> dict:
+    """Logits -> mask on the scan's own grid, written as NIfTI; returns a small record."""
+    from nnunetv2.inference.export_prediction import (
+        convert_predicted_logits_to_segmentation_with_correct_shape,
+    )
+
+    started = time.perf_counter()
+    plan = model_plan(model)
+    segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
+        item.logits,
+        plan.plans_manager,
+        plan.configuration,
+        plan.label_manager,
+        item.properties,
+        return_probabilities=False,
+        num_threads_torch=settings.torch_threads or available_cores(),
+    )
+    info = read_info(scan.channel(model.channels[0]))
+    mask = to_image_order(np.asarray(segmentation), plan, item.properties, info.shape[:3])
+    mask_path = Path(out) / "nifti" / f"{scan.scan_id}_desc-pvs_mask.nii.gz"
+    save_nifti(mask_path, mask.astype(np.uint8), info.affine)
+    _, n_clusters = label_clusters(mask > 0)
+    voxel_volume = float(np.prod(info.spacing[:3]))
+    n_voxels = int((mask > 0).sum())
+    record = {
+        "scan_id": scan.scan_id,
+        "status": "ok",
+        "n_clusters": int(n_clusters),
+        "n_voxels": n_voxels,
+        "volume_mm3": n_voxels * voxel_volume,
+        "mask": str(mask_path),
+    }
+    if scan.reference is not None:
+        record.update(_agreement_with(scan.reference, mask, info.shape[:3]))
+    record["seconds"] = dict(item.seconds, finish=time.perf_counter() - started)
+    record["workers"] = dict(item.workers, finish=_worker_name())
+    return record
+
+
+def _agreement_with(reference_path: Path, mask: np.ndarray, shape: tuple[int, ...]) -> dict:
+    """Voxel Dice and cluster F1 against a reference on the same grid (else nothing)."""
+    reference, _ = load_volume(reference_path)
+    if reference.shape != tuple(shape):
+        return {}
+    clusters = cluster_agreement(mask, reference)
+    return {
+        "reference_clusters": clusters.n_reference,
+        "voxel_dice": voxel_dice(mask, reference),
+        "cluster_f1": clusters.f1,
+    }
+
+
+def to_image_order(
+    segmentation: np.ndarray, plan: ModelPlan, properties: dict, shape: tuple[int, ...]
+) -> np.ndarray:
+    """nnU-Net's segmentation array -> the array order of the input NIfTI file.
+
+    SimpleITKIO and NibabelIO hand nnU-Net the NIfTI array with its axes reversed, so
+    reversing them back is exact. Any other reader (e.g. one that reorients) writes
+    the mask with its own writer to a temporary file, which is then read back.
+    """
+    reader = plan.plans_manager.image_reader_writer_class
+    if reader.__name__ in TRANSPOSING_READERS:
+        mask = segmentation.transpose(2, 1, 0)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            path = str(Path(scratch) / "mask.nii.gz")
+            reader().write_seg(segmentation, path, properties)
+            mask, _ = load_volume(path)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"mask shape {mask.shape} does not match the image {tuple(shape)}")
+    return mask

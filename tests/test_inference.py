@@ -1,0 +1,227 @@
+"""nnU-Net inference on Dask workers with the bundled demo model.
+
+Real parts only: the real nnunetv2 predictor, the bundled model, a LocalCluster of
+separate worker processes, and (for parity) the real `nnUNetv2_predict` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import dask.config
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from distributed import Client
+
+from pingu_dask import stages
+from pingu_dask.cluster import local_cluster
+from pingu_dask.config import InferenceSettings
+from pingu_dask.manifest import load_manifest
+from pingu_dask.model import ModelError, demo_model_folder, load_predictor, resolve_model
+from pingu_dask.runner import segment_cohort
+
+CPU = InferenceSettings(tta=False, device="cpu", torch_threads=2)
+
+
+@pytest.fixture(scope="module")
+def demo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the demo model folder that tests may alter."""
+    target = tmp_path_factory.mktemp("models") / demo_model_folder().name
+    shutil.copytree(demo_model_folder(), target)
+    return target
+
+
+def test_demo_model_resolves_with_its_channels_and_fingerprint() -> None:
+    model = resolve_model("demo")
+    assert model.channels == ("t1w",)
+    assert model.folds == ("all",)
+    assert len(model.fingerprint) == 64
+    assert resolve_model(model.folder).fingerprint == model.fingerprint
+
+
+def test_fingerprint_changes_with_the_weights(demo_copy: Path, tmp_path: Path) -> None:
+    changed = tmp_path / demo_copy.name
+    shutil.copytree(demo_copy, changed)
+    checkpoint = changed / "fold_all" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+    assert resolve_model(changed).fingerprint != resolve_model(demo_copy).fingerprint
+
+
+def test_a_folder_that_is_not_a_model_is_named(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ModelError, match="not an nnU-Net v2 model folder"):
+        resolve_model(tmp_path)
+    with pytest.raises(ModelError, match="model not found"):
+        resolve_model(tmp_path / "nowhere")
+    with pytest.raises(ModelError, match="not a zip"):
+        resolve_model(tmp_path / "notes.txt")
+
+
+def test_a_missing_fold_lists_the_available_ones(demo_copy: Path) -> None:
+    with pytest.raises(ModelError, match=r"fold 3 not found; available folds: \['all'\]"):
+        resolve_model(demo_copy, folds=("3",))
+    with pytest.raises(ModelError, match=r"no fold has model_best\.pth"):
+        resolve_model(demo_copy, checkpoint="model_best.pth")
+
+
+def test_several_models_below_a_folder_must_be_chosen(demo_copy: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        shutil.copytree(demo_copy, tmp_path / name / demo_copy.name)
+    with pytest.raises(ModelError, match="holds several models"):
+        resolve_model(tmp_path)
+    assert resolve_model(tmp_path / "a").folder == tmp_path / "a" / demo_copy.name
+
+
+def test_model_zip_is_unpacked_once_into_the_cache(demo_copy: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as handle:  # the layout nnUNetv2_export_model_to_zip writes
+        for path in demo_copy.rglob("*"):
+            handle.write(path, Path("Dataset901_PinguDemo") / path.relative_to(demo_copy.parent))
+    with dask.config.set({"pingu.cache-dir": str(tmp_path / "cache")}):
+        first = resolve_model(archive)
+        marker = first.folder / "unpacked-once"
+        marker.write_text("")
+        second = resolve_model(archive)
+    assert second.folder == first.folder and marker.exists()
+    assert first.folder.is_relative_to(tmp_path / "cache")
+    assert first.fingerprint == resolve_model(demo_copy).fingerprint
+
+
+def test_model_channels_decide_the_manifest_columns(demo_copy: Path, tmp_path: Path, cohort: Path):
+    two_channel = tmp_path / demo_copy.name
+    shutil.copytree(demo_copy, two_channel)
+    dataset = json.loads((two_channel / "dataset.json").read_text())
+    dataset["channel_names"] = {"0": "T1w", "1": "FLAIR"}
+    (two_channel / "dataset.json").write_text(json.dumps(dataset))
+    model = resolve_model(two_channel)
+    assert model.channels == ("t1w", "flair")
+    report = load_manifest(cohort / "manifest.csv", model.channels)
+    assert "missing required column 'flair'" in str(report.problems[0])
+
+
+def test_an_unimportable_trainer_class_does_not_stop_inference(demo_copy: Path, tmp_path: Path):
+    custom = tmp_path / demo_copy.name
+    shutil.copytree(demo_copy, custom)
+    path = custom / "fold_all" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["trainer_name"] = "nnUNetTrainerFromALabWeDoNotHave"
+    torch.save(checkpoint, path)
+    predictor = load_predictor(resolve_model(custom), CPU)
+    assert predictor.trainer_name == "nnUNetTrainerFromALabWeDoNotHave"
+
+    plans = json.loads((custom / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [
+        4,
+        8,
+        16,
+        32,
+    ]
+    (custom / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelError, match=r"plans\.json does not describe the saved weights"):
+        load_predictor(resolve_model(custom), CPU)
+
+
+@pytest.fixture(scope="module")
+def dask_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The cohort segmented on a LocalCluster of two worker processes."""
+    out = tmp_path_factory.mktemp("run")
+    model = resolve_model("demo")
+    scans = load_manifest(cohort / "manifest.csv").scans
+    settings = InferenceSettings(tta=False, device="cpu", torch_threads=1)
+    with local_cluster(n_workers=2, threads_per_worker=2) as cluster, Client(cluster) as client:
+        records = segment_cohort(client, scans, model, settings, out, window=4)
+        loads = client.run(stages.load_counts)
+    return out, model, records, loads
+
+
+def test_dask_stages_write_masks_on_the_original_grid(dask_run, cohort: Path) -> None:
+    _, _, records, _ = dask_run
+    assert [r["status"] for r in records] == ["ok"] * 3
+    for record in records:
+        mask = nib.load(record["mask"])
+        t1 = nib.load(cohort / record["scan_id"] / "anat" / f"{record['scan_id']}_T1w.nii.gz")
+        assert mask.shape == t1.shape
+        assert np.allclose(mask.affine, t1.affine)
+        data = np.asarray(mask.dataobj)
+        assert int(data.sum()) == record["n_voxels"] > 0
+        assert set(np.unique(data).tolist()) <= {0, 1}
+        assert set(record["seconds"]) == {"preprocess", "predict", "finish"}
+        assert record["voxel_dice"] > 0.3  # the model really segments (see docs for figures)
+
+
+def test_each_worker_loads_the_model_once_and_reuses_it(dask_run) -> None:
+    _, model, records, loads = dask_run
+    predicted_on = [r["workers"]["predict"] for r in records]
+    for worker in set(predicted_on):
+        assert loads[worker] == {model.fingerprint: 1}
+    assert len(predicted_on) == 3 > len(set(predicted_on))  # some worker predicted twice
+
+
+def nnunet_predict(inputs: Path, output: Path, results: Path) -> None:
+    env = dict(
+        os.environ,
+        nnUNet_results=str(results),
+        nnUNet_raw=str(results),
+        nnUNet_preprocessed=str(results),
+    )
+    command = [
+        str(Path(sys.executable).parent / "nnUNetv2_predict"),
+        "-i",
+        str(inputs),
+        "-o",
+        str(output),
+        "-d",
+        "901",
+        "-tr",
+        "nnUNetTrainer",
+        "-p",
+        "nnUNetPlansDemo",
+        "-c",
+        "3d_fullres",
+        "-f",
+        "all",
+        "-chk",
+        "checkpoint_final.pth",
+        "--disable_tta",
+        "-step_size",
+        "0.5",
+        "-device",
+        "cpu",
+        "-npp",
+        "1",
+        "-nps",
+        "1",
+    ]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=900)
+
+
+def test_masks_agree_with_nnunetv2_predict(dask_run, cohort: Path, tmp_path: Path) -> None:
+    _, model, records, _ = dask_run
+    results = tmp_path / "results" / "Dataset901_PinguDemo"
+    results.mkdir(parents=True)
+    (results / model.folder.name).symlink_to(model.folder)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for record in records:
+        scan_id = record["scan_id"]
+        (inputs / f"{scan_id}_0000.nii.gz").symlink_to(
+            cohort / scan_id / "anat" / f"{scan_id}_T1w.nii.gz"
+        )
+    nnunet_predict(inputs, tmp_path / "nnunet", tmp_path / "results")
+    agreement = []
+    for record in records:
+        ours = np.asarray(nib.load(record["mask"]).dataobj)
+        theirs_image = nib.load(tmp_path / "nnunet" / f"{record['scan_id']}.nii.gz")
+        assert np.allclose(theirs_image.affine, nib.load(record["mask"]).affine, atol=1e-4)
+        theirs = np.asarray(theirs_image.dataobj)
+        agreement.append(float((ours == theirs).mean()))
+    print("voxel agreement with nnUNetv2_predict:", agreement)
+    assert min(agreement) >= 0.999
