@@ -225,3 +225,19 @@ def test_masks_agree_with_nnunetv2_predict(dask_run, cohort: Path, tmp_path: Pat
         agreement.append(float((ours == theirs).mean()))
     print("voxel agreement with nnUNetv2_predict:", agreement)
     assert min(agreement) >= 0.999
+
+
+def test_run_without_a_model_names_the_choices(cohort: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pingu_dask.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(cohort / "manifest.csv"), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "nnUNetv2_export_model_to_zip" in text and "'demo'" in text
+    assert "not for real scans" in text
+    result = CliRunner().invoke(
+        main, ["run", str(cohort / "manifest.csv"), "--out", str(tmp_path), "--model", "nowhere"]
+    )
+    assert result.exit_code == 2 and "model not found" in result.output
