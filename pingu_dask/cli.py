@@ -256,7 +256,8 @@ def run_cohort(
         console.print("[red]fix the manifest, or pass --skip-invalid to run the valid rows[/red]")
         raise SystemExit(1)
     started = time.perf_counter()
-    with local_cluster(n_workers=workers) as cluster, Client(cluster) as client:
+    cluster = local_cluster(n_workers=workers, torch_threads=settings.torch_threads)
+    with cluster, Client(cluster) as client:
         console.print(f"{workers} worker(s); Dask dashboard: {client.dashboard_link}")
         records = segment_cohort(
             client, report.scans, model, settings, out, on_record=_print_progress

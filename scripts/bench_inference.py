@@ -41,7 +41,8 @@ def run_dask(manifest: Path, out: Path, settings: InferenceSettings, workers: in
 
     model = resolve_model("demo")
     scans = load_manifest(manifest).scans
-    with local_cluster(n_workers=workers) as cluster, Client(cluster) as client:
+    cluster = local_cluster(n_workers=workers, torch_threads=settings.torch_threads)
+    with cluster, Client(cluster) as client:
         client.run(lambda: None)  # workers up before the clock starts, as for a long run
         started = time.perf_counter()
         records = segment_cohort(client, scans, model, settings, out)

@@ -1,6 +1,6 @@
 """Train the small bundled demo model: a real nnU-Net v2 on a synthetic cohort.
 
-Recipe (all in one process, CPU by default, ~15 min on 2 cores):
+Recipe (all in one process, CPU by default, ~45 min on 2 cores):
 1. `pingu-dask synth` cohort (default 30 scans over the three default sites) -> an
    nnU-Net raw dataset (imagesTr/<id>_0000.nii.gz, labelsTr/<id>.nii.gz, dataset.json).
 2. nnU-Net fingerprint + default ExperimentPlanner, then the 3d_fullres plan is shrunk
@@ -261,8 +261,8 @@ one input channel `T1w`, labels background/PVS), made by `scripts/train_demo_mod
   schedule ({epochs} epochs x {iterations} iterations, batch 2, AdamW lr {lr} with poly
   decay, 66 % foreground patches) on the CPU;
 - export: dataset.json, plans.json and fold_all/checkpoint_final.pth with the optimizer
-  state removed and the trainer name set to `nnUNetTrainer` (the training subclass only
-  changed the schedule; inference is the plain trainer's).
+  state removed and the trainer name set to `nnUNetTrainer` (the training subclass
+  changed only the schedule and the optimizer; inference is the plain trainer's).
 
 Evaluation on a fresh synthetic cohort ({eval_scans} scans, seed 2000, same sites), no
 test-time augmentation, voxel Dice and symmetric cluster F1 (26-connectivity) against the
@@ -272,7 +272,7 @@ ground truth:
 
 Fingerprint (sha256 of plans, dataset.json and checkpoint): `{fingerprint}`.
 
-Reproduce: `.venv/bin/python scripts/train_demo_model.py` (about 30 min on 2 CPU cores).
+Reproduce: `.venv/bin/python scripts/train_demo_model.py` (training took 38 min on 2 CPU cores).
 A checkpoint is a torch pickle, i.e. code: only load models from a source you trust.
 """
 

@@ -136,7 +136,8 @@ def dask_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     model = resolve_model("demo")
     scans = load_manifest(cohort / "manifest.csv").scans
     settings = InferenceSettings(tta=False, device="cpu", torch_threads=1)
-    with local_cluster(n_workers=2, threads_per_worker=2) as cluster, Client(cluster) as client:
+    cluster = local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1)
+    with cluster, Client(cluster) as client:
         records = segment_cohort(client, scans, model, settings, out, window=4)
         loads = client.run(stages.load_counts)
     return out, model, records, loads
