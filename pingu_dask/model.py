@@ -47,6 +47,7 @@ class Model:
     channel_names: tuple[str, ...]  # as in dataset.json, in input order, e.g. ("T1w",)
     labels: tuple[tuple[str, int], ...]
     fingerprint: str
+    configuration: str = "3d_fullres"  # from the folder name Trainer__Plans__configuration
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -163,7 +164,14 @@ def _describe(folder: Path, folds: tuple[str, ...] | None, checkpoint: str) -> M
         channel_names=channel_names,
         labels=labels,
         fingerprint=_sha256_of_files(files),
+        configuration=_configuration_of(folder),
     )
+
+
+def _configuration_of(folder: Path) -> str:
+    """The configuration (e.g. 3d_fullres) named by a Trainer__Plans__configuration folder."""
+    parts = folder.name.split("__")
+    return parts[2] if len(parts) == 3 else "3d_fullres"
 
 
 def _sha256_of_files(paths: list[Path]) -> str:
@@ -204,7 +212,7 @@ def load_predictor(model: Model, settings: InferenceSettings):
     first = checkpoints[0]
     plans_manager = PlansManager(json.loads((model.folder / "plans.json").read_text()))
     dataset_json = json.loads((model.folder / "dataset.json").read_text())
-    configuration = plans_manager.get_configuration(first["init_args"]["configuration"])
+    configuration = plans_manager.get_configuration(model.configuration)
     n_inputs = determine_num_input_channels(plans_manager, configuration, dataset_json)
     n_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     weights = [c["network_weights"] for c in checkpoints]

@@ -21,7 +21,7 @@ from pingu_dask.config import InferenceSettings
 from pingu_dask.manifest import Scan
 from pingu_dask.model import Model
 
-ScansInFlight = 3  # per worker: one preprocessing, one predicting, one finishing
+SCANS_IN_FLIGHT_PER_WORKER = 3  #: one preprocessing, one predicting, one finishing
 
 
 def segment_cohort(
@@ -37,7 +37,7 @@ def segment_cohort(
     out = Path(out)
     (out / "nifti").mkdir(parents=True, exist_ok=True)
     n_workers = max(1, len(client.scheduler_info()["workers"]))
-    window = window or ScansInFlight * n_workers
+    window = window or SCANS_IN_FLIGHT_PER_WORKER * n_workers
     token = uuid.uuid4().hex[:8]
     pending = iter(enumerate(scans))
     in_flight = as_completed()

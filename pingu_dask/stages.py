@@ -61,20 +61,13 @@ def model_plan(model: Model) -> ModelPlan:
         if model.fingerprint not in _plans:
             plans_manager = PlansManager(json.loads((model.folder / "plans.json").read_text()))
             dataset_json = json.loads((model.folder / "dataset.json").read_text())
-            checkpoint_configuration = _configuration_name(model)
             _plans[model.fingerprint] = ModelPlan(
                 plans_manager,
-                plans_manager.get_configuration(checkpoint_configuration),
+                plans_manager.get_configuration(model.configuration),
                 dataset_json,
                 plans_manager.get_label_manager(dataset_json),
             )
         return _plans[model.fingerprint]
-
-
-def _configuration_name(model: Model) -> str:
-    """The configuration (e.g. 3d_fullres) from the folder name Trainer__Plans__configuration."""
-    parts = model.folder.name.split("__")
-    return parts[2] if len(parts) == 3 else "3d_fullres"
 
 
 def cached_predictor(model: Model, settings: InferenceSettings):
