@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,11 @@ DEFAULTS = {
         "step-size": 0.5,
         "device": "auto",
         "checkpoint": "checkpoint_final.pth",
+        "connectivity": 26,
+        "min-cluster-voxels": 6,
+        "min-cluster-mm3": 0.0,
+        "exclude-labels": [],
+        "regions": "synthseg",
     }
 }
 dask.config.update_defaults(DEFAULTS)
@@ -80,6 +86,47 @@ class InferenceSettings:
         """Short hash of the settings that change the masks (for provenance)."""
         relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "torch_threads")}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How a predicted mask becomes PVS clusters; shared by the pipeline and evaluation.
+
+    `min_voxels` 6 drops clusters of 5 voxels or fewer (SHiVAi's default);
+    `min_volume_mm3` drops clusters below a physical volume as well (0: off), which
+    keeps the rule fair across sites with different voxel sizes. `exclude_labels` are
+    parcellation labels whose voxels are removed from the mask before clustering
+    (e.g. lateral ventricles 4, 43); they need a parcellation.
+    """
+
+    connectivity: int = 26
+    min_voxels: int = 6
+    min_volume_mm3: float = 0.0
+    exclude_labels: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, **overrides) -> ClusterSettings:
+        """Settings from Dask's `pingu` config, with explicit (non-None) overrides on top."""
+        base = {
+            "connectivity": int(setting("connectivity")),
+            "min_voxels": int(setting("min-cluster-voxels")),
+            "min_volume_mm3": float(setting("min-cluster-mm3")),
+            "exclude_labels": setting("exclude-labels"),
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        base["exclude_labels"] = tuple(sorted({int(label) for label in base["exclude_labels"]}))
+        return cls(**base)
+
+    def __post_init__(self) -> None:
+        if self.connectivity not in (6, 18, 26):
+            raise ValueError(f"connectivity must be 6, 18 or 26, got {self.connectivity}")
+        if self.min_voxels < 1 or self.min_volume_mm3 < 0:
+            raise ValueError("minimum cluster size must be >= 1 voxel and >= 0 mm³")
+
+    def min_voxels_for(self, voxel_volume_mm3: float) -> int:
+        """The size rule in voxels for one scan: the stricter of the voxel and mm³ rules."""
+        by_volume = math.ceil(self.min_volume_mm3 / voxel_volume_mm3 - 1e-9)
+        return max(self.min_voxels, by_volume, 1)
 
 
 def available_cores() -> int:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from pingu_dask.postprocess import label_clusters
+from pingu_dask.regions import RESERVED, WHOLE_BRAIN
 
 
 def voxel_dice(prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -50,3 +52,70 @@ def cluster_agreement(
     recall = detected / n_r if n_r else 0.0
     precision = confirmed / n_p if n_p else 0.0
     return ClusterAgreement(n_p, n_r, precision, recall)
+
+
+def evaluate_by_region(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    region_codes: np.ndarray | None,
+    names: tuple[str, ...],
+    connectivity: int = 26,
+) -> list[dict]:
+    """Voxel Dice and cluster precision / recall / F1 per region and for the whole brain.
+
+    Both masks are restricted to the region first (as in the PINGU paper), so a
+    cluster that crosses a border is judged in each region by its part there.
+    `region_codes` (0 = outside, i = names[i]) is None without a parcellation; then
+    only the whole brain is evaluated. Pass masks that went through the pipeline's
+    clean_mask, so the size filter and exclusions are shared.
+    """
+    p, r = prediction > 0, reference > 0
+    areas = [(WHOLE_BRAIN, None)]
+    if region_codes is not None:
+        areas = [(name, code) for code, name in enumerate(names) if name not in RESERVED] + areas
+    rows = []
+    for name, code in areas:
+        inside = np.ones(p.shape, bool) if code is None else region_codes == code
+        p_in, r_in = p & inside, r & inside
+        clusters = cluster_agreement(p_in, r_in, connectivity)
+        rows.append(
+            {
+                "region": name,
+                "voxel_dice": voxel_dice(p_in, r_in),
+                "cluster_precision": clusters.precision,
+                "cluster_recall": clusters.recall,
+                "cluster_f1": clusters.f1,
+                "n_predicted_clusters": clusters.n_predicted,
+                "n_reference_clusters": clusters.n_reference,
+                "predicted_voxels": int(p_in.sum()),
+                "reference_voxels": int(r_in.sum()),
+            }
+        )
+    return rows
+
+
+def summarise(evaluation: pd.DataFrame, regions: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Mean and SD of voxel Dice and cluster F1 per site and overall, by region (wide).
+
+    Rows: each site, then `all`; columns: (region, measure, mean|sd), as the PINGU
+    paper reports them. `regions` picks and orders the regions (default: all present).
+    """
+    frame = evaluation.copy()
+    frame["site"] = frame["site"].fillna("-")
+    chosen = list(regions) or list(dict.fromkeys(frame["region"]))
+    frame = frame[frame["region"].isin(chosen)]
+    measures = ["voxel_dice", "cluster_f1"]
+    per_site = frame.groupby(["site", "region"])[measures].agg(["mean", "std"])
+    overall = frame.groupby("region")[measures].agg(["mean", "std"])
+    overall.index = pd.MultiIndex.from_product([["all"], overall.index], names=["site", "region"])
+    table = pd.concat([per_site, overall])
+    counts = pd.concat(
+        [frame.groupby("site")["scan_id"].nunique(), pd.Series({"all": frame["scan_id"].nunique()})]
+    )
+    wide = table.unstack("region")
+    sites = sorted(s for s in wide.index if s != "all")
+    wide = wide.reindex([*sites, "all"])
+    wide.columns = wide.columns.reorder_levels([2, 0, 1])
+    wide = wide.reindex(columns=pd.MultiIndex.from_product([chosen, measures, ["mean", "std"]]))
+    wide.insert(0, ("n_scans", "", ""), counts.reindex(wide.index).astype(int))
+    return wide

@@ -324,6 +324,8 @@ def _file_columns(scan: Scan) -> dict[str, Path]:
 
 def _channel_grid_mismatch(scan: Scan, infos: dict[Path, ImageInfo | str]) -> str | None:
     """A reason when a scan's input channels are not on one voxel grid (nnU-Net needs that)."""
+    if not scan.channels:  # e.g. evaluation, which reads no input image
+        return None
     (first_name, first_path), *others = scan.channels
     first = infos[first_path]
     for name, path in others:

@@ -1,9 +1,15 @@
-"""From a binary PVS mask to clusters (connected components, via cc3d)."""
+"""From a predicted PVS mask to clusters: exclusion, size filter, connected components (cc3d).
+
+The same functions serve the pipeline and the evaluation, so that a reference mask is
+judged with exactly the clusters the pipeline would report.
+"""
 
 from __future__ import annotations
 
 import cc3d
 import numpy as np
+
+from pingu_dask.config import ClusterSettings
 
 CONNECTIVITIES = (6, 18, 26)
 
@@ -20,3 +26,37 @@ def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray
         np.ascontiguousarray(mask, dtype=bool), connectivity=connectivity, return_N=True
     )
     return labels, int(count)
+
+
+def clean_mask(
+    mask: np.ndarray,
+    voxel_volume_mm3: float,
+    settings: ClusterSettings,
+    excluded: np.ndarray | None = None,
+) -> np.ndarray:
+    """The PVS mask a study reports: excluded voxels removed, then small clusters dropped.
+
+    Exclusion comes first, so a cluster that leaks into a ventricle is judged by the
+    part that remains. `excluded` marks the voxels of `settings.exclude_labels` on the
+    mask's grid (see regions.excluded_voxels); None when there is no parcellation.
+    """
+    cleaned = np.ascontiguousarray(mask > 0)
+    if excluded is not None:
+        cleaned &= ~excluded
+    threshold = settings.min_voxels_for(voxel_volume_mm3)
+    if threshold > 1:
+        # cc3d.dust removes components with fewer than `threshold` voxels.
+        cleaned = cc3d.dust(cleaned, threshold=threshold, connectivity=settings.connectivity)
+    return cleaned
+
+
+def find_clusters(
+    mask: np.ndarray,
+    voxel_volume_mm3: float,
+    settings: ClusterSettings,
+    excluded: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """clean_mask, then label it: (cleaned bool mask, cluster labels, number of clusters)."""
+    cleaned = clean_mask(mask, voxel_volume_mm3, settings, excluded)
+    labels, count = label_clusters(cleaned, settings.connectivity)
+    return cleaned, labels, count

@@ -9,33 +9,51 @@ string argument and be substituted by Dask.
 
 from __future__ import annotations
 
+import hashlib
+import platform
+import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 from distributed import Client, as_completed
 
-from pingu_dask import stages
+from pingu_dask import __version__, stages, store
 from pingu_dask.cluster import INFERENCE_RESOURCE
-from pingu_dask.config import InferenceSettings
 from pingu_dask.manifest import Scan
-from pingu_dask.model import Model
 
 SCANS_IN_FLIGHT_PER_WORKER = 3  #: one preprocessing, one predicting, one finishing
 
 
 def segment_cohort(
     client: Client,
-    scans: Iterable[Scan],
-    model: Model,
-    settings: InferenceSettings,
-    out: str | Path,
+    scans: Sequence[Scan],
+    pipeline: stages.Pipeline,
     window: int | None = None,
     on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Segment every scan; return one small record per scan (status ok or failed)."""
-    out = Path(out)
-    (out / "nifti").mkdir(parents=True, exist_ok=True)
+    """Segment every scan and write its outputs; return one small record per scan.
+
+    Masks are written by the workers; the scans' table rows come back in the records
+    and are written here, in Parquet parts (store.TableWriter).
+    """
+    store.prepare_output(pipeline.out)
+    names = store.nifti_names(scans) if pipeline.write_nifti else {}
+    with store.TableWriter(pipeline.out) as writer:
+        return _run(client, scans, pipeline, names, writer, window, on_record)
+
+
+def _run(
+    client: Client,
+    scans: Sequence[Scan],
+    pipeline: stages.Pipeline,
+    names: dict[str, str],
+    writer: store.TableWriter,
+    window: int | None,
+    on_record: Callable[[dict], None] | None,
+) -> list[dict]:
     n_workers = max(1, len(client.scheduler_info()["workers"]))
     window = window or SCANS_IN_FLIGHT_PER_WORKER * n_workers
     token = uuid.uuid4().hex[:8]
@@ -48,17 +66,23 @@ def segment_cohort(
             index, scan = next(pending)
         except StopIteration:
             return False
-        prepared = client.submit(stages.preprocess, scan, model, key=(f"preprocess-{token}", index))
+        prepared = client.submit(
+            stages.preprocess, scan, pipeline, key=(f"preprocess-{token}", index)
+        )
         predicted = client.submit(
             stages.predict,
             prepared,
-            model,
-            settings,
+            pipeline,
             key=(f"predict-{token}", index),
             resources={INFERENCE_RESOURCE: 1},
         )
         finished = client.submit(
-            stages.finish, predicted, scan, model, settings, out, key=(f"finish-{token}", index)
+            stages.finish,
+            predicted,
+            scan,
+            pipeline,
+            names.get(scan.scan_id),
+            key=(f"finish-{token}", index),
         )
         scan_of[finished.key] = scan
         in_flight.add(finished)
@@ -80,8 +104,47 @@ def segment_cohort(
                 "message": str(error),
             }
         future.release()
+        writer.add(record.pop("tables", {}))
         records.append(record)
         if on_record:
             on_record(record)
         submit_next()
     return records
+
+
+def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -> dict:
+    """What run.json records: tool and library versions, model, settings, manifest."""
+    versions = {}
+    for package in ("nnunetv2", "torch", "dask", "distributed", "zarr", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    manifest_info = None
+    if manifest is not None:
+        manifest_info = {
+            "path": str(Path(manifest).resolve()),
+            "sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
+        }
+    return {
+        "tool": "pingu-dask",
+        "version": __version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "libraries": versions,
+        "model": {
+            "folder": str(pipeline.model.folder),
+            "name": pipeline.model.name,
+            "folds": list(pipeline.model.folds),
+            "checkpoint": pipeline.model.checkpoint,
+            "fingerprint": pipeline.model.fingerprint,
+        },
+        "inference": asdict(pipeline.inference),
+        "clusters": asdict(pipeline.clusters),
+        "regions": {"table": pipeline.regions.name, "regions": dict(pipeline.regions.regions)},
+        "pipeline_fingerprint": pipeline.fingerprint(),
+        "manifest": manifest_info,
+        "n_scans": n_scans,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": None,
+    }

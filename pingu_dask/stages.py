@@ -16,21 +16,24 @@ which is why nnU-Net's own multi-process predict_from_files is not used.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pingu_dask.config import InferenceSettings, available_cores
-from pingu_dask.evaluate import cluster_agreement, voxel_dice
+from pingu_dask import store
+from pingu_dask.analyse import Regions, analyse_mask, input_fingerprint, scan_regions
+from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
 from pingu_dask.imaging import load_volume, read_info, save_nifti
 from pingu_dask.manifest import Scan
 from pingu_dask.model import Model, load_predictor
-from pingu_dask.postprocess import label_clusters
+from pingu_dask.regions import ASEG, RegionTable
 
 # Readers whose arrays are the NIfTI array with the axes reversed (SimpleITK order).
 TRANSPOSING_READERS = {"SimpleITKIO", "NibabelIO"}
@@ -103,11 +106,37 @@ def _set_torch_threads(settings: InferenceSettings) -> None:
         torch.set_num_threads(threads)
 
 
+DEFAULT_CLUSTERS = ClusterSettings()
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Everything the stages need besides the scan; small, it travels with each task."""
+
+    model: Model
+    inference: InferenceSettings
+    out: Path
+    clusters: ClusterSettings = DEFAULT_CLUSTERS
+    regions: RegionTable = ASEG
+    write_nifti: bool = True
+
+    def fingerprint(self) -> str:
+        """What decides a scan's outputs: model, inference, cluster and region settings."""
+        parts = [
+            self.model.fingerprint,
+            self.inference.fingerprint(),
+            json.dumps(asdict(self.clusters), sort_keys=True),
+            self.regions.fingerprint(),
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 @dataclass
 class Preprocessed:
     scan_id: str
     data: np.ndarray  # (C, Z, Y, X) float32, nnU-Net's preprocessed volume
     properties: dict
+    regions: Regions | None
     seconds: float
     worker: str
 
@@ -117,13 +146,21 @@ class Predicted:
     scan_id: str
     logits: Any  # torch.Tensor (classes, Z, Y, X) on the CPU
     properties: dict
+    regions: Regions | None
     seconds: dict[str, float]
     workers: dict[str, str]
 
 
-def preprocess(scan: Scan, model: Model) -> Preprocessed:
-    """Read the scan's channels with the model's reader and run nnU-Net preprocessing."""
+def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
+    """Read the scan's channels with the model's reader and run nnU-Net preprocessing.
+
+    The parcellation is brought onto the image grid here too, before the GPU stage,
+    so that an unusable one fails the scan without wasting an inference slot.
+    """
     started = time.perf_counter()
+    model = pipeline.model
+    info = read_info(scan.channel(model.channels[0]))
+    regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.clusters)
     plan = model_plan(model)
     preprocessor = plan.configuration.preprocessor_class(verbose=False)
     files = [str(scan.channel(column)) for column in model.channels]
@@ -131,39 +168,41 @@ def preprocess(scan: Scan, model: Model) -> Preprocessed:
         files, None, plan.plans_manager, plan.configuration, plan.dataset_json
     )
     data = np.ascontiguousarray(data, dtype=np.float32)
-    return Preprocessed(
-        scan.scan_id, data, properties, time.perf_counter() - started, _worker_name()
-    )
+    seconds = time.perf_counter() - started
+    return Preprocessed(scan.scan_id, data, properties, regions, seconds, _worker_name())
 
 
-def predict(item: Preprocessed, model: Model, settings: InferenceSettings) -> Predicted:
+def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
     """Sliding-window logits on this worker's cached predictor (one at a time per worker)."""
     import torch
 
     started = time.perf_counter()
-    predictor = cached_predictor(model, settings)
-    _set_torch_threads(settings)
+    predictor = cached_predictor(pipeline.model, pipeline.inference)
+    _set_torch_threads(pipeline.inference)
     data = torch.from_numpy(item.data)
     logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
     return Predicted(
         item.scan_id,
         logits,
         item.properties,
+        item.regions,
         {"preprocess": item.seconds, "predict": time.perf_counter() - started},
         {"preprocess": item.worker, "predict": _worker_name()},
     )
 
 
-def finish(
-    item: Predicted, scan: Scan, model: Model, settings: InferenceSettings, out: Path
-) -> dict:
-    """Logits -> mask on the scan's own grid, written as NIfTI; returns a small record."""
+def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
+    """Logits -> mask on the scan's grid -> clusters, regions, metrics; store the mask.
+
+    Returns a small record: counts, timings and the scan's table rows (Arrow tables
+    of a few hundred rows at most), which the driver writes.
+    """
     from nnunetv2.inference.export_prediction import (
         convert_predicted_logits_to_segmentation_with_correct_shape,
     )
 
     started = time.perf_counter()
-    plan = model_plan(model)
+    plan = model_plan(pipeline.model)
     segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
         item.logits,
         plan.plans_manager,
@@ -171,41 +210,26 @@ def finish(
         plan.label_manager,
         item.properties,
         return_probabilities=False,
-        num_threads_torch=settings.torch_threads or available_cores(),
+        num_threads_torch=pipeline.inference.torch_threads or available_cores(),
     )
-    info = read_info(scan.channel(model.channels[0]))
-    mask = to_image_order(np.asarray(segmentation), plan, item.properties, info.shape[:3])
-    mask_path = Path(out) / "nifti" / f"{scan.scan_id}_desc-pvs_mask.nii.gz"
-    save_nifti(mask_path, mask.astype(np.uint8), info.affine)
-    _, n_clusters = label_clusters(mask > 0)
-    voxel_volume = float(np.prod(info.spacing[:3]))
-    n_voxels = int((mask > 0).sum())
-    record = {
-        "scan_id": scan.scan_id,
-        "status": "ok",
-        "n_clusters": int(n_clusters),
-        "n_voxels": n_voxels,
-        "volume_mm3": n_voxels * voxel_volume,
-        "mask": str(mask_path),
+    info = read_info(scan.channel(pipeline.model.channels[0]))
+    raw = to_image_order(np.asarray(segmentation), plan, item.properties, info.shape[:3])
+    mask, result = analyse_mask(
+        raw, info.affine, scan, item.regions, pipeline.clusters, pipeline.regions
+    )
+    attrs = {
+        "model_fingerprint": pipeline.model.fingerprint,
+        "pipeline_fingerprint": pipeline.fingerprint(),
+        "input_fingerprint": input_fingerprint(scan),
     }
-    if scan.reference is not None:
-        record.update(_agreement_with(scan.reference, mask, info.shape[:3]))
-    record["seconds"] = dict(item.seconds, finish=time.perf_counter() - started)
-    record["workers"] = dict(item.workers, finish=_worker_name())
-    return record
-
-
-def _agreement_with(reference_path: Path, mask: np.ndarray, shape: tuple[int, ...]) -> dict:
-    """Voxel Dice and cluster F1 against a reference on the same grid (else nothing)."""
-    reference, _ = load_volume(reference_path)
-    if reference.shape != tuple(shape):
-        return {}
-    clusters = cluster_agreement(mask, reference)
-    return {
-        "reference_clusters": clusters.n_reference,
-        "voxel_dice": voxel_dice(mask, reference),
-        "cluster_f1": clusters.f1,
-    }
+    result["mask"] = store.write_mask(pipeline.out, scan.scan_id, mask, info.affine, attrs)
+    if pipeline.write_nifti and nifti_name:
+        path = Path(pipeline.out) / store.NIFTI / nifti_name
+        save_nifti(path, mask, info.affine)
+        result["nifti"] = str(path)
+    result["seconds"] = dict(item.seconds, finish=time.perf_counter() - started)
+    result["workers"] = dict(item.workers, finish=_worker_name())
+    return result
 
 
 def to_image_order(

@@ -17,15 +17,19 @@ from pathlib import Path
 import dask.config
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from distributed import Client
 
-from pingu_dask import stages
+import pingu_dask
+from pingu_dask import stages, store
 from pingu_dask.cluster import local_cluster
-from pingu_dask.config import InferenceSettings
+from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.manifest import load_manifest
 from pingu_dask.model import ModelError, demo_model_folder, load_predictor, resolve_model
+from pingu_dask.postprocess import clean_mask
+from pingu_dask.regions import ASEG
 from pingu_dask.runner import segment_cohort
 
 CPU = InferenceSettings(tta=False, device="cpu", torch_threads=2)
@@ -136,26 +140,82 @@ def dask_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     model = resolve_model("demo")
     scans = load_manifest(cohort / "manifest.csv").scans
     settings = InferenceSettings(tta=False, device="cpu", torch_threads=1)
+    pipeline = stages.Pipeline(model, settings, out)
     cluster = local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1)
     with cluster, Client(cluster) as client:
-        records = segment_cohort(client, scans, model, settings, out, window=4)
+        records = segment_cohort(client, scans, pipeline, window=4)
         loads = client.run(stages.load_counts)
     return out, model, records, loads
 
 
 def test_dask_stages_write_masks_on_the_original_grid(dask_run, cohort: Path) -> None:
-    _, _, records, _ = dask_run
+    out, _, records, _ = dask_run
     assert [r["status"] for r in records] == ["ok"] * 3
     for record in records:
-        mask = nib.load(record["mask"])
+        mask = nib.load(record["nifti"])
+        assert Path(record["nifti"]).name == f"{record['scan_id']}_desc-pvs_mask.nii.gz"
         t1 = nib.load(cohort / record["scan_id"] / "anat" / f"{record['scan_id']}_T1w.nii.gz")
         assert mask.shape == t1.shape
         assert np.allclose(mask.affine, t1.affine)
         data = np.asarray(mask.dataobj)
         assert int(data.sum()) == record["n_voxels"] > 0
         assert set(np.unique(data).tolist()) <= {0, 1}
+        stored, affine = store.read_mask(out, record["scan_id"])
+        assert np.array_equal(stored, data) and np.allclose(affine, t1.affine)
         assert set(record["seconds"]) == {"preprocess", "predict", "finish"}
         assert record["voxel_dice"] > 0.3  # the model really segments (see docs for figures)
+
+
+def test_the_pipeline_writes_regions_clusters_and_evaluation(dask_run) -> None:
+    out, model, records, _ = dask_run
+    results = pingu_dask.open_results(out)
+    regions = store.read_table(out, "regions")
+    assert sorted(set(regions.scan_id)) == sorted(r["scan_id"] for r in records)
+    assert len(regions) == 3 * (len(ASEG.names) + 2)
+    whole = regions[regions.region == "whole_brain"].set_index("scan_id")
+    clusters = store.read_table(out, "clusters")
+    for record in records:
+        scan_id = record["scan_id"]
+        assert whole.loc[scan_id, "n_clusters"] == record["n_clusters"]
+        assert (clusters.scan_id == scan_id).sum() == record["n_clusters"]
+        assert whole.loc[scan_id, "n_voxels"] == record["n_voxels"]
+        attrs = store.mask_attrs(out, scan_id)
+        assert attrs["complete"] and attrs["model_fingerprint"] == model.fingerprint
+    # Synthetic PVS are drawn in WM and BG only, so the model's clusters land there.
+    share = regions.groupby("region")["n_clusters"].sum()
+    assert share["white_matter"] + share["basal_ganglia"] >= 0.8 * share["whole_brain"]
+    assert clusters["length_mm"].min() > 0 and (clusters["n_voxels"] >= 6).all()
+    evaluation = results.evaluation
+    assert set(evaluation.region) == {*ASEG.names, "whole_brain"}
+    brain = evaluation[evaluation.region == "whole_brain"].set_index("scan_id")
+    for record in records:
+        assert brain.loc[record["scan_id"], "voxel_dice"] == record["voxel_dice"]
+    assert results.regions["n_clusters"].sel(region="whole_brain").sum() == whole.n_clusters.sum()
+
+
+def test_evaluate_command_reproduces_the_pipeline_figures(
+    dask_run, cohort: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from pingu_dask.cli import main
+
+    out = dask_run[0]
+    before = store.read_table(out, "evaluation").sort_values(["scan_id", "region"])
+    manifest = str(cohort / "manifest.csv")
+    result = CliRunner().invoke(main, ["evaluate", str(out), "--manifest", manifest, "-w", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Evaluation of" in result.output and "all" in result.output
+    after = store.read_table(out, "evaluation").sort_values(["scan_id", "region"])
+    assert len(after) == len(before)  # replaced, not appended
+    pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True))
+    # The same masks as a NIfTI folder give the same numbers.
+    saved = tmp_path / "evaluation.parquet"
+    arguments = ["evaluate", str(out / "nifti"), "--manifest", manifest, "--save", str(saved)]
+    result = CliRunner().invoke(main, [*arguments, "-w", "1"])
+    assert result.exit_code == 0, result.output
+    from_nifti = pd.read_parquet(saved).sort_values(["scan_id", "region"])
+    pd.testing.assert_frame_equal(before.reset_index(drop=True), from_nifti.reset_index(drop=True))
 
 
 def test_each_worker_loads_the_model_once_and_reuses_it(dask_run) -> None:
@@ -219,10 +279,12 @@ def test_masks_agree_with_nnunetv2_predict(dask_run, cohort: Path, tmp_path: Pat
     nnunet_predict(inputs, tmp_path / "nnunet", tmp_path / "results")
     agreement = []
     for record in records:
-        ours = np.asarray(nib.load(record["mask"]).dataobj)
+        ours = np.asarray(nib.load(record["nifti"]).dataobj)
         theirs_image = nib.load(tmp_path / "nnunet" / f"{record['scan_id']}.nii.gz")
-        assert np.allclose(theirs_image.affine, nib.load(record["mask"]).affine, atol=1e-4)
-        theirs = np.asarray(theirs_image.dataobj)
+        assert np.allclose(theirs_image.affine, nib.load(record["nifti"]).affine, atol=1e-4)
+        # Ours went through the size filter; put theirs through the same one.
+        voxel_volume = abs(np.linalg.det(theirs_image.affine[:3, :3]))
+        theirs = clean_mask(np.asarray(theirs_image.dataobj), voxel_volume, ClusterSettings())
         agreement.append(float((ours == theirs).mean()))
     print("voxel agreement with nnUNetv2_predict:", agreement)
     assert min(agreement) >= 0.999

@@ -1,153 +1,30 @@
-"""The `pingu-dask` command line.
-
-Each sub-command is a thin layer: it parses options, calls one library function and
-prints the outcome with rich. Exit codes: 0 success, 1 the work found problems (an
-invalid manifest, failed scans), 2 wrong usage (click's own convention).
-"""
+"""`pingu-dask run` (a cohort through the model) and `pingu-dask demo` (on synthetic data)."""
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from pingu_dask import __version__
-from pingu_dask.config import InferenceSettings, available_cores
-from pingu_dask.manifest import DEFAULT_CHANNELS, ManifestReport, load_manifest
+from pingu_dask import store
+from pingu_dask.cli.common import (
+    cluster_options,
+    cluster_settings,
+    console,
+    print_evaluation_summary,
+    print_report,
+    region_table,
+    split,
+)
+from pingu_dask.cli.data import print_cohort
+from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
+from pingu_dask.evaluate import summarise
+from pingu_dask.manifest import load_manifest
 from pingu_dask.model import ModelError, resolve_model
-from pingu_dask.synth import DEFAULT_SITES, SITES, ScanRecord, generate_cohort
-
-console = Console(highlight=False)
-
-
-def _split(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="pingu-dask")
-def main() -> None:
-    """Segment perivascular spaces in whole MRI cohorts with nnU-Net on Dask."""
-
-
-@main.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--n-scans",
-    "-n",
-    default=20,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Number of scans (one subject each).",
-)
-@click.option(
-    "--sites",
-    default=",".join(DEFAULT_SITES),
-    show_default=True,
-    help=f"Comma-separated site presets, used in turn. Known: {', '.join(SITES)}.",
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-@click.option("--t2w", is_flag=True, help="Also write a T2-weighted image per scan.")
-@click.option(
-    "--jobs",
-    "-j",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Processes to generate scans in parallel.",
-)
-def synth(out: Path, n_scans: int, sites: str, seed: int, t2w: bool, jobs: int) -> None:
-    """Write a synthetic multi-site cohort with ground-truth PVS masks to OUT."""
-    started = time.perf_counter()
-    try:
-        records = generate_cohort(out, n_scans, sites=_split(sites), seed=seed, t2w=t2w, jobs=jobs)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from error
-    _print_cohort(out, records, time.perf_counter() - started)
-
-
-def _print_cohort(out: Path, records: list[ScanRecord], seconds: float) -> None:
-    table = Table(title=f"Synthetic cohort in {out}")
-    for heading in ("site", "scans", "voxel size (mm)", "grid", "visible PVS (WM / BG, mean)"):
-        table.add_column(heading)
-    for site, group in _group_by_site(records).items():
-        first = group[0]
-        table.add_row(
-            site,
-            str(len(group)),
-            " x ".join(f"{s:g}" for s in first.spacing),
-            " x ".join(map(str, first.shape)),
-            f"{sum(r.n_pvs_wm for r in group) / len(group):.0f} / "
-            f"{sum(r.n_pvs_bg for r in group) / len(group):.0f}",
-        )
-    console.print(table)
-    console.print(
-        f"{len(records)} scans written in {seconds:.1f} s; manifest: {Path(out) / 'manifest.csv'}"
-    )
-
-
-def _group_by_site(records: list[ScanRecord]) -> dict[str, list[ScanRecord]]:
-    groups: dict[str, list[ScanRecord]] = {}
-    for record in records:
-        groups.setdefault(record.site, []).append(record)
-    return groups
-
-
-@main.command()
-@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--channels",
-    default=",".join(DEFAULT_CHANNELS),
-    show_default=True,
-    help="Comma-separated input channel columns the model needs, in order.",
-)
-@click.option(
-    "--check-files/--no-check-files",
-    default=True,
-    show_default=True,
-    help="Open every referenced image header (exists, readable NIfTI, 3D).",
-)
-@click.option(
-    "--jobs",
-    "-j",
-    default=8,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Files checked in parallel (helps on network file systems).",
-)
-def validate(manifest: Path, channels: str, check_files: bool, jobs: int) -> None:
-    """Check a manifest (CSV, TSV or Parquet) and report every problem with its row."""
-    try:
-        report = load_manifest(manifest, _split(channels), check_files=check_files, jobs=jobs)
-    except (OSError, ValueError) as error:
-        console.print(f"[red]cannot read manifest:[/red] {error}")
-        raise SystemExit(1) from error
-    print_report(report)
-    raise SystemExit(0 if report.ok else 1)
-
-
-def print_report(report: ManifestReport) -> None:
-    """Summary line, notes and a table of problems for a validated manifest."""
-    sites = Counter(scan.site or "-" for scan in report.scans)
-    console.print(
-        f"{report.path}: {report.n_rows} rows, {len(report.scans)} valid scans, "
-        f"{len(report.problems)} problem(s); channels: {', '.join(report.channels)}"
-    )
-    if report.scans and any(site != "-" for site in sites):
-        console.print("sites: " + ", ".join(f"{s} ({n})" for s, n in sorted(sites.items())))
-    for note in report.notes:
-        console.print(f"note: {note}")
-    if report.ok:
-        console.print("[green]all rows valid[/green]")
-        return
-    # One plain line per problem: readable, and easy to grep or paste into an issue.
-    for problem in report.problems:
-        console.print(f"[red]problem[/red] {problem}", soft_wrap=True)
-
+from pingu_dask.regions import RegionTable
+from pingu_dask.synth import generate_cohort
 
 MODEL_CHOICES = (
     "choose a model with --model: a trained nnU-Net v2 model folder "
@@ -157,7 +34,7 @@ MODEL_CHOICES = (
 )
 
 
-@main.command()
+@click.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--out",
@@ -200,6 +77,13 @@ MODEL_CHOICES = (
 @click.option(
     "--skip-invalid", is_flag=True, help="Run the valid rows of a manifest with problems."
 )
+@cluster_options
+@click.option(
+    "--nifti/--no-nifti",
+    default=True,
+    show_default=True,
+    help="Also write each mask as NIfTI in OUT/nifti (BIDS-derivatives names).",
+)
 def run(
     manifest: Path,
     out: Path,
@@ -212,19 +96,40 @@ def run(
     workers: int,
     torch_threads: int | None,
     skip_invalid: bool,
+    regions_spec: str | None,
+    connectivity: str | None,
+    min_cluster_voxels: int | None,
+    min_cluster_mm3: float | None,
+    exclude: str | None,
+    nifti: bool,
 ) -> None:
-    """Segment every scan of MANIFEST with an nnU-Net model on a local Dask cluster."""
+    """Segment every scan of MANIFEST with an nnU-Net model on a local Dask cluster.
+
+    Writes OUT/masks.zarr, OUT/tables/{regions,clusters,evaluation} (Parquet),
+    OUT/run.json and, unless --no-nifti, OUT/nifti.
+    """
     if model_spec is None:
         raise click.UsageError(MODEL_CHOICES)
     settings = InferenceSettings.from_config(
-        folds=_split(folds) if folds else None,
+        folds=split(folds) if folds else None,
         checkpoint=checkpoint,
         tta=tta,
         step_size=step_size,
         device=device,
         torch_threads=torch_threads or max(1, available_cores() // workers),
     )
-    records = run_cohort(manifest, out, model_spec, settings, workers, skip_invalid)
+    clusters = cluster_settings(connectivity, min_cluster_voxels, min_cluster_mm3, exclude)
+    records = run_cohort(
+        manifest,
+        out,
+        model_spec,
+        settings,
+        workers,
+        skip_invalid,
+        clusters=clusters,
+        regions=region_table(regions_spec),
+        nifti=nifti,
+    )
     raise SystemExit(0 if all(r["status"] == "ok" for r in records) else 1)
 
 
@@ -235,12 +140,16 @@ def run_cohort(
     settings: InferenceSettings,
     workers: int,
     skip_invalid: bool = False,
+    clusters: ClusterSettings | None = None,
+    regions: RegionTable | None = None,
+    nifti: bool = True,
 ) -> list[dict]:
     """Resolve the model, validate the manifest against its channels, run, print a summary."""
     from distributed import Client
 
     from pingu_dask.cluster import local_cluster
-    from pingu_dask.runner import segment_cohort
+    from pingu_dask.runner import provenance, segment_cohort
+    from pingu_dask.stages import Pipeline
 
     try:
         model = resolve_model(model_spec, settings.folds, settings.checkpoint)
@@ -255,14 +164,30 @@ def run_cohort(
     if not report.ok and not skip_invalid:
         console.print("[red]fix the manifest, or pass --skip-invalid to run the valid rows[/red]")
         raise SystemExit(1)
+    pipeline = Pipeline(
+        model,
+        settings,
+        Path(out),
+        clusters or ClusterSettings.from_config(),
+        regions or region_table(None),
+        write_nifti=nifti,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    run_info = provenance(pipeline, manifest, len(report.scans))
+    store.write_json(out / store.RUN_JSON, run_info)
     started = time.perf_counter()
     cluster = local_cluster(n_workers=workers, torch_threads=settings.torch_threads)
     with cluster, Client(cluster) as client:
         console.print(f"{workers} worker(s); Dask dashboard: {client.dashboard_link}")
-        records = segment_cohort(
-            client, report.scans, model, settings, out, on_record=_print_progress
-        )
+        records = segment_cohort(client, report.scans, pipeline, on_record=_print_progress)
+    run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run_info["n_ok"] = sum(r["status"] == "ok" for r in records)
+    store.write_json(out / store.RUN_JSON, run_info)
     _print_results(records, time.perf_counter() - started, out)
+    evaluation = store.read_table(out, "evaluation")
+    if len(evaluation):
+        summary = summarise(evaluation, ("white_matter", "basal_ganglia", "whole_brain"))
+        print_evaluation_summary(summary, f"Evaluation against the reference masks ({out})")
     return records
 
 
@@ -284,7 +209,7 @@ def _print_results(records: list[dict], seconds: float, out: Path) -> None:
     done = [r for r in records if r["status"] == "ok"]
     table = Table(
         title="Segmented scans",
-        caption="PVS: clusters (26-connected) in the mask; mm³: PVS volume; s: seconds per "
+        caption="PVS: clusters after the size filter; mm³: PVS volume; s: seconds per "
         "stage; truth / Dice / cluster F1: against the manifest's reference mask",
     )
     with_reference = any("voxel_dice" in r for r in done)
@@ -311,12 +236,15 @@ def _print_results(records: list[dict], seconds: float, out: Path) -> None:
     console.print(table)
     rate = len(done) / seconds * 60 if seconds else 0.0
     console.print(
-        f"{len(done)} of {len(records)} scans segmented in {seconds:.1f} s "
-        f"({rate:.1f} scans/min); masks in {out / 'nifti'}"
+        f"{len(done)} of {len(records)} scans segmented in {seconds:.1f} s ({rate:.1f} scans/min)"
+    )
+    console.print(
+        f"outputs: masks {out / store.MASKS}, tables {out / store.TABLES} "
+        f"(regions, clusters, evaluation), provenance {out / store.RUN_JSON}"
     )
 
 
-@main.command()
+@click.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="demo_out")
 @click.option("--n-scans", "-n", default=6, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=12345, show_default=True, type=int)
@@ -326,7 +254,7 @@ def demo(out: Path, n_scans: int, seed: int, workers: int) -> None:
     started = time.perf_counter()
     cohort = out / "cohort"
     records = generate_cohort(cohort, n_scans, seed=seed)
-    _print_cohort(cohort, records, time.perf_counter() - started)
+    print_cohort(cohort, records, time.perf_counter() - started)
     settings = InferenceSettings.from_config(
         tta=False, torch_threads=max(1, available_cores() // workers)
     )

@@ -1,0 +1,164 @@
+"""One scan's predicted mask -> the numbers a study reports (runs in `finish`).
+
+The steps, each in its own module: the parcellation on the image grid (regions),
+exclusions and the size filter, then connected components (postprocess), region of
+each cluster (regions), measures per cluster and per region (metrics), and, when the
+manifest names a reference mask, agreement with it (evaluate). Kept apart from the
+nnU-Net stages so that it can be tested on hand-made volumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pingu_dask import metrics, store
+from pingu_dask.config import ClusterSettings
+from pingu_dask.evaluate import evaluate_by_region
+from pingu_dask.imaging import load_volume
+from pingu_dask.manifest import Scan
+from pingu_dask.postprocess import clean_mask, find_clusters
+from pingu_dask.regions import (
+    RegionTable,
+    assign_clusters,
+    excluded_voxels,
+    label_map_on_grid,
+    parcellation_on_grid,
+    region_names,
+)
+
+
+@dataclass
+class Regions:
+    """A scan's parcellation on its image grid, reduced to what finish needs."""
+
+    codes: np.ndarray  # uint8 region code per voxel (0 = outside every region)
+    excluded: np.ndarray | None  # voxels removed from the mask (e.g. ventricles)
+
+
+def scan_regions(
+    scan: Scan,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    table: RegionTable,
+    settings: ClusterSettings,
+) -> Regions | None:
+    """The scan's parcellation on an image grid as region codes and excluded voxels."""
+    if scan.parcellation is None:
+        return None
+    labels = parcellation_on_grid(scan.parcellation, shape, affine)
+    return Regions(table.index_map(labels), excluded_voxels(labels, settings.exclude_labels))
+
+
+def analyse_mask(
+    raw_mask: np.ndarray,
+    affine: np.ndarray,
+    scan: Scan,
+    regions: Regions | None,
+    settings: ClusterSettings,
+    table: RegionTable,
+) -> tuple[np.ndarray, dict]:
+    """Clusters, regions, metrics and (with a reference) evaluation of one predicted mask.
+
+    Returns the cleaned mask (uint8 0/1: exclusions and size filter applied, the mask
+    that is stored) and a small record with the scan's table rows as Arrow tables.
+    """
+    voxel_volume = abs(float(np.linalg.det(np.asarray(affine)[:3, :3])))
+    excluded = regions.excluded if regions is not None else None
+    cleaned, labels, n_clusters = find_clusters(raw_mask, voxel_volume, settings, excluded)
+    if regions is None:
+        names, codes = region_names(None), np.zeros(n_clusters, dtype=np.intp)
+    else:
+        names = region_names(table)
+        codes = assign_clusters(labels, n_clusters, regions.codes, len(table.regions))
+    cluster_regions = [names[code] for code in codes]
+    columns = metrics.cluster_measures(labels, n_clusters, affine, cluster_regions)
+    report_order = names if regions is None else (*names[1:], names[0])  # `other` last
+    region_rows = metrics.region_summary(
+        columns["volume_mm3"], columns["n_voxels"], cluster_regions, report_order
+    )
+    identity = store.scan_columns(scan)
+    tables = {
+        "regions": store.to_table("regions", [{**identity, **row} for row in region_rows]),
+        "clusters": store.to_table("clusters", {"scan_id": [scan.scan_id] * n_clusters, **columns}),
+        "evaluation": None,
+    }
+    whole = region_rows[-1]
+    record = {
+        "scan_id": scan.scan_id,
+        "status": "ok",
+        "n_clusters": whole["n_clusters"],
+        "n_voxels": whole["n_voxels"],
+        "volume_mm3": whole["total_volume_mm3"],
+        "tables": tables,
+    }
+    if scan.reference is not None:
+        tables["evaluation"] = evaluate_against_reference(
+            cleaned, affine, scan, regions, settings, table
+        )
+        whole = tables["evaluation"].slice(tables["evaluation"].num_rows - 1).to_pylist()[0]
+        record["reference_clusters"] = whole["n_reference_clusters"]
+        record["voxel_dice"] = whole["voxel_dice"]
+        record["cluster_f1"] = whole["cluster_f1"]
+    return cleaned.astype(np.uint8), record
+
+
+def evaluate_against_reference(
+    mask: np.ndarray,
+    affine: np.ndarray,
+    scan: Scan,
+    regions: Regions | None,
+    settings: ClusterSettings,
+    table: RegionTable,
+) -> pa.Table:
+    """The scan's evaluation rows (per region, whole brain last) against its reference.
+
+    The reference goes through the same exclusions and size filter as the prediction,
+    so both are judged as the same kind of clusters. `mask` is used as given.
+    """
+    if scan.reference is None:
+        raise ValueError(f"scan {scan.scan_id!r} has no reference mask")
+    voxel_volume = abs(float(np.linalg.det(np.asarray(affine)[:3, :3])))
+    excluded = regions.excluded if regions is not None else None
+    reference = label_map_on_grid(scan.reference, mask.shape, affine, "reference mask")
+    reference = clean_mask(reference > 0, voxel_volume, settings, excluded)
+    codes = None if regions is None else regions.codes
+    names = region_names(None if regions is None else table)
+    rows = evaluate_by_region(mask, reference, codes, names, settings.connectivity)
+    identity = store.scan_columns(scan)
+    return store.to_table("evaluation", [{**identity, **row} for row in rows])
+
+
+def evaluate_stored(
+    source: Path, scan: Scan, settings: ClusterSettings, table: RegionTable
+) -> pa.Table:
+    """Evaluate an existing mask: group `scan_id` of OUT/masks.zarr, or a NIfTI file.
+
+    For `pingu-dask evaluate`; runs on Dask workers. The size filter and exclusions
+    are applied to the mask again (a no-op for masks this tool wrote with the same
+    settings), so masks from other tools are judged by the same rules.
+    """
+    if Path(source).is_dir():
+        mask, affine = store.read_mask(source, scan.scan_id)
+    else:
+        mask, affine = load_volume(source)
+    regions = scan_regions(scan, mask.shape, affine, table, settings)
+    voxel_volume = abs(float(np.linalg.det(np.asarray(affine)[:3, :3])))
+    excluded = regions.excluded if regions is not None else None
+    cleaned = clean_mask(mask > 0, voxel_volume, settings, excluded)
+    return evaluate_against_reference(cleaned, affine, scan, regions, settings, table)
+
+
+def input_fingerprint(scan: Scan) -> str:
+    """Path, size and modification time of every input file: changes when one is replaced."""
+    paths = [*scan.channel_paths, scan.parcellation, scan.reference]
+    parts = []
+    for path in paths:
+        if path is not None:
+            stat = Path(path).stat()
+            parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

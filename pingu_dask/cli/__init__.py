@@ -1,0 +1,33 @@
+"""The `pingu-dask` command line.
+
+Each sub-command is a thin layer: it parses options, calls library functions and
+prints the outcome with rich. Exit codes: 0 success, 1 the work found problems (an
+invalid manifest, failed scans), 2 wrong usage (click's own convention).
+
+    data.py      synth, validate
+    run.py       run, demo
+    evaluate.py  evaluate
+    common.py    the console, shared options and printing helpers
+"""
+
+from __future__ import annotations
+
+import click
+
+from pingu_dask import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pingu-dask")
+def main() -> None:
+    """Segment perivascular spaces in whole MRI cohorts with nnU-Net on Dask."""
+
+
+def _register() -> None:
+    from pingu_dask.cli import data, evaluate, run
+
+    for command in (data.synth, data.validate, run.run, evaluate.evaluate, run.demo):
+        main.add_command(command)
+
+
+_register()

@@ -1,0 +1,165 @@
+"""`pingu-dask evaluate`: voxel Dice and cluster F1 of stored masks against references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pyarrow as pa
+
+from pingu_dask import store
+from pingu_dask.cli.common import (
+    cluster_options,
+    cluster_settings,
+    console,
+    print_evaluation_summary,
+    print_report,
+    region_table,
+)
+from pingu_dask.evaluate import summarise
+from pingu_dask.manifest import Scan, load_manifest
+from pingu_dask.regions import RegionTable
+
+SUMMARY_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--manifest",
+    "-m",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Manifest with a `reference` column (and `parcellation` for regions).",
+)
+@click.option(
+    "--workers", "-w", default=2, show_default=True, type=click.IntRange(min=1), help="Processes."
+)
+@click.option(
+    "--save",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the per scan x region table to this Parquet file.",
+)
+@cluster_options
+def evaluate(
+    source: Path,
+    manifest: Path,
+    workers: int,
+    save: Path | None,
+    regions_spec: str | None,
+    connectivity: str | None,
+    min_cluster_voxels: int | None,
+    min_cluster_mm3: float | None,
+    exclude: str | None,
+) -> None:
+    """Evaluate the masks in SOURCE against the manifest's reference masks.
+
+    SOURCE is a run's output directory (masks from masks.zarr; results replace
+    OUT/tables/evaluation; the run's cluster settings are the default) or a folder of
+    NIfTI masks named <scan_id>_desc-pvs_mask.nii.gz, sub-X[_ses-Y]_desc-pvs_mask.nii.gz
+    or <scan_id>.nii.gz (nnUNetv2_predict's names). One row per scan x region: voxel Dice
+    and cluster precision / recall / F1; a per-site summary is printed.
+    """
+    is_run = (source / store.MASKS).is_dir()
+    run_info = store.read_run_json(source) if is_run else None
+    base = dict(run_info["clusters"]) if run_info else None
+    settings = cluster_settings(connectivity, min_cluster_voxels, min_cluster_mm3, exclude, base)
+    if run_info and regions_spec is None:  # the run's own table
+        table = RegionTable.from_mapping(
+            run_info["regions"]["table"], run_info["regions"]["regions"]
+        )
+    else:
+        table = region_table(regions_spec)
+    report = load_manifest(manifest, channels=())
+    if not report.ok:
+        print_report(report)
+    scans = [scan for scan in report.scans if scan.reference is not None]
+    if not scans:
+        raise click.UsageError(f"{manifest}: no scan has a `reference` mask to evaluate against")
+    sources, missing = _mask_sources(source, is_run, scans)
+    for scan_id in missing:
+        console.print(f"[yellow]no mask for scan {scan_id!r} in {source}[/yellow]")
+    rows, failures = _evaluate_on_dask(sources, settings, table, workers)
+    for scan_id, message in failures:
+        console.print(f"[red]scan {scan_id!r}:[/red] {message}", soft_wrap=True)
+    if not rows:
+        raise SystemExit(1)
+    evaluation = pa.concat_tables(rows)
+    if is_run:
+        store.replace_table(source, "evaluation", evaluation)
+        console.print(f"evaluation table: {source / store.TABLES / 'evaluation'}")
+    if save:
+        import pyarrow.parquet as pq
+
+        pq.write_table(evaluation, save)
+        console.print(f"evaluation table: {save}")
+    frame = evaluation.to_pandas()
+    present = tuple(r for r in SUMMARY_REGIONS if r in set(frame["region"]))
+    summary = summarise(frame, present)
+    print_evaluation_summary(summary, f"Evaluation of {source} ({len(rows)} scans)")
+    raise SystemExit(0 if not failures and not missing else 1)
+
+
+def _mask_sources(
+    source: Path, is_run: bool, scans: list[Scan]
+) -> tuple[list[tuple[Scan, Path]], list[str]]:
+    """(scan, where its mask is) for every scan that has one; the ids of those without."""
+    found, missing = [], []
+    stored = set(store.stored_scan_ids(source)) if is_run else set()
+    names = store.nifti_names(scans)
+    for scan in scans:
+        if is_run:
+            if scan.scan_id in stored:
+                found.append((scan, source))
+            else:
+                missing.append(scan.scan_id)
+            continue
+        candidates = [
+            source / f"{scan.scan_id}_desc-pvs_mask.nii.gz",
+            source / names[scan.scan_id],
+            source / f"{scan.scan_id}.nii.gz",
+        ]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            missing.append(scan.scan_id)
+        else:
+            found.append((scan, path))
+    return found, missing
+
+
+def _evaluate_on_dask(sources, settings, table, workers: int):
+    """Evaluate each (scan, mask) on a LocalCluster, a bounded window at a time."""
+    from distributed import Client, LocalCluster, as_completed
+
+    from pingu_dask.analyse import evaluate_stored
+
+    rows: list[pa.Table] = []
+    failures: list[tuple[str, str]] = []
+    window = 4 * workers
+    pending = iter(enumerate(sources))
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address="127.0.0.1:0")
+    with cluster, Client(cluster) as client:
+        in_flight = as_completed()
+        scan_of = {}
+
+        def submit_next() -> None:
+            for index, (scan, path) in pending:
+                future = client.submit(
+                    evaluate_stored, path, scan, settings, table, key=("evaluate", index)
+                )
+                scan_of[future.key] = scan
+                in_flight.add(future)
+                return
+
+        for _ in range(window):
+            submit_next()
+        for future in in_flight:
+            scan = scan_of.pop(future.key)
+            try:
+                rows.append(future.result())
+            except Exception as error:
+                failures.append((scan.scan_id, f"{type(error).__name__}: {error}"))
+            future.release()
+            submit_next()
+    return rows, failures

@@ -1,0 +1,220 @@
+"""Brain regions: label lookup tables, the parcellation on the image grid, cluster assignment.
+
+A region table names groups of parcellation labels (FreeSurfer aseg / SynthSeg numbers
+by default, or a user table from JSON). The parcellation is brought onto the image grid
+through the two affines (nearest neighbour), each cluster goes to the region holding
+most of its voxels, and clusters that sit mostly outside every region, or tie, go to
+`other`. Without a parcellation there is one region, `whole_brain`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import nibabel.processing
+import numpy as np
+
+from pingu_dask.imaging import ImageError
+
+OTHER = "other"
+WHOLE_BRAIN = "whole_brain"
+RESERVED = (OTHER, WHOLE_BRAIN)
+REGION_NAME = re.compile(r"[a-z][a-z0-9_]*")
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+class RegionError(ValueError):
+    """A region table or parcellation that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class RegionTable:
+    """Named groups of parcellation labels, in reporting order. Small and hashable."""
+
+    name: str
+    regions: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def __post_init__(self) -> None:
+        seen: dict[int, str] = {}
+        for region, labels in self.regions:
+            if not REGION_NAME.fullmatch(region) or region in RESERVED:
+                raise RegionError(
+                    f"region name {region!r}: use lower-case letters, digits and '_' "
+                    f"(not {' or '.join(RESERVED)})"
+                )
+            for label in labels:
+                if label <= 0:
+                    raise RegionError(f"region {region!r}: label {label} must be positive")
+                if label in seen:
+                    raise RegionError(f"label {label} is in both {seen[label]!r} and {region!r}")
+                seen[label] = region
+
+    @classmethod
+    def from_mapping(cls, name: str, regions: dict[str, list[int]]) -> RegionTable:
+        """A table from {region: [labels]} (as run.json records it)."""
+        return cls(
+            name,
+            tuple((region, tuple(int(x) for x in labels)) for region, labels in regions.items()),
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.regions)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.regions).encode()).hexdigest()[:16]
+
+    def index_map(self, labels: np.ndarray) -> np.ndarray:
+        """Parcellation labels -> region codes (uint8): 0 outside every region, i+1 for region i."""
+        largest = max((max(group) for _, group in self.regions if group), default=0)
+        lookup = np.zeros(largest + 2, dtype=np.uint8)
+        for code, (_, group) in enumerate(self.regions, start=1):
+            lookup[list(group)] = code
+        clipped = np.clip(labels, 0, largest + 1).astype(np.intp)  # beyond the table -> 0
+        return lookup[clipped]
+
+
+def _labels(*spans: int | tuple[int, int]) -> tuple[int, ...]:
+    out: list[int] = []
+    for span in spans:
+        out.extend(range(span[0], span[1] + 1) if isinstance(span, tuple) else [span])
+    return tuple(out)
+
+
+# FreeSurfer aseg and SynthSeg share label numbers (left, right).
+ASEG = RegionTable(
+    "synthseg",
+    (
+        ("white_matter", _labels(2, 41, 77, (251, 255))),
+        ("basal_ganglia", _labels(11, 12, 13, 26, 50, 51, 52, 58)),
+        ("thalamus", _labels(10, 49)),
+        ("hippocampus", _labels(17, 53)),
+        ("brainstem", _labels(16)),
+        ("cerebellum", _labels(7, 8, 46, 47)),
+    ),
+)
+BUILT_IN_TABLES = {"synthseg": ASEG, "aseg": ASEG, "freesurfer": ASEG}
+# Label groups that can be named instead of numbers, e.g. to exclude them from masks.
+LABEL_GROUPS = {"lateral_ventricles": _labels(4, 5, 43, 44), "csf": _labels(24)}
+
+
+def parse_labels(items: list | tuple, where: str) -> tuple[int, ...]:
+    """Labels given as numbers, "251-255" ranges or LABEL_GROUPS names -> sorted ints."""
+    labels: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        if text in LABEL_GROUPS:
+            labels.update(LABEL_GROUPS[text])
+        elif re.fullmatch(r"\d+", text):
+            labels.add(int(text))
+        elif match := re.fullmatch(r"(\d+)\s*-\s*(\d+)", text):
+            low, high = int(match[1]), int(match[2])
+            labels.update(range(low, high + 1))
+        else:
+            known = ", ".join(LABEL_GROUPS)
+            raise RegionError(f"{where}: {item!r} is not a label, a range like 251-255, or {known}")
+    return tuple(sorted(labels))
+
+
+def load_region_table(spec: str | Path) -> RegionTable:
+    """A built-in table by name (synthseg, aseg, freesurfer) or a user table from JSON.
+
+    JSON: {"name": "mine", "regions": {"white_matter": [2, 41, "251-255"], ...}}, or
+    just the "regions" mapping (the file name becomes the table name).
+    """
+    if str(spec).lower() in BUILT_IN_TABLES:
+        return BUILT_IN_TABLES[str(spec).lower()]
+    path = Path(spec)
+    if not path.is_file():
+        known = ", ".join(BUILT_IN_TABLES)
+        raise RegionError(f"region table {spec!r} is neither a JSON file nor one of: {known}")
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RegionError(f"cannot read region table {path}: {error}") from error
+    regions = document.get("regions", document) if isinstance(document, dict) else None
+    if not isinstance(regions, dict) or not regions:
+        raise RegionError(f"{path}: expected a mapping of region name -> list of labels")
+    parsed = []
+    for name, items in regions.items():
+        if not isinstance(items, list):
+            raise RegionError(f"{path}: region {name!r} must list its labels")
+        parsed.append((str(name), parse_labels(items, f"{path}: region {name!r}")))
+    return RegionTable(str(document.get("name", path.stem)), tuple(parsed))
+
+
+def label_map_on_grid(
+    path: Path, shape: tuple[int, ...], affine: np.ndarray, what: str = "parcellation"
+) -> np.ndarray:
+    """A label image (parcellation, reference mask) on the image grid, as int32.
+
+    Taken as it is when the grids match; otherwise resampled through the two affines
+    with nearest neighbour (labels must not be interpolated). Voxels of the image
+    outside the label image's field of view get 0.
+    """
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:
+        raise ImageError(f"cannot read {what} {path}: {error}") from error
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise RegionError(f"{what} {path} is not 3D (shape {data.shape})")
+    integral = np.issubdtype(data.dtype, np.integer)
+    if not integral and not (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))):
+        raise RegionError(f"{what} {path} holds non-integer values: not a label map")
+    data = data.astype(np.int32, copy=False)
+    same_affine = np.allclose(image.affine, affine, atol=AFFINE_TOLERANCE_MM)
+    if data.shape == tuple(shape[:3]) and same_affine:
+        return np.ascontiguousarray(data)
+    resampled = nibabel.processing.resample_from_to(
+        nib.Nifti1Image(data, image.affine), (tuple(shape[:3]), affine), order=0, cval=0
+    )
+    return np.ascontiguousarray(np.asanyarray(resampled.dataobj), dtype=np.int32)
+
+
+def parcellation_on_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The parcellation's labels on the image grid; RegionError when it misses the image."""
+    on_grid = label_map_on_grid(path, shape, affine, "parcellation")
+    if not np.any(on_grid > 0):
+        raise RegionError(
+            f"parcellation {path} does not overlap the image: check that both are of the same "
+            "subject and session and that their affines (qform/sform) are right"
+        )
+    return on_grid
+
+
+def excluded_voxels(labels: np.ndarray, exclude_labels: tuple[int, ...]) -> np.ndarray | None:
+    """Voxels whose label is to be removed from PVS masks (None when nothing is excluded)."""
+    return np.isin(labels, exclude_labels) if exclude_labels else None
+
+
+def assign_clusters(
+    cluster_labels: np.ndarray, n_clusters: int, region_codes: np.ndarray, n_regions: int
+) -> np.ndarray:
+    """Region code (0 = other, i+1 = region i) of clusters 1..n, by majority of voxels.
+
+    Voxels outside every region compete as code 0, so a cluster lying mostly outside
+    the regions goes to `other`; so does a tie between regions.
+    """
+    inside = cluster_labels > 0
+    width = n_regions + 1
+    pairs = cluster_labels[inside].astype(np.int64) * width + region_codes[inside]
+    counts = np.bincount(pairs, minlength=(n_clusters + 1) * width)
+    counts = counts.reshape(n_clusters + 1, width)[1:]
+    best = counts.max(axis=1, keepdims=True)
+    winners = np.argmax(counts, axis=1)
+    tied = (counts == best).sum(axis=1) > 1
+    winners[tied] = 0
+    return winners
+
+
+def region_names(table: RegionTable | None) -> tuple[str, ...]:
+    """Names by region code: code 0 is `other` (or `whole_brain` without a parcellation)."""
+    return (WHOLE_BRAIN,) if table is None else (OTHER, *table.names)

@@ -1,0 +1,324 @@
+"""The output directory (a contract that tests and users read):
+
+    OUT/run.json          provenance: tool version, model fingerprint, settings, manifest
+    OUT/masks.zarr/       Zarr v3; one group per scan id with array `pvs` (uint8 0/1) and
+                          attrs affine, spacing, shape, fingerprints; `complete` written last
+    OUT/tables/NAME/      Parquet parts (regions, clusters, evaluation), fixed schemas
+    OUT/nifti/            optional masks, sub-X[_ses-Y]_desc-pvs_mask.nii.gz
+
+Workers write masks (each scan its own group, so writers never share a file); the
+driver alone creates the layout and writes tables, in parts under a temporary name
+that is renamed into place, so a reader or a crash never sees half a file (readers
+skip names starting with '.' or '_').
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pingu_dask import __version__
+from pingu_dask.manifest import Scan
+
+MASKS = "masks.zarr"
+TABLES = "tables"
+NIFTI = "nifti"
+RUN_JSON = "run.json"
+MASK_ARRAY = "pvs"
+CHUNK = 64  # voxels per chunk side; one shard holds a whole mask (one file per scan)
+LAYOUT_VERSION = 1
+
+_SCAN = [
+    ("scan_id", pa.string()),
+    ("subject", pa.string()),
+    ("session", pa.string()),
+    ("site", pa.string()),
+]
+_STATISTICS = [
+    (f"{name}_volume_mm3", pa.float64()) for name in ("total", "mean", "median", "sd", "min", "max")
+]
+SCHEMAS: dict[str, pa.Schema] = {
+    "regions": pa.schema(
+        [
+            *_SCAN,
+            ("region", pa.string()),
+            ("n_clusters", pa.int64()),
+            ("n_voxels", pa.int64()),
+            *_STATISTICS,
+        ]
+    ),
+    "clusters": pa.schema(
+        [
+            ("scan_id", pa.string()),
+            ("cluster", pa.int64()),
+            ("region", pa.string()),
+            ("n_voxels", pa.int64()),
+            ("volume_mm3", pa.float64()),
+            ("centroid_x_mm", pa.float64()),
+            ("centroid_y_mm", pa.float64()),
+            ("centroid_z_mm", pa.float64()),
+            ("length_mm", pa.float64()),
+            ("width_mm", pa.float64()),
+        ]
+    ),
+    "evaluation": pa.schema(
+        [
+            *_SCAN,
+            ("region", pa.string()),
+            ("voxel_dice", pa.float64()),
+            ("cluster_precision", pa.float64()),
+            ("cluster_recall", pa.float64()),
+            ("cluster_f1", pa.float64()),
+            ("n_predicted_clusters", pa.int64()),
+            ("n_reference_clusters", pa.int64()),
+            ("predicted_voxels", pa.int64()),
+            ("reference_voxels", pa.int64()),
+        ]
+    ),
+}
+
+
+def scan_columns(scan: Scan) -> dict[str, str | None]:
+    """The identifying columns every per-scan table row starts with."""
+    return {
+        "scan_id": scan.scan_id,
+        "subject": scan.subject,
+        "session": scan.session,
+        "site": scan.site,
+    }
+
+
+def to_table(name: str, rows: list[dict] | Mapping[str, object]) -> pa.Table:
+    """Rows (list of dicts) or columns (mapping) -> a table with the fixed schema `name`."""
+    schema = SCHEMAS[name]
+    if isinstance(rows, Mapping):
+        return pa.Table.from_pydict({f: rows[f] for f in schema.names}, schema=schema)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+# --- layout (driver) -----------------------------------------------------------------
+
+
+def prepare_output(out: Path) -> None:
+    """Create the output folders and the root Zarr group (once, from the driver)."""
+    import zarr
+
+    out = Path(out)
+    for name in SCHEMAS:
+        (out / TABLES / name).mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(out / MASKS, mode="a", zarr_format=3)
+    if "layout" not in root.attrs:
+        root.attrs.update({"layout": LAYOUT_VERSION, "created_by": f"pingu-dask {__version__}"})
+
+
+def write_json(path: Path, document: dict) -> None:
+    """Write JSON atomically (temporary name, then rename)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def read_run_json(out: Path) -> dict | None:
+    path = Path(out) / RUN_JSON
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- masks (workers) -----------------------------------------------------------------
+
+
+def write_mask(out: Path, scan_id: str, mask: np.ndarray, affine: np.ndarray, attrs: dict) -> str:
+    """Store one scan's mask as group `scan_id` of masks.zarr; `complete` is set last.
+
+    A rerun of the same scan (a retry, a resumed run) first marks the group incomplete,
+    then overwrites the array, so a reader never takes a half-written mask as done.
+    """
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    root = zarr.open_group(Path(out) / MASKS, mode="r+", zarr_format=3)
+    group = root.require_group(scan_id)
+    group.attrs.update({"complete": False})
+    shards = tuple(int(np.ceil(n / CHUNK) * CHUNK) for n in mask.shape)
+    array = group.create_array(
+        MASK_ARRAY,
+        shape=mask.shape,
+        chunks=(CHUNK,) * 3,
+        shards=shards,
+        dtype="uint8",
+        compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
+        dimension_names=("i", "j", "k"),
+        overwrite=True,
+    )
+    array[...] = mask.astype(np.uint8)
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    group.attrs.update(
+        {
+            **attrs,
+            "scan_id": scan_id,
+            "affine": np.asarray(affine, dtype=float).tolist(),
+            "spacing": np.sqrt((linear**2).sum(axis=0)).tolist(),
+            "shape": list(mask.shape),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    group.attrs.update({"complete": True})
+    return f"{MASKS}/{scan_id}"
+
+
+def mask_attrs(out: Path, scan_id: str) -> dict | None:
+    """The attributes of a scan's mask group, or None when there is none."""
+    import zarr
+
+    try:
+        group = zarr.open_group(Path(out) / MASKS / scan_id, mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return dict(group.attrs)
+
+
+def read_mask(out: Path, scan_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """A complete stored mask as (uint8 array, affine). KeyError when missing or incomplete."""
+    import zarr
+
+    attrs = mask_attrs(out, scan_id)
+    if not attrs or not attrs.get("complete"):
+        raise KeyError(f"no complete mask for scan {scan_id!r} in {Path(out) / MASKS}")
+    array = zarr.open_array(Path(out) / MASKS / scan_id / MASK_ARRAY, mode="r")
+    return np.asarray(array[...]), np.asarray(attrs["affine"])
+
+
+def stored_scan_ids(out: Path) -> list[str]:
+    """Scan ids with a mask group in masks.zarr (complete or not), sorted."""
+    root = Path(out) / MASKS
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "zarr.json").exists())
+
+
+# --- NIfTI names ---------------------------------------------------------------------
+
+BIDS_LABEL = re.compile(r"[A-Za-z0-9]+")
+
+
+def nifti_names(scans: Iterable[Scan]) -> dict[str, str]:
+    """scan id -> mask file name, BIDS-derivatives style where it is unique.
+
+    sub-X[_ses-Y]_desc-pvs_mask.nii.gz when the subject (and session) are BIDS labels
+    and no other scan gets the same name (e.g. two runs of one session); otherwise
+    the scan id stands in for the entities: <scan_id>_desc-pvs_mask.nii.gz.
+    """
+    proposed: dict[str, str] = {}
+    for scan in scans:
+        stem = scan.scan_id
+        subject = _bids_label(scan.subject, "sub-")
+        session = _bids_label(scan.session, "ses-")
+        if subject and (scan.session is None or session):
+            stem = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+        proposed[scan.scan_id] = stem
+    taken = pd.Series(list(proposed.values())).value_counts()
+    return {
+        scan_id: f"{stem if taken[stem] == 1 else scan_id}_desc-pvs_mask.nii.gz"
+        for scan_id, stem in proposed.items()
+    }
+
+
+def _bids_label(value: str | None, prefix: str) -> str | None:
+    if value is None:
+        return None
+    value = value[len(prefix) :] if value.startswith(prefix) else value
+    return value if BIDS_LABEL.fullmatch(value) else None
+
+
+# --- tables (driver) -----------------------------------------------------------------
+
+
+class TableWriter:
+    """Buffers table rows from finished scans and writes them as Parquet parts.
+
+    A part is written every `every_scans` scans or `every_seconds` seconds (whichever
+    comes first) and at close, so a crashed driver loses at most that tail, and those
+    scans are simply redone on resume.
+    """
+
+    def __init__(self, out: Path, every_scans: int = 50, every_seconds: float = 10.0) -> None:
+        self.out = Path(out)
+        self.every_scans = every_scans
+        self.every_seconds = every_seconds
+        self._buffers: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
+        self._scans = 0
+        self._last_flush = time.monotonic()
+        self._sequence = 0
+        self.parts_written = 0
+
+    def add(self, tables: Mapping[str, pa.Table | None]) -> None:
+        """Add one scan's tables (by name); flush when the buffer is due."""
+        for name, table in tables.items():
+            if table is not None and table.num_rows:
+                self._buffers[name].append(table)
+        self._scans += 1
+        due = time.monotonic() - self._last_flush >= self.every_seconds
+        if self._scans >= self.every_scans or due:
+            self.flush()
+
+    def flush(self) -> None:
+        for name, tables in self._buffers.items():
+            if tables:
+                self._write_part(name, pa.concat_tables(tables))
+                tables.clear()
+        self._scans = 0
+        self._last_flush = time.monotonic()
+
+    def _write_part(self, name: str, table: pa.Table) -> None:
+        folder = self.out / TABLES / name
+        folder.mkdir(parents=True, exist_ok=True)
+        self._sequence += 1
+        stem = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{self._sequence:05d}"
+        temporary = folder / f".{stem}.tmp"
+        pq.write_table(table, temporary, compression="zstd")
+        os.replace(temporary, folder / f"{stem}.parquet")
+        self.parts_written += 1
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def replace_table(out: Path, name: str, table: pa.Table) -> None:
+    """Make `table` the whole of OUT/tables/NAME (e.g. a re-run evaluation), atomically enough:
+    the new part is written in a hidden folder, which then takes the old folder's place.
+    """
+    folder = Path(out) / TABLES / name
+    fresh = folder.with_name(f".{name}-new-{uuid.uuid4().hex[:8]}")
+    fresh.mkdir(parents=True)
+    pq.write_table(table.cast(SCHEMAS[name]), fresh / "part-00000.parquet", compression="zstd")
+    old = folder.with_name(f".{name}-old-{uuid.uuid4().hex[:8]}")
+    if folder.exists():
+        folder.rename(old)
+    fresh.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_table(out: Path, name: str) -> pd.DataFrame:
+    """One table of OUT as a pandas DataFrame (empty, with its columns, when no parts)."""
+    schema = SCHEMAS[name]
+    folder = Path(out) / TABLES / name
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+        return schema.empty_table().to_pandas()
+    return ds.dataset(folder, format="parquet", schema=schema).to_table().to_pandas()
