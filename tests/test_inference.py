@@ -304,3 +304,39 @@ def test_run_without_a_model_names_the_choices(cohort: Path, tmp_path: Path) -> 
         main, ["run", str(cohort / "manifest.csv"), "--out", str(tmp_path), "--model", "nowhere"]
     )
     assert result.exit_code == 2 and "model not found" in result.output
+
+
+def test_run_command_writes_provenance_and_uses_a_user_region_table(
+    cohort: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from pingu_dask.cli import main
+
+    manifest = pd.read_csv(cohort / "manifest.csv", dtype=str).head(1)
+    for column in ("t1w", "t2w", "parcellation", "reference"):
+        manifest[column] = [str(cohort / p) for p in manifest[column]]
+    manifest.to_csv(tmp_path / "one.csv", index=False)
+    table = tmp_path / "deep.json"
+    table.write_text(json.dumps({"name": "deep", "regions": {"deep_grey": ["11-13", 26, 10]}}))
+    out = tmp_path / "out"
+    arguments = ["run", str(tmp_path / "one.csv"), "--out", str(out), "--model", "demo"]
+    options = ["--no-tta", "--device", "cpu", "--regions", str(table), "--exclude", "4,43"]
+    result = CliRunner().invoke(main, [*arguments, *options, "--min-cluster-voxels", "8"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["fingerprint"] == resolve_model("demo").fingerprint
+    assert run["clusters"] == {
+        "connectivity": 26,
+        "min_voxels": 8,
+        "min_volume_mm3": 0.0,
+        "exclude_labels": [4, 43],
+    }
+    assert run["regions"] == {"table": "deep", "regions": {"deep_grey": [10, 11, 12, 13, 26]}}
+    assert run["inference"]["tta"] is False and run["n_ok"] == 1 and run["finished"]
+    assert len(run["manifest"]["sha256"]) == 64
+    regions = store.read_table(out, "regions")
+    assert regions.region.tolist() == ["deep_grey", "other", "whole_brain"]
+    assert store.read_table(out, "clusters")["n_voxels"].min() >= 8
+    assert "Evaluation against the reference masks" in result.output
+    assert "whole brain" in result.output

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pingu_dask.config import ClusterSettings
+from pingu_dask.evaluate import summarise
 from pingu_dask.manifest import ManifestReport
 from pingu_dask.regions import (
     LABEL_GROUPS,
@@ -22,6 +23,7 @@ from pingu_dask.regions import (
 )
 
 console = Console(highlight=False)
+SUMMARY_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
 SHORT_REGION_NAMES = {"white_matter": "WM", "basal_ganglia": "BG", "whole_brain": "whole brain"}
 
 
@@ -115,6 +117,14 @@ def print_report(report: ManifestReport) -> None:
     # One plain line per problem: readable, and easy to grep or paste into an issue.
     for problem in report.problems:
         console.print(f"[red]problem[/red] {problem}", soft_wrap=True)
+
+
+def print_evaluation(evaluation: pd.DataFrame, title: str) -> None:
+    """The per-site summary of an evaluation table, for WM, BG and the whole brain."""
+    present = set(evaluation["region"])
+    print_evaluation_summary(
+        summarise(evaluation, tuple(r for r in SUMMARY_REGIONS if r in present)), title
+    )
 
 
 def print_evaluation_summary(summary: pd.DataFrame, title: str) -> None:

@@ -12,15 +12,12 @@ from pingu_dask.cli.common import (
     cluster_options,
     cluster_settings,
     console,
-    print_evaluation_summary,
+    print_evaluation,
     print_report,
     region_table,
 )
-from pingu_dask.evaluate import summarise
 from pingu_dask.manifest import Scan, load_manifest
 from pingu_dask.regions import RegionTable
-
-SUMMARY_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
 
 
 @click.command()
@@ -94,10 +91,7 @@ def evaluate(
 
         pq.write_table(evaluation, save)
         console.print(f"evaluation table: {save}")
-    frame = evaluation.to_pandas()
-    present = tuple(r for r in SUMMARY_REGIONS if r in set(frame["region"]))
-    summary = summarise(frame, present)
-    print_evaluation_summary(summary, f"Evaluation of {source} ({len(rows)} scans)")
+    print_evaluation(evaluation.to_pandas(), f"Evaluation of {source} ({len(rows)} scans)")
     raise SystemExit(0 if not failures and not missing else 1)
 
 

@@ -13,14 +13,13 @@ from pingu_dask.cli.common import (
     cluster_options,
     cluster_settings,
     console,
-    print_evaluation_summary,
+    print_evaluation,
     print_report,
     region_table,
     split,
 )
 from pingu_dask.cli.data import print_cohort
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
-from pingu_dask.evaluate import summarise
 from pingu_dask.manifest import load_manifest
 from pingu_dask.model import ModelError, resolve_model
 from pingu_dask.regions import RegionTable
@@ -186,8 +185,7 @@ def run_cohort(
     _print_results(records, time.perf_counter() - started, out)
     evaluation = store.read_table(out, "evaluation")
     if len(evaluation):
-        summary = summarise(evaluation, ("white_matter", "basal_ganglia", "whole_brain"))
-        print_evaluation_summary(summary, f"Evaluation against the reference masks ({out})")
+        print_evaluation(evaluation, f"Evaluation against the reference masks ({out})")
     return records
 
 
