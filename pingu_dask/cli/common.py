@@ -135,7 +135,7 @@ def print_evaluation_summary(summary: pd.DataFrame, title: str) -> None:
         caption="voxel Dice and cluster F1 (detection, symmetric): mean (SD) over scans; "
         "WM white matter, BG basal ganglia",
     )
-    table.add_column("site")
+    table.add_column("site", no_wrap=True)
     table.add_column("scans", justify="right")
     for region in regions:
         short = SHORT_REGION_NAMES.get(region, region)
