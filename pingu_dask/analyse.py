@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pingu_dask import metrics, store
+from pingu_dask import metrics, store, tables
 from pingu_dask.config import ClusterSettings
 from pingu_dask.evaluate import evaluate_by_region
 from pingu_dask.imaging import load_volume
@@ -81,10 +81,11 @@ def analyse_mask(
     region_rows = metrics.region_summary(
         columns["volume_mm3"], columns["n_voxels"], cluster_regions, report_order
     )
-    identity = store.scan_columns(scan)
-    tables = {
-        "regions": store.to_table("regions", [{**identity, **row} for row in region_rows]),
-        "clusters": store.to_table("clusters", {"scan_id": [scan.scan_id] * n_clusters, **columns}),
+    identity = tables.scan_columns(scan)
+    cluster_columns = {"scan_id": [scan.scan_id] * n_clusters, **columns}
+    scan_tables = {
+        "regions": tables.to_table("regions", [{**identity, **row} for row in region_rows]),
+        "clusters": tables.to_table("clusters", cluster_columns),
         "evaluation": None,
     }
     whole = region_rows[-1]
@@ -94,13 +95,12 @@ def analyse_mask(
         "n_clusters": whole["n_clusters"],
         "n_voxels": whole["n_voxels"],
         "volume_mm3": whole["total_volume_mm3"],
-        "tables": tables,
+        "tables": scan_tables,
     }
     if scan.reference is not None:
-        tables["evaluation"] = evaluate_against_reference(
-            cleaned, affine, scan, regions, settings, table
-        )
-        whole = tables["evaluation"].slice(tables["evaluation"].num_rows - 1).to_pylist()[0]
+        evaluation = evaluate_against_reference(cleaned, affine, scan, regions, settings, table)
+        scan_tables["evaluation"] = evaluation
+        whole = evaluation.slice(evaluation.num_rows - 1).to_pylist()[0]
         record["reference_clusters"] = whole["n_reference_clusters"]
         record["voxel_dice"] = whole["voxel_dice"]
         record["cluster_f1"] = whole["cluster_f1"]
@@ -129,8 +129,8 @@ def evaluate_against_reference(
     codes = None if regions is None else regions.codes
     names = region_names(None if regions is None else table)
     rows = evaluate_by_region(mask, reference, codes, names, settings.connectivity)
-    identity = store.scan_columns(scan)
-    return store.to_table("evaluation", [{**identity, **row} for row in rows])
+    identity = tables.scan_columns(scan)
+    return tables.to_table("evaluation", [{**identity, **row} for row in rows])
 
 
 def evaluate_stored(

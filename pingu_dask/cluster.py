@@ -13,7 +13,7 @@ import logging
 import dask.config
 from distributed import LocalCluster
 
-from pingu_dask.config import available_cores
+from pingu_dask.config import available_cores, setting
 
 INFERENCE_RESOURCE = "GPU"
 DEFAULT_THREADS_PER_WORKER = 3  # one predict + one preprocess + one finish in flight
@@ -46,7 +46,16 @@ def local_cluster(
     environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     environment.pop("MALLOC_TRIM_THRESHOLD_", None)
     environment.update({name: str(threads) for name in THREAD_VARIABLES})
-    dask.config.set({"distributed.nanny.pre-spawn-environ": environment})
+    dask.config.set(
+        {
+            "distributed.nanny.pre-spawn-environ": environment,
+            # A worker death fails the scan's task at once (KilledWorker), so that the
+            # runner retries it and the ledger shows the attempt; Dask's default (3)
+            # would resubmit silently, and a scan that kills every worker it lands on
+            # (out of memory) would take three workers down before anyone heard of it.
+            "distributed.scheduler.allowed-failures": int(setting("allowed-failures")),
+        }
+    )
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,

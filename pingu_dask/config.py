@@ -29,6 +29,10 @@ DEFAULTS = {
         "min-cluster-mm3": 0.0,
         "exclude-labels": [],
         "regions": "synthseg",
+        "flush-every-scans": 50,  # the driver writes table parts this often...
+        "flush-every-seconds": 10.0,  # ...or after this long, whichever comes first
+        "retries": 2,
+        "allowed-failures": 0,
     }
 }
 dask.config.update_defaults(DEFAULTS)

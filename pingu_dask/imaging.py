@@ -124,3 +124,22 @@ def world_to_voxel(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
     """Map (N, 3) scanner coordinates in mm to fractional voxel indices."""
     inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
     return np.asarray(xyz, dtype=np.float64) @ inverse[:3, :3].T + inverse[:3, 3]
+
+
+def check_image_data(path: str | os.PathLike[str]) -> ImageInfo:
+    """Read every voxel of an input image and refuse what a model cannot use.
+
+    nnU-Net takes such images silently: a truncated .nii.gz gives a partial volume,
+    NaN voxels become numbers and an empty image gives an empty mask, so a cohort
+    would hold wrong results without a word. Raises ImageError naming the problem.
+    """
+    data, _ = load_volume(path)  # truncated or corrupt data, wrong dimensionality
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise ImageError(
+            f"{int((~finite).sum())} voxels are NaN or infinite (of {data.size}): {path}"
+        )
+    if data.size == 0 or float(data.min()) == float(data.max()):
+        value = float(data.flat[0]) if data.size else 0.0
+        raise ImageError(f"image is empty: every voxel is {value:g}: {path}")
+    return read_info(path)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from pingu_dask import store
+from pingu_dask import store, tables
 
 SCANNER_AXES = ("x", "y", "z")  # RAS+ scanner axes, millimetres
 
@@ -32,7 +32,7 @@ class Results:
     @cached_property
     def regions(self) -> xr.Dataset:
         """Per scan x region metrics; site, subject and session as scan coordinates."""
-        table = store.read_table(self.out, "regions")
+        table = tables.read_table(self.out, "regions")
         identity = ["subject", "session", "site"]
         scans = table.drop_duplicates("scan_id").set_index("scan_id")[identity]
         measures = table.drop(columns=identity).set_index(["scan_id", "region"])
@@ -44,11 +44,11 @@ class Results:
 
     @cached_property
     def clusters(self) -> pd.DataFrame:
-        return store.read_table(self.out, "clusters")
+        return tables.read_table(self.out, "clusters")
 
     @cached_property
     def evaluation(self) -> pd.DataFrame:
-        return store.read_table(self.out, "evaluation")
+        return tables.read_table(self.out, "evaluation")
 
     @property
     def scan_ids(self) -> list[str]:
@@ -109,6 +109,6 @@ def _scanner_coordinates(
 def open_results(out: str | Path) -> Results:
     """Open a pingu-dask output directory for reading."""
     out = Path(out)
-    if not (out / store.MASKS).exists() and not (out / store.TABLES).exists():
+    if not (out / store.MASKS).exists() and not (out / tables.TABLES).exists():
         raise FileNotFoundError(f"{out} is not a pingu-dask output directory (no masks, no tables)")
     return Results(out, store.read_run_json(out))

@@ -1,10 +1,16 @@
-"""Feed a cohort's scans through the three stages on a Dask client.
+"""Feed a cohort's scans through the three stages on a Dask client, dependably.
 
-A bounded window of scans is in flight at once (a few per worker), never the whole
-manifest as one graph: the scheduler stays small at 100,000 scans, and tasks that ask
-for a resource (predict) bypass the scheduler's own queuing, so the client throttles.
-Task keys are tuples (stage-token, index): a bare scan id as a key could collide with a
-string argument and be substituted by Dask.
+- A bounded window of scans is in flight at once (a few per worker), never the whole
+  manifest as one graph: the scheduler stays small at 100,000 scans, and tasks that
+  ask for a resource (predict) bypass the scheduler's own queuing, so the client
+  throttles. Task keys are tuples (stage-token, index, attempt): a bare scan id as a
+  key could collide with a string argument and be substituted by Dask.
+- Every attempt becomes a ledger row. Errors that a retry can help with (a worker
+  that died, out of memory, I/O) are retried up to `retries` times; input errors
+  fail at once (errors.py). One scan's failure never stops the others.
+- Table rows and ledger rows are written by the driver in flushes (tables.py), so a
+  crash loses at most the unflushed tail, which a rerun simply redoes.
+- Ctrl-C cancels what is in flight, flushes what finished, and re-raises.
 """
 
 from __future__ import annotations
@@ -13,18 +19,35 @@ import hashlib
 import platform
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from distributed import Client, as_completed
 
-from pingu_dask import __version__, stages, store
+from pingu_dask import __version__, ledger, stages, store, tables
+from pingu_dask.analyse import input_fingerprint
 from pingu_dask.cluster import INFERENCE_RESOURCE
+from pingu_dask.config import setting
+from pingu_dask.errors import describe
 from pingu_dask.manifest import Scan
 
 SCANS_IN_FLIGHT_PER_WORKER = 3  #: one preprocessing, one predicting, one finishing
+
+
+@dataclass
+class Progress:
+    """Running counts, handed to the `on_progress` callback after every attempt."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    in_flight: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last: dict | None = None  # the latest finished scan's record, or failed ledger row
 
 
 def segment_cohort(
@@ -32,48 +55,94 @@ def segment_cohort(
     scans: Sequence[Scan],
     pipeline: stages.Pipeline,
     window: int | None = None,
-    on_record: Callable[[dict], None] | None = None,
+    retries: int | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    run_id: str | None = None,
+    extra_ledger_rows: Sequence[dict] = (),
 ) -> list[dict]:
     """Segment every scan and write its outputs; return one small record per scan.
 
     Masks are written by the workers; the scans' table rows come back in the records
-    and are written here, in Parquet parts (store.TableWriter).
+    and are written here with the ledger rows. `extra_ledger_rows` (e.g. invalid
+    manifest rows) are written with the first flush.
     """
     store.prepare_output(pipeline.out)
     names = store.nifti_names(scans) if pipeline.write_nifti else {}
-    with store.TableWriter(pipeline.out) as writer:
-        return _run(client, scans, pipeline, names, writer, window, on_record)
+    retries = int(setting("retries")) if retries is None else retries
+    run_id = run_id or uuid.uuid4().hex[:12]
+    with tables.TableWriter(pipeline.out) as writer:
+        if extra_ledger_rows:
+            writer.add({"ledger": tables.to_table("ledger", list(extra_ledger_rows))})
+        loop = _Loop(client, pipeline, names, writer, retries, run_id, on_progress)
+        return loop.run(scans, window)
 
 
-def _run(
-    client: Client,
-    scans: Sequence[Scan],
-    pipeline: stages.Pipeline,
-    names: dict[str, str],
-    writer: store.TableWriter,
-    window: int | None,
-    on_record: Callable[[dict], None] | None,
-) -> list[dict]:
-    n_workers = max(1, len(client.scheduler_info()["workers"]))
-    window = window or SCANS_IN_FLIGHT_PER_WORKER * n_workers
-    token = uuid.uuid4().hex[:8]
-    pending = iter(enumerate(scans))
-    in_flight = as_completed()
-    scan_of: dict = {}
+class _Loop:
+    """The driver's loop: submit, collect, record, retry; one instance per run."""
 
-    def submit_next() -> bool:
+    def __init__(self, client, pipeline, names, writer, retries, run_id, on_progress) -> None:
+        self.client = client
+        self.pipeline = pipeline
+        self.names = names
+        self.writer = writer
+        self.retries = retries
+        self.run_id = run_id
+        self.on_progress = on_progress
+        self.token = uuid.uuid4().hex[:8]
+        self.fingerprint = pipeline.fingerprint()
+
+    def run(self, scans: Sequence[Scan], window: int | None) -> list[dict]:
+        n_workers = max(1, len(self.client.scheduler_info()["workers"]))
+        window = window or SCANS_IN_FLIGHT_PER_WORKER * n_workers
+        progress = Progress(total=len(scans))
+        queue: deque[tuple[int, Scan, int]] = deque((i, s, 1) for i, s in enumerate(scans))
+        in_flight = as_completed()
+        submitted: dict = {}  # finish key -> (index, scan, attempt, started, all futures)
+        records: list[dict] = []
+
+        def submit_next() -> None:
+            if queue:
+                index, scan, attempt = queue.popleft()
+                futures = self._submit(index, scan, attempt)
+                submitted[futures[-1].key] = (index, scan, attempt, ledger.now(), futures)
+                in_flight.add(futures[-1])
+
+        for _ in range(window):
+            submit_next()
+        progress.in_flight = len(submitted)
         try:
-            index, scan = next(pending)
-        except StopIteration:
-            return False
+            for future in in_flight:
+                index, scan, attempt, started, futures = submitted.pop(future.key)
+                record = self._collect(future, scan, attempt, started)
+                for each in futures:
+                    each.release()
+                if record["status"] == "retry":
+                    queue.appendleft((index, scan, attempt + 1))
+                    progress.retried += 1
+                else:
+                    records.append(record)
+                    progress.done += record["status"] == ledger.OK
+                    progress.failed += record["status"] != ledger.OK
+                progress.last = record
+                submit_next()
+                progress.in_flight = len(submitted)
+                if self.on_progress:
+                    self.on_progress(progress)
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) or a driver error
+            self.client.cancel([f for *_, futures in submitted.values() for f in futures])
+            raise
+        return records
+
+    def _submit(self, index: int, scan: Scan, attempt: int) -> list:
+        client, pipeline, token = self.client, self.pipeline, self.token
         prepared = client.submit(
-            stages.preprocess, scan, pipeline, key=(f"preprocess-{token}", index)
+            stages.preprocess, scan, pipeline, key=(f"preprocess-{token}", index, attempt)
         )
         predicted = client.submit(
             stages.predict,
             prepared,
             pipeline,
-            key=(f"predict-{token}", index),
+            key=(f"predict-{token}", index, attempt),
             resources={INFERENCE_RESOURCE: 1},
         )
         finished = client.submit(
@@ -81,35 +150,57 @@ def _run(
             predicted,
             scan,
             pipeline,
-            names.get(scan.scan_id),
-            key=(f"finish-{token}", index),
+            self.names.get(scan.scan_id),
+            key=(f"finish-{token}", index, attempt),
         )
-        scan_of[finished.key] = scan
-        in_flight.add(finished)
-        return True
+        return [prepared, predicted, finished]
 
-    for _ in range(window):
-        if not submit_next():
-            break
-    records = []
-    for future in in_flight:
-        scan = scan_of.pop(future.key)
+    def _collect(self, future, scan: Scan, attempt: int, started) -> dict:
+        """The attempt's record (status ok, failed, or retry) and its ledger row."""
+        try:
+            fingerprint = input_fingerprint(scan)
+        except OSError:
+            fingerprint = None
+        common = dict(input_fingerprint=fingerprint, pipeline_fingerprint=self.fingerprint)
         try:
             record = future.result()
         except Exception as error:
-            record = {
+            described = describe(error)
+            error_type, message, retryable, _ = described
+            final = not retryable or attempt > self.retries
+            row = ledger.attempt_row(
+                scan.scan_id,
+                scan.site,
+                ledger.FAILED,
+                attempt,
+                self.run_id,
+                started,
+                error=described,
+                **common,
+            )
+            self.writer.add({"ledger": tables.to_table("ledger", [row])})
+            status = ledger.FAILED if final else "retry"
+            return {
                 "scan_id": scan.scan_id,
-                "status": "failed",
-                "error_type": type(error).__name__,
-                "message": str(error),
+                "status": status,
+                "error_type": error_type,
+                "message": message,
+                "attempt": attempt,
             }
-        future.release()
-        writer.add(record.pop("tables", {}))
-        records.append(record)
-        if on_record:
-            on_record(record)
-        submit_next()
-    return records
+        row = ledger.attempt_row(
+            scan.scan_id,
+            scan.site,
+            ledger.OK,
+            attempt,
+            self.run_id,
+            started,
+            record=record,
+            **common,
+        )
+        scan_tables = record.pop("tables", {})
+        self.writer.add({**scan_tables, "ledger": tables.to_table("ledger", [row])})
+        record["attempt"] = attempt
+        return record
 
 
 def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -> dict:

@@ -16,21 +16,24 @@ which is why nnU-Net's own multi-process predict_from_files is not used.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from pingu_dask import store
 from pingu_dask.analyse import Regions, analyse_mask, input_fingerprint, scan_regions
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
-from pingu_dask.imaging import load_volume, read_info, save_nifti
+from pingu_dask.errors import INPUT_ERRORS, InputError, StageFailure
+from pingu_dask.imaging import check_image_data, load_volume, read_info, save_nifti
 from pingu_dask.manifest import Scan
 from pingu_dask.model import Model, load_predictor
 from pingu_dask.regions import ASEG, RegionTable
@@ -38,6 +41,7 @@ from pingu_dask.regions import ASEG, RegionTable
 # Readers whose arrays are the NIfTI array with the axes reversed (SimpleITK order).
 TRANSPOSING_READERS = {"SimpleITKIO", "NibabelIO"}
 
+F = TypeVar("F", bound=Callable[..., Any])
 _lock = threading.Lock()
 _predictors: dict[tuple[str, InferenceSettings], Any] = {}
 _plans: dict[str, Any] = {}
@@ -151,15 +155,47 @@ class Predicted:
     workers: dict[str, str]
 
 
-def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
-    """Read the scan's channels with the model's reader and run nnU-Net preprocessing.
+def stage(name: str) -> Callable[[F], F]:
+    """Wrap a stage so that any error reaches the driver as a StageFailure.
 
-    The parcellation is brought onto the image grid here too, before the GPU stage,
-    so that an unusable one fails the scan without wasting an inference slot.
+    It records the stage, the worker and whether a retry can help (see errors.py).
+    """
+
+    def wrap(function: F) -> F:
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                retryable = not isinstance(error, INPUT_ERRORS)
+                raise StageFailure(
+                    name, _worker_name(), type(error).__name__, str(error), retryable
+                ) from error
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+@stage("preprocess")
+def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
+    """Check the scan's images, then read them with the model's reader and preprocess.
+
+    Every channel is read in full first (check_image_data): nnU-Net would accept a
+    truncated file, NaN voxels or an empty image without a word. The parcellation is
+    brought onto the image grid here too, before the GPU stage, so that an unusable
+    one fails the scan without taking an inference slot.
     """
     started = time.perf_counter()
     model = pipeline.model
-    info = read_info(scan.channel(model.channels[0]))
+    infos = [check_image_data(scan.channel(column)) for column in model.channels]
+    info = infos[0]
+    for column, other in zip(model.channels[1:], infos[1:], strict=True):
+        if other.shape[:3] != info.shape[:3]:
+            raise InputError(
+                f"channels {model.channels[0]} {info.shape[:3]} and {column} "
+                f"{other.shape[:3]} have different shapes"
+            )
     regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.clusters)
     plan = model_plan(model)
     preprocessor = plan.configuration.preprocessor_class(verbose=False)
@@ -172,6 +208,7 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     return Preprocessed(scan.scan_id, data, properties, regions, seconds, _worker_name())
 
 
+@stage("predict")
 def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
     """Sliding-window logits on this worker's cached predictor (one at a time per worker)."""
     import torch
@@ -191,6 +228,7 @@ def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
     )
 
 
+@stage("finish")
 def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
     """Logits -> mask on the scan's grid -> clusters, regions, metrics; store the mask.
 

@@ -3,7 +3,7 @@
     OUT/run.json          provenance: tool version, model fingerprint, settings, manifest
     OUT/masks.zarr/       Zarr v3; one group per scan id with array `pvs` (uint8 0/1) and
                           attrs affine, spacing, shape, fingerprints; `complete` written last
-    OUT/tables/NAME/      Parquet parts (regions, clusters, evaluation), fixed schemas
+    OUT/tables/NAME/      Parquet parts (regions, clusters, evaluation, ledger): tables.py
     OUT/nifti/            optional masks, sub-X[_ses-Y]_desc-pvs_mask.nii.gz
 
 Workers write masks (each scan its own group, so writers never share a file); the
@@ -19,94 +19,22 @@ import os
 import re
 import shutil
 import time
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from pingu_dask import __version__
 from pingu_dask.manifest import Scan
+from pingu_dask.tables import SCHEMAS, TABLES
 
 MASKS = "masks.zarr"
-TABLES = "tables"
 NIFTI = "nifti"
 RUN_JSON = "run.json"
 MASK_ARRAY = "pvs"
 CHUNK = 64  # voxels per chunk side; one shard holds a whole mask (one file per scan)
 LAYOUT_VERSION = 1
-
-_SCAN = [
-    ("scan_id", pa.string()),
-    ("subject", pa.string()),
-    ("session", pa.string()),
-    ("site", pa.string()),
-]
-_STATISTICS = [
-    (f"{name}_volume_mm3", pa.float64()) for name in ("total", "mean", "median", "sd", "min", "max")
-]
-SCHEMAS: dict[str, pa.Schema] = {
-    "regions": pa.schema(
-        [
-            *_SCAN,
-            ("region", pa.string()),
-            ("n_clusters", pa.int64()),
-            ("n_voxels", pa.int64()),
-            *_STATISTICS,
-        ]
-    ),
-    "clusters": pa.schema(
-        [
-            ("scan_id", pa.string()),
-            ("cluster", pa.int64()),
-            ("region", pa.string()),
-            ("n_voxels", pa.int64()),
-            ("volume_mm3", pa.float64()),
-            ("centroid_x_mm", pa.float64()),
-            ("centroid_y_mm", pa.float64()),
-            ("centroid_z_mm", pa.float64()),
-            ("length_mm", pa.float64()),
-            ("width_mm", pa.float64()),
-        ]
-    ),
-    "evaluation": pa.schema(
-        [
-            *_SCAN,
-            ("region", pa.string()),
-            ("voxel_dice", pa.float64()),
-            ("cluster_precision", pa.float64()),
-            ("cluster_recall", pa.float64()),
-            ("cluster_f1", pa.float64()),
-            ("n_predicted_clusters", pa.int64()),
-            ("n_reference_clusters", pa.int64()),
-            ("predicted_voxels", pa.int64()),
-            ("reference_voxels", pa.int64()),
-        ]
-    ),
-}
-
-
-def scan_columns(scan: Scan) -> dict[str, str | None]:
-    """The identifying columns every per-scan table row starts with."""
-    return {
-        "scan_id": scan.scan_id,
-        "subject": scan.subject,
-        "session": scan.session,
-        "site": scan.site,
-    }
-
-
-def to_table(name: str, rows: list[dict] | Mapping[str, object]) -> pa.Table:
-    """Rows (list of dicts) or columns (mapping) -> a table with the fixed schema `name`."""
-    schema = SCHEMAS[name]
-    if isinstance(rows, Mapping):
-        return pa.Table.from_pydict({f: rows[f] for f in schema.names}, schema=schema)
-    return pa.Table.from_pylist(rows, schema=schema)
-
 
 # --- layout (driver) -----------------------------------------------------------------
 
@@ -121,6 +49,14 @@ def prepare_output(out: Path) -> None:
     root = zarr.open_group(out / MASKS, mode="a", zarr_format=3)
     if "layout" not in root.attrs:
         root.attrs.update({"layout": LAYOUT_VERSION, "created_by": f"pingu-dask {__version__}"})
+
+
+def reset_output(out: Path) -> None:
+    """Remove what a run wrote into OUT (for --force); other files are left alone."""
+    out = Path(out)
+    for name in (MASKS, TABLES, NIFTI):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / RUN_JSON).unlink(missing_ok=True)
 
 
 def write_json(path: Path, document: dict) -> None:
@@ -239,86 +175,3 @@ def _bids_label(value: str | None, prefix: str) -> str | None:
         return None
     value = value[len(prefix) :] if value.startswith(prefix) else value
     return value if BIDS_LABEL.fullmatch(value) else None
-
-
-# --- tables (driver) -----------------------------------------------------------------
-
-
-class TableWriter:
-    """Buffers table rows from finished scans and writes them as Parquet parts.
-
-    A part is written every `every_scans` scans or `every_seconds` seconds (whichever
-    comes first) and at close, so a crashed driver loses at most that tail, and those
-    scans are simply redone on resume.
-    """
-
-    def __init__(self, out: Path, every_scans: int = 50, every_seconds: float = 10.0) -> None:
-        self.out = Path(out)
-        self.every_scans = every_scans
-        self.every_seconds = every_seconds
-        self._buffers: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
-        self._scans = 0
-        self._last_flush = time.monotonic()
-        self._sequence = 0
-        self.parts_written = 0
-
-    def add(self, tables: Mapping[str, pa.Table | None]) -> None:
-        """Add one scan's tables (by name); flush when the buffer is due."""
-        for name, table in tables.items():
-            if table is not None and table.num_rows:
-                self._buffers[name].append(table)
-        self._scans += 1
-        due = time.monotonic() - self._last_flush >= self.every_seconds
-        if self._scans >= self.every_scans or due:
-            self.flush()
-
-    def flush(self) -> None:
-        for name, tables in self._buffers.items():
-            if tables:
-                self._write_part(name, pa.concat_tables(tables))
-                tables.clear()
-        self._scans = 0
-        self._last_flush = time.monotonic()
-
-    def _write_part(self, name: str, table: pa.Table) -> None:
-        folder = self.out / TABLES / name
-        folder.mkdir(parents=True, exist_ok=True)
-        self._sequence += 1
-        stem = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{self._sequence:05d}"
-        temporary = folder / f".{stem}.tmp"
-        pq.write_table(table, temporary, compression="zstd")
-        os.replace(temporary, folder / f"{stem}.parquet")
-        self.parts_written += 1
-
-    def close(self) -> None:
-        self.flush()
-
-    def __enter__(self) -> TableWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def replace_table(out: Path, name: str, table: pa.Table) -> None:
-    """Make `table` the whole of OUT/tables/NAME (e.g. a re-run evaluation), atomically enough:
-    the new part is written in a hidden folder, which then takes the old folder's place.
-    """
-    folder = Path(out) / TABLES / name
-    fresh = folder.with_name(f".{name}-new-{uuid.uuid4().hex[:8]}")
-    fresh.mkdir(parents=True)
-    pq.write_table(table.cast(SCHEMAS[name]), fresh / "part-00000.parquet", compression="zstd")
-    old = folder.with_name(f".{name}-old-{uuid.uuid4().hex[:8]}")
-    if folder.exists():
-        folder.rename(old)
-    fresh.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_table(out: Path, name: str) -> pd.DataFrame:
-    """One table of OUT as a pandas DataFrame (empty, with its columns, when no parts)."""
-    schema = SCHEMAS[name]
-    folder = Path(out) / TABLES / name
-    if not folder.is_dir() or not any(folder.glob("*.parquet")):
-        return schema.empty_table().to_pandas()
-    return ds.dataset(folder, format="parquet", schema=schema).to_table().to_pandas()

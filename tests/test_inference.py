@@ -23,7 +23,7 @@ import torch
 from distributed import Client
 
 import pingu_dask
-from pingu_dask import stages, store
+from pingu_dask import stages, store, tables
 from pingu_dask.cluster import local_cluster
 from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.manifest import load_manifest
@@ -169,11 +169,11 @@ def test_dask_stages_write_masks_on_the_original_grid(dask_run, cohort: Path) ->
 def test_the_pipeline_writes_regions_clusters_and_evaluation(dask_run) -> None:
     out, model, records, _ = dask_run
     results = pingu_dask.open_results(out)
-    regions = store.read_table(out, "regions")
+    regions = tables.read_table(out, "regions")
     assert sorted(set(regions.scan_id)) == sorted(r["scan_id"] for r in records)
     assert len(regions) == 3 * (len(ASEG.names) + 2)
     whole = regions[regions.region == "whole_brain"].set_index("scan_id")
-    clusters = store.read_table(out, "clusters")
+    clusters = tables.read_table(out, "clusters")
     for record in records:
         scan_id = record["scan_id"]
         assert whole.loc[scan_id, "n_clusters"] == record["n_clusters"]
@@ -201,12 +201,12 @@ def test_evaluate_command_reproduces_the_pipeline_figures(
     from pingu_dask.cli import main
 
     out = dask_run[0]
-    before = store.read_table(out, "evaluation").sort_values(["scan_id", "region"])
+    before = tables.read_table(out, "evaluation").sort_values(["scan_id", "region"])
     manifest = str(cohort / "manifest.csv")
     result = CliRunner().invoke(main, ["evaluate", str(out), "--manifest", manifest, "-w", "1"])
     assert result.exit_code == 0, result.output
     assert "Evaluation of" in result.output and "all" in result.output
-    after = store.read_table(out, "evaluation").sort_values(["scan_id", "region"])
+    after = tables.read_table(out, "evaluation").sort_values(["scan_id", "region"])
     assert len(after) == len(before)  # replaced, not appended
     pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True))
     # The same masks as a NIfTI folder give the same numbers.
@@ -335,8 +335,8 @@ def test_run_command_writes_provenance_and_uses_a_user_region_table(
     assert run["regions"] == {"table": "deep", "regions": {"deep_grey": [10, 11, 12, 13, 26]}}
     assert run["inference"]["tta"] is False and run["n_ok"] == 1 and run["finished"]
     assert len(run["manifest"]["sha256"]) == 64
-    regions = store.read_table(out, "regions")
+    regions = tables.read_table(out, "regions")
     assert regions.region.tolist() == ["deep_grey", "other", "whole_brain"]
-    assert store.read_table(out, "clusters")["n_voxels"].min() >= 8
+    assert tables.read_table(out, "clusters")["n_voxels"].min() >= 8
     assert "Evaluation against the reference masks" in result.output
     assert "whole brain" in result.output

@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 import pingu_dask
-from pingu_dask import store
+from pingu_dask import store, tables
 from pingu_dask.analyse import Regions, analyse_mask
 from pingu_dask.config import ClusterSettings
 from pingu_dask.manifest import Scan
@@ -44,7 +44,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("out")
     store.prepare_output(out)
     scans = [make_scan("s1", "A", "01"), make_scan("s2", "A", "02"), make_scan("s3", "B")]
-    with store.TableWriter(out, every_scans=2) as writer:
+    with tables.TableWriter(out, every_scans=2) as writer:
         for seed, scan in enumerate(scans):
             mask, parcellation = fake_mask(seed)
             regions = Regions(ASEG.index_map(parcellation), None)
@@ -89,25 +89,25 @@ def test_a_rewritten_mask_is_incomplete_until_done(out: Path, tmp_path: Path) ->
 
 def test_tables_have_fixed_schemas_and_are_written_in_parts(out: Path) -> None:
     for name in ("regions", "clusters"):
-        parts = sorted((out / store.TABLES / name).iterdir())
+        parts = sorted((out / tables.TABLES / name).iterdir())
         assert len(parts) == 2  # every 2 scans, then the rest at close
         assert all(p.name.startswith("part-") and p.suffix == ".parquet" for p in parts)
-        assert pq.read_schema(parts[0]).remove_metadata().equals(store.SCHEMAS[name])
-    regions = store.read_table(out, "regions")
+        assert pq.read_schema(parts[0]).remove_metadata().equals(tables.SCHEMAS[name])
+    regions = tables.read_table(out, "regions")
     assert len(regions) == 3 * (len(ASEG.names) + 2)  # each region, other, whole_brain
     assert set(regions["site"]) == {"A", "B"}
     whole = regions[regions.region == "whole_brain"].set_index("scan_id")
-    clusters = store.read_table(out, "clusters")
+    clusters = tables.read_table(out, "clusters")
     assert whole["n_clusters"].to_dict() == clusters.groupby("scan_id").size().to_dict()
-    assert store.read_table(out, "evaluation").empty
-    assert list(store.read_table(out, "evaluation").columns) == store.SCHEMAS["evaluation"].names
+    assert tables.read_table(out, "evaluation").empty
+    assert list(tables.read_table(out, "evaluation").columns) == tables.SCHEMAS["evaluation"].names
 
 
 def test_pandas_and_duckdb_read_the_tables(out: Path) -> None:
     import duckdb
 
-    with_pandas = pd.read_parquet(out / store.TABLES / "regions")
-    glob = str(out / store.TABLES / "regions" / "*.parquet")
+    with_pandas = pd.read_parquet(out / tables.TABLES / "regions")
+    glob = str(out / tables.TABLES / "regions" / "*.parquet")
     query = f"SELECT sum(n_clusters) FROM read_parquet('{glob}') WHERE region = 'whole_brain'"
     [(total,)] = duckdb.connect().execute(query).fetchall()
     assert total == with_pandas.query("region == 'whole_brain'")["n_clusters"].sum() > 0
@@ -119,7 +119,7 @@ def test_open_results_gives_xarray_objects(out: Path) -> None:
     dataset = results.regions
     assert dict(dataset.sizes) == {"scan_id": 3, "region": len(ASEG.names) + 2}
     assert dataset["site"].sel(scan_id="s3").item() == "B"
-    table = store.read_table(out, "regions").set_index(["scan_id", "region"])
+    table = tables.read_table(out, "regions").set_index(["scan_id", "region"])
     assert (
         dataset["total_volume_mm3"].sel(scan_id="s2", region="white_matter").item()
         == table.loc[("s2", "white_matter"), "total_volume_mm3"]
@@ -156,11 +156,11 @@ def test_nifti_names_follow_bids_where_they_are_unique() -> None:
 
 
 def test_replace_table_leaves_one_copy(out: Path, tmp_path: Path) -> None:
-    table = store.read_table(out, "regions")
+    table = tables.read_table(out, "regions")
     import pyarrow as pa
 
-    rows = pa.Table.from_pandas(table, schema=store.SCHEMAS["regions"], preserve_index=False)
-    store.replace_table(tmp_path, "regions", rows)
-    store.replace_table(tmp_path, "regions", rows)
-    assert len(store.read_table(tmp_path, "regions")) == len(table)
-    assert [p.name for p in (tmp_path / store.TABLES).iterdir()] == ["regions"]
+    rows = pa.Table.from_pandas(table, schema=tables.SCHEMAS["regions"], preserve_index=False)
+    tables.replace_table(tmp_path, "regions", rows)
+    tables.replace_table(tmp_path, "regions", rows)
+    assert len(tables.read_table(tmp_path, "regions")) == len(table)
+    assert [p.name for p in (tmp_path / tables.TABLES).iterdir()] == ["regions"]

@@ -5,7 +5,8 @@ prints the outcome with rich. Exit codes: 0 success, 1 the work found problems (
 invalid manifest, failed scans), 2 wrong usage (click's own convention).
 
     data.py      synth, validate
-    run.py       run, demo
+    run.py       run, status, demo
+    progress.py  the progress bar, per-scan table and status summary
     evaluate.py  evaluate
     common.py    the console, shared options and printing helpers
 """
@@ -26,7 +27,8 @@ def main() -> None:
 def _register() -> None:
     from pingu_dask.cli import data, evaluate, run
 
-    for command in (data.synth, data.validate, run.run, evaluate.evaluate, run.demo):
+    commands = (data.synth, data.validate, run.run, run.status, evaluate.evaluate, run.demo)
+    for command in commands:
         main.add_command(command)
 
 

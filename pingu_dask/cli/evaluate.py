@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import pyarrow as pa
 
-from pingu_dask import store
+from pingu_dask import store, tables
 from pingu_dask.cli.common import (
     cluster_options,
     cluster_settings,
@@ -84,8 +84,8 @@ def evaluate(
         raise SystemExit(1)
     evaluation = pa.concat_tables(rows)
     if is_run:
-        store.replace_table(source, "evaluation", evaluation)
-        console.print(f"evaluation table: {source / store.TABLES / 'evaluation'}")
+        tables.replace_table(source, "evaluation", evaluation)
+        console.print(f"evaluation table: {source / tables.TABLES / 'evaluation'}")
     if save:
         import pyarrow.parquet as pq
 

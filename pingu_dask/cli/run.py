@@ -1,28 +1,37 @@
-"""`pingu-dask run` (a cohort through the model) and `pingu-dask demo` (on synthetic data)."""
+"""`pingu-dask run` (a cohort through the model), `demo` (on synthetic data), `status`."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from pingu_dask import store
+from pingu_dask import cohort
 from pingu_dask.cli.common import (
     cluster_options,
     cluster_settings,
     console,
-    print_evaluation,
     print_report,
     region_table,
     split,
 )
 from pingu_dask.cli.data import print_cohort
+from pingu_dask.cli.progress import (
+    PER_SCAN_LINES_UP_TO,
+    ProgressBar,
+    print_scan_table,
+    print_status,
+)
+from pingu_dask.cohort import RunOutcome, RunRefused, RunRequest
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
+from pingu_dask.ledger import ResumePlan
+from pingu_dask.lock import LockedError
 from pingu_dask.manifest import load_manifest
 from pingu_dask.model import ModelError, resolve_model
 from pingu_dask.regions import RegionTable
+from pingu_dask.stages import Pipeline
 from pingu_dask.synth import generate_cohort
 
 MODEL_CHOICES = (
@@ -60,6 +69,12 @@ MODEL_CHOICES = (
 )
 @click.option("--device", default=None, help="auto (default), cpu, cuda or cuda:N.")
 @click.option(
+    "--cluster",
+    default="local",
+    show_default=True,
+    help="local (worker processes on this machine) or a scheduler address, tcp://HOST:PORT.",
+)
+@click.option(
     "--workers",
     "-w",
     default=1,
@@ -74,7 +89,17 @@ MODEL_CHOICES = (
     help="Torch threads per worker (default: cores / workers).",
 )
 @click.option(
-    "--skip-invalid", is_flag=True, help="Run the valid rows of a manifest with problems."
+    "--retries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Retries per scan after a worker death, out of memory or I/O error (default 2). "
+    "Input errors are never retried.",
+)
+@click.option("--force", is_flag=True, help="Delete earlier results in OUT and start afresh.")
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Run the valid rows of a manifest with problems (the others get ledger rows).",
 )
 @cluster_options
 @click.option(
@@ -92,8 +117,11 @@ def run(
     tta: bool | None,
     step_size: float | None,
     device: str | None,
+    cluster: str,
     workers: int,
     torch_threads: int | None,
+    retries: int | None,
+    force: bool,
     skip_invalid: bool,
     regions_spec: str | None,
     connectivity: str | None,
@@ -102,10 +130,12 @@ def run(
     exclude: str | None,
     nifti: bool,
 ) -> None:
-    """Segment every scan of MANIFEST with an nnU-Net model on a local Dask cluster.
+    """Segment every scan of MANIFEST with an nnU-Net model on a Dask cluster.
 
-    Writes OUT/masks.zarr, OUT/tables/{regions,clusters,evaluation} (Parquet),
-    OUT/run.json and, unless --no-nifti, OUT/nifti.
+    Writes OUT/masks.zarr, OUT/tables/{regions,clusters,evaluation,ledger} (Parquet),
+    OUT/run.json and, unless --no-nifti, OUT/nifti. Running the same command again
+    resumes: finished scans are skipped, failed and unfinished ones are redone.
+    Exit code 0 when every scan is done, 1 when any failed or was invalid.
     """
     if model_spec is None:
         raise click.UsageError(MODEL_CHOICES)
@@ -117,19 +147,32 @@ def run(
         device=device,
         torch_threads=torch_threads or max(1, available_cores() // workers),
     )
-    clusters = cluster_settings(connectivity, min_cluster_voxels, min_cluster_mm3, exclude)
-    records = run_cohort(
-        manifest,
-        out,
-        model_spec,
-        settings,
-        workers,
-        skip_invalid,
-        clusters=clusters,
+    options = RunOptions(
+        clusters=cluster_settings(connectivity, min_cluster_voxels, min_cluster_mm3, exclude),
         regions=region_table(regions_spec),
         nifti=nifti,
+        cluster=cluster,
+        workers=workers,
+        retries=retries,
+        force=force,
+        skip_invalid=skip_invalid,
     )
-    raise SystemExit(0 if all(r["status"] == "ok" for r in records) else 1)
+    outcome = run_cohort(manifest, out, model_spec, settings, options)
+    raise SystemExit(0 if outcome.ok else 1)
+
+
+@dataclass
+class RunOptions:
+    """The `run` options beyond the model and inference settings."""
+
+    clusters: ClusterSettings | None = None
+    regions: RegionTable | None = None
+    nifti: bool = True
+    cluster: str = "local"
+    workers: int = 1
+    retries: int | None = None
+    force: bool = False
+    skip_invalid: bool = False
 
 
 def run_cohort(
@@ -137,19 +180,10 @@ def run_cohort(
     out: Path,
     model_spec: str,
     settings: InferenceSettings,
-    workers: int,
-    skip_invalid: bool = False,
-    clusters: ClusterSettings | None = None,
-    regions: RegionTable | None = None,
-    nifti: bool = True,
-) -> list[dict]:
-    """Resolve the model, validate the manifest against its channels, run, print a summary."""
-    from distributed import Client
-
-    from pingu_dask.cluster import local_cluster
-    from pingu_dask.runner import provenance, segment_cohort
-    from pingu_dask.stages import Pipeline
-
+    options: RunOptions | None = None,
+) -> RunOutcome:
+    """Resolve the model, validate the manifest, run or resume, print progress and a summary."""
+    options = options or RunOptions()
     try:
         model = resolve_model(model_spec, settings.folds, settings.checkpoint)
     except ModelError as error:
@@ -160,86 +194,63 @@ def run_cohort(
     )
     report = load_manifest(manifest, model.channels)
     print_report(report)
-    if not report.ok and not skip_invalid:
+    if not report.ok and not options.skip_invalid:
         console.print("[red]fix the manifest, or pass --skip-invalid to run the valid rows[/red]")
         raise SystemExit(1)
     pipeline = Pipeline(
         model,
         settings,
         Path(out),
-        clusters or ClusterSettings.from_config(),
-        regions or region_table(None),
-        write_nifti=nifti,
+        options.clusters or ClusterSettings.from_config(),
+        options.regions or region_table(None),
+        write_nifti=options.nifti,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    run_info = provenance(pipeline, manifest, len(report.scans))
-    store.write_json(out / store.RUN_JSON, run_info)
-    started = time.perf_counter()
-    cluster = local_cluster(n_workers=workers, torch_threads=settings.torch_threads)
-    with cluster, Client(cluster) as client:
-        console.print(f"{workers} worker(s); Dask dashboard: {client.dashboard_link}")
-        records = segment_cohort(client, report.scans, pipeline, on_record=_print_progress)
-    run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    run_info["n_ok"] = sum(r["status"] == "ok" for r in records)
-    store.write_json(out / store.RUN_JSON, run_info)
-    _print_results(records, time.perf_counter() - started, out)
-    evaluation = store.read_table(out, "evaluation")
-    if len(evaluation):
-        print_evaluation(evaluation, f"Evaluation against the reference masks ({out})")
-    return records
+    request = RunRequest(
+        report, pipeline, options.cluster, options.workers, options.retries, options.force
+    )
+    bar = ProgressBar(0)
 
-
-def _print_progress(record: dict) -> None:
-    if record["status"] == "ok":
-        console.print(
-            f"  {record['scan_id']}: {record['n_clusters']} PVS clusters, "
-            f"{record['volume_mm3']:.0f} mm³"
+    def on_start(outcome: RunOutcome, plan: ResumePlan) -> None:
+        where = (
+            f"{options.workers} local worker(s)"
+            if options.cluster == "local"
+            else (f"scheduler {options.cluster}")
         )
-    else:
+        console.print(f"{where}; Dask dashboard: {outcome.dashboard}")
+        if plan.done or plan.redo:
+            console.print(
+                f"resuming: {len(plan.done)} scans done earlier are skipped, "
+                f"{len(plan.todo)} to do ({len(plan.redo)} of them changed since)"
+            )
+        bar.total = len(plan.todo)
+        bar.bar.update(bar.task, total=len(plan.todo))
+        bar.__enter__()
+
+    try:
+        outcome = cohort.run_cohort(request, on_start=on_start, on_progress=bar.update)
+    except (LockedError, RunRefused) as error:
+        console.print(f"[red]{error}[/red]", soft_wrap=True)
+        raise SystemExit(1) from error
+    except KeyboardInterrupt:
+        bar.__exit__(None, None, None)
         console.print(
-            f"  [red]{record['scan_id']} failed[/red] ({record['error_type']}): "
-            f"{record['message']}",
-            soft_wrap=True,
+            "[yellow]interrupted: in-flight scans cancelled, finished ones saved; "
+            "run the same command again to resume[/yellow]"
         )
-
-
-def _print_results(records: list[dict], seconds: float, out: Path) -> None:
-    done = [r for r in records if r["status"] == "ok"]
-    table = Table(
-        title="Segmented scans",
-        caption="PVS: clusters after the size filter; mm³: PVS volume; s: seconds per "
-        "stage; truth / Dice / cluster F1: against the manifest's reference mask",
-    )
-    with_reference = any("voxel_dice" in r for r in done)
-    headings = ["scan", "PVS", "mm³", "s: pre/pred/fin"]
-    if with_reference:
-        headings += ["truth PVS", "Dice", "cluster F1"]
-    for heading in headings:
-        table.add_column(heading)
-    for r in sorted(done, key=lambda r: r["scan_id"]):
-        s = r["seconds"]
-        row = [
-            r["scan_id"],
-            str(r["n_clusters"]),
-            f"{r['volume_mm3']:.0f}",
-            f"{s['preprocess']:.1f} / {s['predict']:.1f} / {s['finish']:.1f}",
-        ]
-        if with_reference:
-            row += [
-                str(r.get("reference_clusters", "")),
-                f"{r.get('voxel_dice', float('nan')):.3f}",
-                f"{r.get('cluster_f1', float('nan')):.3f}",
-            ]
-        table.add_row(*row)
-    console.print(table)
-    rate = len(done) / seconds * 60 if seconds else 0.0
+        raise SystemExit(130) from None
+    finally:
+        bar.__exit__(None, None, None)
+    if len(outcome.records) <= PER_SCAN_LINES_UP_TO:
+        print_scan_table(outcome.records)
+    done = sum(r["status"] == "ok" for r in outcome.records)
+    rate = done / outcome.seconds * 60 if outcome.seconds else 0.0
     console.print(
-        f"{len(done)} of {len(records)} scans segmented in {seconds:.1f} s ({rate:.1f} scans/min)"
+        f"this run: {done} of {len(outcome.records)} scans segmented in "
+        f"{outcome.seconds:.1f} s ({rate:.1f} scans/min)"
+        + (f"; {outcome.done_before} were done before" if outcome.done_before else "")
     )
-    console.print(
-        f"outputs: masks {out / store.MASKS}, tables {out / store.TABLES} "
-        f"(regions, clusters, evaluation), provenance {out / store.RUN_JSON}"
-    )
+    print_status(Path(out))
+    return outcome
 
 
 @click.command()
@@ -257,6 +268,18 @@ def demo(out: Path, n_scans: int, seed: int, workers: int) -> None:
         tta=False, torch_threads=max(1, available_cores() // workers)
     )
     console.print("demo model, test-time augmentation off (CPU-friendly)")
-    results = run_cohort(cohort / "manifest.csv", out, "demo", settings, workers)
-    if not all(r["status"] == "ok" for r in results):
+    outcome = run_cohort(
+        cohort / "manifest.csv", out, "demo", settings, RunOptions(workers=workers)
+    )
+    if not outcome.ok:
         raise SystemExit(1)
+
+
+@click.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def status(out: Path) -> None:
+    """Where a run in OUT stands, from its ledger (also while it is running).
+
+    Exit code 0 when every scan of the manifest is done, 1 otherwise.
+    """
+    raise SystemExit(0 if print_status(out) else 1)

@@ -1,0 +1,153 @@
+"""A whole `pingu-dask run`: lock, provenance, resume plan, cluster, runner, run.json.
+
+The CLI parses options into a RunRequest and calls run_cohort; tests and notebooks
+can do the same. Printing is left to the caller's callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pingu_dask import ledger, store, tables
+from pingu_dask.lock import OutputLock
+from pingu_dask.manifest import ManifestReport
+from pingu_dask.runner import Progress, provenance, segment_cohort
+from pingu_dask.stages import Pipeline
+
+
+class RunRefused(RuntimeError):
+    """The run cannot start as asked (another run, or different settings in OUT)."""
+
+
+@dataclass
+class RunRequest:
+    report: ManifestReport  # the validated manifest
+    pipeline: Pipeline
+    cluster: str = "local"  # local, or the address of a running scheduler
+    workers: int = 1
+    retries: int | None = None
+    force: bool = False
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    records: list[dict] = field(default_factory=list)
+    done_before: int = 0
+    redone: int = 0
+    invalid: int = 0
+    seconds: float = 0.0
+    dashboard: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.invalid == 0 and all(r["status"] == ledger.OK for r in self.records)
+
+
+def check_settings(out: Path, pipeline: Pipeline, force: bool) -> None:
+    """Refuse to mix outputs of different models or settings in one OUT (unless force)."""
+    previous = store.read_run_json(out)
+    if previous is None:
+        return
+    if force:
+        store.reset_output(out)
+        return
+    if previous.get("pipeline_fingerprint") != pipeline.fingerprint():
+        mine = provenance(pipeline, None, 0)
+        differences = [
+            key
+            for key in ("model", "inference", "clusters", "regions")
+            if _comparable(previous.get(key), key) != _comparable(mine[key], key)
+        ]
+        raise RunRefused(
+            f"{out} holds results of another model or other settings "
+            f"(different: {', '.join(differences) or 'pipeline fingerprint'}). "
+            "Use another --out, or --force to delete those results and start afresh."
+        )
+
+
+def _comparable(section, key: str):
+    section = json.loads(json.dumps(section))  # tuples -> lists, as run.json holds them
+    if key == "model" and section:
+        return section.get("fingerprint")
+    if key == "inference" and section:
+        return {k: v for k, v in section.items() if k not in ("device", "torch_threads")}
+    return section
+
+
+def run_cohort(
+    request: RunRequest,
+    on_start: Callable[[RunOutcome, ledger.ResumePlan], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunOutcome:
+    """Run (or resume) a cohort into request.pipeline.out; see the module docstring."""
+    pipeline = request.pipeline
+    out = Path(pipeline.out)
+    out.mkdir(parents=True, exist_ok=True)
+    outcome = RunOutcome(run_id=uuid.uuid4().hex[:12])
+    with OutputLock(out):
+        check_settings(out, pipeline, request.force)
+        store.prepare_output(out)
+        tables.remove_orphan_parts(out)
+        plan = ledger.plan_resume(out, request.report.scans, pipeline.fingerprint())
+        tables.drop_scans(out, plan.redo)
+        outcome.done_before, outcome.redone = len(plan.done), len(plan.redo)
+        invalid = ledger.invalid_rows(request.report.problems, outcome.run_id)
+        outcome.invalid = len(invalid)
+        run_info = store.read_run_json(out) or provenance(
+            pipeline, request.report.path, len(request.report.scans)
+        )
+        run_info["n_scans"] = len(request.report.scans)
+        run_info["manifest"] = provenance(pipeline, request.report.path, 0)["manifest"]
+        run_info.setdefault("runs", []).append(
+            {"run_id": outcome.run_id, "started": _now(), "finished": None, "to_do": len(plan.todo)}
+        )
+        store.write_json(out / store.RUN_JSON, run_info)
+        started = time.perf_counter()
+        try:
+            with _client(request) as client:
+                outcome.dashboard = client.dashboard_link
+                if on_start:
+                    on_start(outcome, plan)
+                outcome.records = segment_cohort(
+                    client,
+                    plan.todo,
+                    pipeline,
+                    retries=request.retries,
+                    on_progress=on_progress,
+                    run_id=outcome.run_id,
+                    extra_ledger_rows=invalid,
+                )
+        finally:
+            outcome.seconds = time.perf_counter() - started
+            run_info["runs"][-1]["finished"] = _now()
+            run_info["finished"] = _now()
+            store.write_json(out / store.RUN_JSON, run_info)
+    return outcome
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@contextmanager
+def _client(request: RunRequest):
+    from distributed import Client
+
+    from pingu_dask.cluster import local_cluster
+
+    if request.cluster != "local":
+        with Client(request.cluster) as client:
+            yield client
+        return
+    cluster = local_cluster(
+        n_workers=request.workers, torch_threads=request.pipeline.inference.torch_threads
+    )
+    with cluster, Client(cluster) as client:
+        yield client

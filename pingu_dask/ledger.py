@@ -1,0 +1,183 @@
+"""The ledger: one row per attempt at a scan, and what the runner and `status` read from it.
+
+The scheduler forgets everything when it stops, so the ledger (OUT/tables/ledger) is
+what decides, on a rerun, which scans are done. A scan is done when its latest
+attempt is `ok`, its Zarr group is marked complete by the same pipeline (model and
+settings), and its input files are the ones it was made from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from pingu_dask import store, tables
+from pingu_dask.manifest import Problem, Scan
+
+OK, FAILED, INVALID = "ok", "failed", "invalid"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def attempt_row(
+    scan_id: str,
+    site: str | None,
+    status: str,
+    attempt: int,
+    run_id: str,
+    started: datetime,
+    *,
+    record: dict | None = None,
+    error: tuple[str, str, bool, str | None] | None = None,
+    input_fingerprint: str | None = None,
+    pipeline_fingerprint: str | None = None,
+) -> dict:
+    """One ledger row. `record` is a finished scan's record; `error` is errors.describe()."""
+    seconds = (record or {}).get("seconds", {})
+    workers = (record or {}).get("workers", {})
+    error_type, message, retryable, worker = error or (None, None, None, None)
+    return {
+        "scan_id": scan_id,
+        "site": site,
+        "status": status,
+        "error_type": error_type,
+        "message": message,
+        "retryable": retryable,
+        "attempt": attempt,
+        "worker": workers.get("predict") or worker,
+        "seconds_preprocess": seconds.get("preprocess"),
+        "seconds_predict": seconds.get("predict"),
+        "seconds_finish": seconds.get("finish"),
+        "started": started,
+        "finished": now(),
+        "run_id": run_id,
+        "input_fingerprint": input_fingerprint,
+        "pipeline_fingerprint": pipeline_fingerprint,
+    }
+
+
+def invalid_rows(problems: Sequence[Problem], run_id: str) -> list[dict]:
+    """Ledger rows for manifest rows that could not become scans (one per row)."""
+    by_row: dict[int | None, list[Problem]] = {}
+    for problem in problems:
+        by_row.setdefault(problem.row, []).append(problem)
+    rows = []
+    started = now()
+    for row, found in by_row.items():
+        scan_id = next((p.scan_id for p in found if p.scan_id), "") or f"(row {row})"
+        message = "; ".join(str(p) for p in found)
+        error = ("ManifestError", message, False, None)
+        rows.append(attempt_row(scan_id, None, INVALID, 0, run_id, started, error=error))
+    return rows
+
+
+def latest_attempts(out: Path) -> pd.DataFrame:
+    """The ledger's latest row per scan id (by finish time)."""
+    ledger = tables.read_table(out, "ledger")
+    if ledger.empty:
+        return ledger
+    return ledger.sort_values(["finished", "attempt"]).drop_duplicates("scan_id", keep="last")
+
+
+def _group_attrs(out: Path, scan_id: str) -> dict:
+    """A mask group's attributes read straight from its zarr.json (fast at 100k scans)."""
+    try:
+        document = json.loads((Path(out) / store.MASKS / scan_id / "zarr.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return document.get("attributes", {})
+
+
+@dataclass
+class ResumePlan:
+    """What a rerun does with each scan of the manifest."""
+
+    todo: list[Scan] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    redo: list[str] = field(default_factory=list)  # were ok, but inputs or outputs changed
+
+
+def plan_resume(out: Path, scans: Sequence[Scan], pipeline_fingerprint: str) -> ResumePlan:
+    """Split the scans into done and to-do, from the ledger and the Zarr groups."""
+
+    latest = latest_attempts(out)
+    ok = latest[latest.status == OK].set_index("scan_id")["input_fingerprint"].to_dict()
+    plan = ResumePlan()
+    candidates = [scan for scan in scans if scan.scan_id in ok]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        attrs = dict(
+            zip(
+                [s.scan_id for s in candidates],
+                pool.map(lambda s: _group_attrs(out, s.scan_id), candidates),
+                strict=True,
+            )
+        )
+        current = dict(
+            zip(
+                [s.scan_id for s in candidates],
+                pool.map(_safe_fingerprint, candidates),
+                strict=True,
+            )
+        )
+    for scan in scans:
+        if scan.scan_id not in ok:
+            plan.todo.append(scan)
+            continue
+        group = attrs[scan.scan_id]
+        unchanged = (
+            group.get("complete") is True
+            and group.get("pipeline_fingerprint") == pipeline_fingerprint
+            and ok[scan.scan_id] == current[scan.scan_id] == group.get("input_fingerprint")
+        )
+        if unchanged:
+            plan.done.append(scan.scan_id)
+        else:
+            plan.redo.append(scan.scan_id)
+            plan.todo.append(scan)
+    return plan
+
+
+def _safe_fingerprint(scan: Scan) -> str | None:
+    from pingu_dask.analyse import input_fingerprint
+
+    try:
+        return input_fingerprint(scan)
+    except OSError:
+        return None  # a file went missing: redo, and let the scan report it
+
+
+@dataclass
+class LedgerSummary:
+    """What `pingu-dask status` and the end of a run print."""
+
+    counts: dict[str, int]
+    attempts: int
+    retried: int
+    failures: pd.DataFrame  # latest failed / invalid rows
+    scans_per_minute: float | None
+    last_finished: datetime | None
+
+
+def summarise_ledger(out: Path) -> LedgerSummary:
+    ledger = tables.read_table(out, "ledger")
+    latest = latest_attempts(out)
+    counts = latest["status"].value_counts().to_dict() if len(latest) else {}
+    failures = latest[latest.status != OK].sort_values(["error_type", "scan_id"])
+    # Throughput of the latest run only: earlier runs would count the pause in between.
+    latest_run = ledger.sort_values("finished")["run_id"].iloc[-1] if len(ledger) else None
+    ok_rows = ledger[(ledger.status == OK) & (ledger.run_id == latest_run)]
+    rate = None
+    if len(ok_rows) > 1:
+        span = (ok_rows["finished"].max() - ok_rows["started"].min()).total_seconds()
+        rate = len(ok_rows) / span * 60 if span > 0 else None
+    retried = int((ledger.attempt > 1).sum()) if len(ledger) else 0
+    last = ledger["finished"].max() if len(ledger) else None
+    return LedgerSummary(counts, len(ledger), retried, failures, rate, last)

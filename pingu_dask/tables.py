@@ -1,0 +1,258 @@
+"""The Parquet tables of the output directory: fixed schemas, writing in parts, reading.
+
+    OUT/tables/regions/     one row per scan x region
+    OUT/tables/clusters/    one row per cluster
+    OUT/tables/evaluation/  one row per scan x region, for scans with a reference
+    OUT/tables/ledger/      one row per attempt at a scan: what happened and why
+
+Only the driver writes tables. Rows are buffered and written together as one
+"flush": a part file per table, all named after the flush id, the ledger's part
+last. A data part whose flush has no ledger part (the driver died in between) is an
+orphan, removed on the next run, so the tables never hold rows that the ledger does
+not vouch for. Parts are written under a hidden temporary name, then renamed;
+readers (pandas, pyarrow, DuckDB) skip names starting with '.' or '_'.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pingu_dask.manifest import Scan
+
+TABLES = "tables"
+LEDGER = "ledger"
+DATA_TABLES = ("regions", "clusters", "evaluation")
+REPLACED_PART = "part-replaced.parquet"  # written by replace_table, vouched for by itself
+
+_SCAN = [
+    ("scan_id", pa.string()),
+    ("subject", pa.string()),
+    ("session", pa.string()),
+    ("site", pa.string()),
+]
+_STATISTICS = [
+    (f"{name}_volume_mm3", pa.float64()) for name in ("total", "mean", "median", "sd", "min", "max")
+]
+SCHEMAS: dict[str, pa.Schema] = {
+    "regions": pa.schema(
+        [
+            *_SCAN,
+            ("region", pa.string()),
+            ("n_clusters", pa.int64()),
+            ("n_voxels", pa.int64()),
+            *_STATISTICS,
+        ]
+    ),
+    "clusters": pa.schema(
+        [
+            ("scan_id", pa.string()),
+            ("cluster", pa.int64()),
+            ("region", pa.string()),
+            ("n_voxels", pa.int64()),
+            ("volume_mm3", pa.float64()),
+            ("centroid_x_mm", pa.float64()),
+            ("centroid_y_mm", pa.float64()),
+            ("centroid_z_mm", pa.float64()),
+            ("length_mm", pa.float64()),
+            ("width_mm", pa.float64()),
+        ]
+    ),
+    "evaluation": pa.schema(
+        [
+            *_SCAN,
+            ("region", pa.string()),
+            ("voxel_dice", pa.float64()),
+            ("cluster_precision", pa.float64()),
+            ("cluster_recall", pa.float64()),
+            ("cluster_f1", pa.float64()),
+            ("n_predicted_clusters", pa.int64()),
+            ("n_reference_clusters", pa.int64()),
+            ("predicted_voxels", pa.int64()),
+            ("reference_voxels", pa.int64()),
+        ]
+    ),
+    "ledger": pa.schema(
+        [
+            ("scan_id", pa.string()),
+            ("site", pa.string()),
+            ("status", pa.string()),  # ok | failed | invalid
+            ("error_type", pa.string()),
+            ("message", pa.string()),
+            ("retryable", pa.bool_()),
+            ("attempt", pa.int64()),
+            ("worker", pa.string()),
+            ("seconds_preprocess", pa.float64()),
+            ("seconds_predict", pa.float64()),
+            ("seconds_finish", pa.float64()),
+            ("started", pa.timestamp("ms", tz="UTC")),
+            ("finished", pa.timestamp("ms", tz="UTC")),
+            ("run_id", pa.string()),
+            ("input_fingerprint", pa.string()),
+            ("pipeline_fingerprint", pa.string()),
+        ]
+    ),
+}
+
+
+def scan_columns(scan: Scan) -> dict[str, str | None]:
+    """The identifying columns every per-scan table row starts with."""
+    return {
+        "scan_id": scan.scan_id,
+        "subject": scan.subject,
+        "session": scan.session,
+        "site": scan.site,
+    }
+
+
+def to_table(name: str, rows: list[dict] | Mapping[str, object]) -> pa.Table:
+    """Rows (list of dicts) or columns (mapping) -> a table with the fixed schema `name`."""
+    schema = SCHEMAS[name]
+    if isinstance(rows, Mapping):
+        return pa.Table.from_pydict({f: rows[f] for f in schema.names}, schema=schema)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+class TableWriter:
+    """Buffers table rows from finished scans and writes them as Parquet parts.
+
+    A flush happens every `every_scans` scans or `every_seconds` seconds (whichever
+    comes first; the runner calls flush_if_due while it waits) and at close, so a
+    crashed driver loses at most that tail, and those scans are simply redone on
+    resume. Defaults come from the `pingu` config (flush-every-scans / -seconds).
+    """
+
+    def __init__(
+        self, out: Path, every_scans: int | None = None, every_seconds: float | None = None
+    ) -> None:
+        from pingu_dask.config import setting
+
+        self.out = Path(out)
+        self.every_scans = every_scans or int(setting("flush-every-scans"))
+        self.every_seconds = every_seconds or float(setting("flush-every-seconds"))
+        self._buffers: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
+        self._scans = 0
+        self._last_flush = time.monotonic()
+        self.flushes = 0
+
+    def add(self, tables: Mapping[str, pa.Table | None]) -> None:
+        """Add one attempt's tables (by name); flush when the buffer is due."""
+        for name, table in tables.items():
+            if table is not None and table.num_rows:
+                self._buffers[name].append(table)
+        self._scans += 1
+        if self._scans >= self.every_scans:
+            self.flush()
+        else:
+            self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        if self._scans and time.monotonic() - self._last_flush >= self.every_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if any(self._buffers.values()):
+            flush_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+            for name in (*DATA_TABLES, LEDGER):  # the ledger last: it vouches for the rest
+                if self._buffers[name]:
+                    write_part(self.out, name, pa.concat_tables(self._buffers[name]), flush_id)
+                    self._buffers[name].clear()
+            self.flushes += 1
+        self._scans = 0
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_part(out: Path, name: str, table: pa.Table, flush_id: str) -> Path:
+    """Write one part atomically: OUT/tables/NAME/part-FLUSH_ID.parquet."""
+    folder = Path(out) / TABLES / name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part-{flush_id}.parquet"
+    temporary = folder / f".part-{flush_id}.tmp"
+    pq.write_table(table.cast(SCHEMAS[name]), temporary, compression="zstd")
+    os.replace(temporary, path)
+    return path
+
+
+def parts(out: Path, name: str) -> list[Path]:
+    """The visible part files of one table, oldest flush first."""
+    folder = Path(out) / TABLES / name
+    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def remove_orphan_parts(out: Path) -> int:
+    """Delete data parts whose flush has no ledger part (a driver died mid-flush)."""
+    vouched = {p.name for p in parts(out, LEDGER)} | {REPLACED_PART}
+    removed = 0
+    for name in DATA_TABLES:
+        for part in parts(out, name):
+            if part.name not in vouched:
+                part.unlink()
+                removed += 1
+    return removed
+
+
+def drop_scans(out: Path, scan_ids: Iterable[str]) -> int:
+    """Remove every data-table row of these scans (they are about to be redone).
+
+    Only parts that hold such rows are rewritten (same name, atomically), so this
+    costs nothing when no finished scan is redone. Returns the rows removed.
+    """
+    chosen = pa.array(sorted(set(scan_ids)), pa.string())
+    if not len(chosen):
+        return 0
+    removed = 0
+    for name in DATA_TABLES:
+        for part in parts(out, name):
+            table = pq.read_table(part)
+            hit = pc.is_in(table["scan_id"], value_set=chosen)
+            count = pc.sum(hit).as_py() or 0
+            if count:
+                temporary = part.with_name(f".{part.name}.tmp")
+                pq.write_table(table.filter(pc.invert(hit)), temporary, compression="zstd")
+                os.replace(temporary, part)
+                removed += count
+    return removed
+
+
+def replace_table(out: Path, name: str, table: pa.Table) -> None:
+    """Make `table` the whole of OUT/tables/NAME (e.g. a re-run evaluation).
+
+    The new part is written in a hidden folder, which then takes the old folder's place.
+    """
+    folder = Path(out) / TABLES / name
+    fresh = folder.with_name(f".{name}-new-{uuid.uuid4().hex[:8]}")
+    fresh.mkdir(parents=True)
+    pq.write_table(table.cast(SCHEMAS[name]), fresh / REPLACED_PART, compression="zstd")
+    old = folder.with_name(f".{name}-old-{uuid.uuid4().hex[:8]}")
+    if folder.exists():
+        folder.rename(old)
+    fresh.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_table(out: Path, name: str) -> pd.DataFrame:
+    """One table of OUT as a pandas DataFrame (empty, with its columns, when no parts)."""
+    schema = SCHEMAS[name]
+    files = parts(out, name)
+    if not files:
+        return schema.empty_table().to_pandas()
+    return ds.dataset(files, format="parquet", schema=schema).to_table().to_pandas()
