@@ -63,5 +63,7 @@ def local_cluster(
         resources={INFERENCE_RESOURCE: 1},
         memory_limit=memory_limit,
         dashboard_address=dashboard_address,
-        silence_logs=logging.ERROR,
+        # Scan errors are recorded in the ledger with their reasons; the workers'
+        # tracebacks would only bury the progress bar.
+        silence_logs=logging.CRITICAL,
     )

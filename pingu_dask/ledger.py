@@ -79,12 +79,11 @@ def invalid_rows(problems: Sequence[Problem], run_id: str) -> list[dict]:
     return rows
 
 
-def latest_attempts(out: Path) -> pd.DataFrame:
-    """The ledger's latest row per scan id (by finish time)."""
-    ledger = tables.read_table(out, "ledger")
-    if ledger.empty:
-        return ledger
-    return ledger.sort_values(["finished", "attempt"]).drop_duplicates("scan_id", keep="last")
+def latest_attempts(out: Path, ledger: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The latest attempt per scan id (by finish time); invalid manifest rows left out."""
+    ledger = tables.read_table(out, "ledger") if ledger is None else ledger
+    attempts = ledger[ledger.status != INVALID]
+    return attempts.sort_values(["finished", "attempt"]).drop_duplicates("scan_id", keep="last")
 
 
 def _group_attrs(out: Path, scan_id: str) -> dict:
@@ -167,12 +166,16 @@ class LedgerSummary:
 
 
 def summarise_ledger(out: Path) -> LedgerSummary:
+    """Counts by the latest attempt per scan, plus the latest run's invalid manifest rows."""
     ledger = tables.read_table(out, "ledger")
-    latest = latest_attempts(out)
-    counts = latest["status"].value_counts().to_dict() if len(latest) else {}
-    failures = latest[latest.status != OK].sort_values(["error_type", "scan_id"])
-    # Throughput of the latest run only: earlier runs would count the pause in between.
+    latest = latest_attempts(out, ledger)
     latest_run = ledger.sort_values("finished")["run_id"].iloc[-1] if len(ledger) else None
+    invalid = ledger[(ledger.status == INVALID) & (ledger.run_id == latest_run)]
+    counts = latest["status"].value_counts().to_dict() if len(latest) else {}
+    counts[INVALID] = len(invalid)
+    failures = pd.concat([latest[latest.status != OK], invalid])
+    failures = failures.sort_values(["error_type", "scan_id"])
+    # Throughput of the latest run only: earlier runs would count the pause in between.
     ok_rows = ledger[(ledger.status == OK) & (ledger.run_id == latest_run)]
     rate = None
     if len(ok_rows) > 1:

@@ -1,0 +1,304 @@
+"""The cohort runner under faults: killed workers, a killed driver, broken inputs, locks.
+
+Real parts: the bundled demo model, LocalClusters of separate worker processes, and
+the `pingu-dask` command in a subprocess where the driver itself is killed. Inference
+runs with a sliding-window step of 1.0 (no tile overlap) to keep the runs short.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from distributed import Client
+
+from pingu_dask import tables
+from pingu_dask.cli import main
+from pingu_dask.cluster import local_cluster
+from pingu_dask.cohort import RunRefused, check_settings
+from pingu_dask.config import ClusterSettings, InferenceSettings
+from pingu_dask.lock import LockedError, OutputLock, read_lock
+from pingu_dask.manifest import load_manifest
+from pingu_dask.model import resolve_model
+from pingu_dask.runner import segment_cohort
+from pingu_dask.stages import Pipeline
+from pingu_dask.synth import generate_cohort
+
+FAST = InferenceSettings(tta=False, step_size=1.0, device="cpu", torch_threads=1)
+FAST_OPTIONS = ["--model", "demo", "--no-tta", "--step-size", "1.0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def cohort20(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cohort20")
+    generate_cohort(root, n_scans=20, seed=11, jobs=2)
+    return root
+
+
+def absolute_manifest(cohort: Path, target: Path, rows: int | None = None) -> pd.DataFrame:
+    """The cohort's manifest with absolute paths (so it can live anywhere)."""
+    manifest = pd.read_csv(cohort / "manifest.csv", dtype=str)
+    manifest = manifest.head(rows) if rows else manifest
+    for column in ("t1w", "parcellation", "reference"):
+        manifest[column] = [str(cohort / p) for p in manifest[column]]
+    manifest.to_csv(target, index=False)
+    return manifest
+
+
+def whole_brain_rows(out: Path) -> pd.Series:
+    regions = tables.read_table(out, "regions")
+    return regions[regions.region == "whole_brain"]["scan_id"].value_counts()
+
+
+def test_a_worker_killed_mid_run_is_survived(cohort20: Path, tmp_path: Path) -> None:
+    scans = load_manifest(cohort20 / "manifest.csv").scans
+    out = tmp_path / "out"
+    pipeline = Pipeline(resolve_model("demo"), FAST, out)
+    killed: list[str] = []
+    cluster = local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1)
+    with cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+
+        def kill_one_worker(progress) -> None:
+            if progress.done >= 3 and not killed:
+                address, pid = sorted(pids.items())[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(address)
+
+        records = segment_cohort(client, scans, pipeline, on_progress=kill_one_worker)
+    assert killed
+    assert sorted(r["scan_id"] for r in records) == sorted(s.scan_id for s in scans)
+    assert all(r["status"] == "ok" for r in records)
+    counts = whole_brain_rows(out)
+    assert len(counts) == 20 and set(counts) == {1}  # every scan exactly once
+    ledger = tables.read_table(out, "ledger")
+    assert (ledger.status == "ok").sum() == 20
+    retried = ledger[ledger.status == "failed"]
+    assert len(retried) >= 1
+    assert set(retried.error_type) == {"KilledWorker"} and retried.retryable.all()
+    assert "worker process died" in retried.message.iloc[0]
+    for scan_id in retried.scan_id:
+        attempts = ledger[ledger.scan_id == scan_id].sort_values("attempt")
+        assert attempts.status.tolist()[-1] == "ok" and attempts.attempt.max() >= 2
+
+
+def run_command(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pingu_dask.cli", "run", str(manifest), "--out", str(out)]
+    environment = dict(os.environ, DASK_PINGU__FLUSH_EVERY_SCANS="1")
+    return subprocess.Popen(
+        [*command, *FAST_OPTIONS, "--workers", "2", *extra],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the driver and its workers
+    )
+
+
+def test_a_killed_driver_is_resumed_without_redoing_finished_scans(
+    cohort20: Path, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "ten.csv"
+    absolute_manifest(cohort20, manifest, rows=10)
+    out = tmp_path / "out"
+    first = run_command(manifest, out)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if first.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed:\n{first.stdout.read()}")
+        ledger = tables.read_table(out, "ledger")
+        if (ledger.status == "ok").sum() >= 3:
+            break
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert read_lock(out)["stale"]  # the dead driver's lock is left behind
+
+    done_before = set(tables.read_table(out, "ledger").query("status == 'ok'").scan_id)
+    assert 3 <= len(done_before) < 10
+    second = run_command(manifest, out)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output
+    assert f"resuming: {len(done_before)} scans done earlier are skipped" in output
+    ledger = tables.read_table(out, "ledger")
+    second_run = ledger[ledger.run_id != ledger.sort_values("finished").run_id.iloc[0]]
+    assert set(second_run.scan_id) == {f"sub-{i:03d}" for i in range(1, 11)} - done_before
+    counts = whole_brain_rows(out)
+    assert len(counts) == 10 and set(counts) == {1}  # no duplicate rows
+    assert not (out / ".lock").exists()
+
+    # An input that changed since is redone; nothing else is.
+    t1w = cohort20 / "sub-002" / "anat" / "sub-002_T1w.nii.gz"
+    os.utime(t1w, ns=(time.time_ns(), time.time_ns()))
+    third = run_command(manifest, out)
+    output, _ = third.communicate(timeout=600)
+    assert third.returncode == 0, output
+    assert "9 scans done earlier are skipped, 1 to do (1 of them changed since)" in output
+    counts = whole_brain_rows(out)
+    assert len(counts) == 10 and set(counts) == {1}
+
+    # Other settings into the same OUT are refused.
+    result = CliRunner().invoke(
+        main,
+        ["run", str(manifest), "--out", str(out), *FAST_OPTIONS, "--min-cluster-voxels", "9"],
+    )
+    assert result.exit_code == 1
+    assert "holds results of another model or other settings (different: clusters)" in " ".join(
+        result.output.split()
+    )
+
+
+def broken_cohort(cohort: Path, root: Path) -> tuple[Path, dict[str, str]]:
+    """4 good scans and 12 kinds of broken input; returns the manifest and expected errors."""
+    manifest = absolute_manifest(cohort, root / "good.csv", rows=4)
+    good = manifest.iloc[0]
+    image = nib.load(good.t1w)
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    bad = root / "bad"
+    bad.mkdir()
+
+    def save(name: str, array: np.ndarray, affine=image.affine) -> str:
+        path = bad / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(array, affine), path)
+        return str(path)
+
+    raw = gzip.decompress(Path(good.t1w).read_bytes())
+    (bad / "truncated.nii.gz").write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    (bad / "text.nii.gz").write_text("not an image")
+    with_nan = data.copy()
+    with_nan[40:50, 40:50, 20:30] = np.nan
+    shifted = image.affine.copy()
+    shifted[:3, 3] += 1000.0
+    parcellation = np.asarray(nib.load(good.parcellation).dataobj)
+    rows = {
+        "missing": dict(t1w=str(bad / "nowhere.nii.gz")),
+        "not_nifti": dict(t1w=str(bad / "text.nii.gz")),
+        "flat2d": dict(t1w=save("flat2d", data[:, :, 10])),
+        "fourd": dict(t1w=save("fourd", np.stack([data, data], axis=-1))),
+        "sub-001": dict(),  # a duplicate of the first good scan's id
+        "../escape": dict(),
+        "no_t1w": dict(t1w=""),
+        "truncated": dict(t1w=str(bad / "truncated.nii.gz")),
+        "nan_voxels": dict(t1w=save("nan", with_nan)),
+        "empty": dict(t1w=save("empty", np.zeros_like(data))),
+        "parc_elsewhere": dict(parcellation=save("parc_far", parcellation, shifted)),
+        "parc_not_labels": dict(parcellation=save("parc_float", parcellation + 0.5)),
+    }
+    expected = {
+        "missing": "file not found",
+        "not_nifti": "cannot read NIfTI header",
+        "flat2d": "3D",
+        "fourd": "3D",
+        "sub-001": "duplicate",
+        "../escape": "scan_id",
+        "no_t1w": "t1w",
+        "truncated": "truncated or corrupt",
+        "nan_voxels": "NaN or infinite",
+        "empty": "image is empty",
+        "parc_elsewhere": "does not overlap the image",
+        "parc_not_labels": "non-integer values",
+    }
+    broken = []
+    for scan_id, changes in rows.items():
+        row = good.to_dict()
+        row.update(scan_id=scan_id, subject=scan_id.strip("./"), **changes)
+        broken.append(row)
+    mixed = pd.concat([manifest, pd.DataFrame(broken)], ignore_index=True)
+    mixed.to_csv(root / "mixed.csv", index=False)
+    return root / "mixed.csv", expected
+
+
+def test_broken_inputs_each_get_a_clear_row_and_good_scans_finish(
+    cohort20: Path, tmp_path: Path
+) -> None:
+    manifest, expected = broken_cohort(cohort20, tmp_path)
+    out = tmp_path / "run" / "out"
+    arguments = ["run", str(manifest), "--out", str(out), *FAST_OPTIONS, "--workers", "2"]
+    result = CliRunner().invoke(main, [*arguments, "--skip-invalid"])
+    assert result.exit_code == 1, result.output
+    ledger = tables.read_table(out, "ledger")
+    good = [f"sub-{i:03d}" for i in range(1, 5)]
+    assert set(ledger.query("status == 'ok'").scan_id) == set(good)
+    assert len(whole_brain_rows(out)) == 4
+    bad = ledger[ledger.status != "ok"]
+    for scan_id, phrase in expected.items():
+        if scan_id == "sub-001":  # the duplicate row: reported by its row number
+            rows = bad[bad.message.str.contains("duplicate")]
+        else:
+            rows = bad[bad.scan_id == scan_id]
+        assert len(rows) == 1, (scan_id, bad[["scan_id", "message"]].to_string())
+        row = rows.iloc[0]
+        assert phrase in row.message, (scan_id, row.message)
+        assert not row.retryable and row.attempt <= 1  # input errors are not retried
+    failed = bad[bad.status == "failed"]
+    assert set(failed.scan_id) == {
+        "truncated",
+        "nan_voxels",
+        "empty",
+        "parc_elsewhere",
+        "parc_not_labels",
+    }
+    # The unsafe id created nothing, inside or outside OUT.
+    assert not list(tmp_path.rglob("*escape*"))
+    status = CliRunner().invoke(main, ["status", str(out)])
+    assert status.exit_code == 1
+    text = " ".join(status.output.split())
+    assert "4 done, 5 failed, 7 invalid manifest rows" in text
+    assert "ImageError" in text and "RegionError" in text and "ManifestError" in text
+
+
+def test_a_second_concurrent_run_is_refused_and_a_stale_lock_taken_over(
+    cohort20: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    manifest = tmp_path / "one.csv"
+    absolute_manifest(cohort20, manifest, rows=1)
+    with OutputLock(out):
+        result = CliRunner().invoke(main, ["run", str(manifest), "--out", str(out), *FAST_OPTIONS])
+        assert result.exit_code == 1
+        text = " ".join(result.output.split())
+        assert f"is in use by another run: pid {os.getpid()}" in text
+        with pytest.raises(LockedError):
+            OutputLock(out).acquire()
+    assert not (out / ".lock").exists()
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    holder = dict(pid=int(gone.stdout), host=os.uname().nodename, started="earlier", command="x")
+    (out / ".lock").write_text(json.dumps(holder))
+    lock = OutputLock(out)
+    lock.acquire()
+    assert lock.took_over["pid"] == int(gone.stdout)
+    assert read_lock(out)["pid"] == os.getpid()
+    lock.release()
+
+
+def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:
+    from pingu_dask import store
+    from pingu_dask.runner import provenance
+
+    model = resolve_model("demo")
+    first = Pipeline(model, FAST, tmp_path)
+    store.prepare_output(tmp_path)
+    store.write_json(tmp_path / store.RUN_JSON, provenance(first, None, 1))
+    check_settings(tmp_path, first, force=False)  # the same settings: fine
+    other = Pipeline(model, FAST, tmp_path, ClusterSettings(connectivity=6))
+    with pytest.raises(RunRefused, match=r"different: clusters"):
+        check_settings(tmp_path, other, force=False)
+    check_settings(tmp_path, other, force=True)
+    assert not (tmp_path / store.RUN_JSON).exists() and not (tmp_path / store.MASKS).exists()
