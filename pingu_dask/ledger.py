@@ -181,6 +181,7 @@ def summarise_ledger(out: Path) -> LedgerSummary:
     if len(ok_rows) > 1:
         span = (ok_rows["finished"].max() - ok_rows["started"].min()).total_seconds()
         rate = len(ok_rows) / span * 60 if span > 0 else None
-    retried = int((ledger.attempt > 1).sum()) if len(ledger) else 0
+    attempts = ledger[ledger.status != INVALID]
+    retried = int((attempts.attempt > 1).sum())
     last = ledger["finished"].max() if len(ledger) else None
-    return LedgerSummary(counts, len(ledger), retried, failures, rate, last)
+    return LedgerSummary(counts, len(attempts), retried, failures, rate, last)

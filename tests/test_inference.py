@@ -333,7 +333,8 @@ def test_run_command_writes_provenance_and_uses_a_user_region_table(
         "exclude_labels": [4, 43],
     }
     assert run["regions"] == {"table": "deep", "regions": {"deep_grey": [10, 11, 12, 13, 26]}}
-    assert run["inference"]["tta"] is False and run["n_ok"] == 1 and run["finished"]
+    assert run["inference"]["tta"] is False and run["finished"] and run["n_scans"] == 1
+    assert [r["to_do"] for r in run["runs"]] == [1]
     assert len(run["manifest"]["sha256"]) == 64
     regions = tables.read_table(out, "regions")
     assert regions.region.tolist() == ["deep_grey", "other", "whole_brain"]

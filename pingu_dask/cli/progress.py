@@ -13,6 +13,7 @@ from pingu_dask.lock import read_lock
 from pingu_dask.runner import Progress as RunProgress
 
 PER_SCAN_LINES_UP_TO = 30  # print a line per finished scan in runs up to this size
+FAILURE_LINES = 20  # failed scans listed one per line by `status`
 
 
 class ProgressBar:
@@ -23,7 +24,7 @@ class ProgressBar:
         self.bar = Progress(
             TextColumn("[bold]segmenting"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total} done"),
+            TextColumn("{task.completed}/{task.total} finished"),
             TextColumn("[red]{task.fields[failed]} failed[/red]"),
             TextColumn("{task.fields[in_flight]} in flight"),
             TextColumn("{task.fields[rate]} scans/min"),
