@@ -20,6 +20,8 @@ from pingu_dask.manifest import ManifestReport
 from pingu_dask.runner import Progress, provenance, segment_cohort
 from pingu_dask.stages import Pipeline
 
+KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok records shrink to id + status
+
 
 class RunRefused(RuntimeError):
     """The run cannot start as asked (another run, or different settings in OUT)."""
@@ -123,6 +125,7 @@ def run_cohort(
                     on_progress=on_progress,
                     run_id=outcome.run_id,
                     extra_ledger_rows=invalid,
+                    keep_details=len(plan.todo) <= KEEP_DETAILS_UP_TO,
                 )
         finally:
             outcome.seconds = time.perf_counter() - started

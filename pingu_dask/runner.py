@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 from distributed import Client, as_completed
 
@@ -35,6 +36,18 @@ from pingu_dask.errors import describe
 from pingu_dask.manifest import Scan
 
 SCANS_IN_FLIGHT_PER_WORKER = 3  #: one preprocessing, one predicting, one finishing
+
+
+class StageFunctions(NamedTuple):
+    """The three per-scan task functions. The real ones run nnU-Net; benchmarks of the
+    runner itself (scripts/bench_scale.py) pass a no-op stand-in, named as such."""
+
+    preprocess: Callable
+    predict: Callable
+    finish: Callable
+
+
+NNUNET_STAGES = StageFunctions(stages.preprocess, stages.predict, stages.finish)
 
 
 @dataclass
@@ -59,12 +72,16 @@ def segment_cohort(
     on_progress: Callable[[Progress], None] | None = None,
     run_id: str | None = None,
     extra_ledger_rows: Sequence[dict] = (),
+    keep_details: bool = True,
+    stage_functions: StageFunctions = NNUNET_STAGES,
 ) -> list[dict]:
     """Segment every scan and write its outputs; return one small record per scan.
 
     Masks are written by the workers; the scans' table rows come back in the records
     and are written here with the ledger rows. `extra_ledger_rows` (e.g. invalid
-    manifest rows) are written with the first flush.
+    manifest rows) are written with the first flush. With `keep_details` False, a
+    successful scan's record shrinks to its id and status (large cohorts: the driver's
+    memory stays flat; everything else is in the tables).
     """
     store.prepare_output(pipeline.out)
     names = store.nifti_names(scans) if pipeline.write_nifti else {}
@@ -72,8 +89,10 @@ def segment_cohort(
     run_id = run_id or uuid.uuid4().hex[:12]
     with tables.TableWriter(pipeline.out) as writer:
         if extra_ledger_rows:
-            writer.add({"ledger": tables.to_table("ledger", list(extra_ledger_rows))})
+            writer.add({}, ledger_rows=extra_ledger_rows)
         loop = _Loop(client, pipeline, names, writer, retries, run_id, on_progress)
+        loop.functions = stage_functions
+        loop.keep_details = keep_details
         return loop.run(scans, window)
 
 
@@ -90,6 +109,8 @@ class _Loop:
         self.on_progress = on_progress
         self.token = uuid.uuid4().hex[:8]
         self.fingerprint = pipeline.fingerprint()
+        self.functions = NNUNET_STAGES
+        self.keep_details = True
 
     def run(self, scans: Sequence[Scan], window: int | None) -> list[dict]:
         n_workers = max(1, len(self.client.scheduler_info()["workers"]))
@@ -116,14 +137,16 @@ class _Loop:
                 record = self._collect(future, scan, attempt, started)
                 for each in futures:
                     each.release()
+                progress.last = record
                 if record["status"] == "retry":
                     queue.appendleft((index, scan, attempt + 1))
                     progress.retried += 1
                 else:
+                    if record["status"] == ledger.OK and not self.keep_details:
+                        record = {"scan_id": record["scan_id"], "status": record["status"]}
                     records.append(record)
                     progress.done += record["status"] == ledger.OK
                     progress.failed += record["status"] != ledger.OK
-                progress.last = record
                 submit_next()
                 progress.in_flight = len(submitted)
                 if self.on_progress:
@@ -134,19 +157,19 @@ class _Loop:
         return records
 
     def _submit(self, index: int, scan: Scan, attempt: int) -> list:
-        client, pipeline, token = self.client, self.pipeline, self.token
+        client, pipeline, token, functions = self.client, self.pipeline, self.token, self.functions
         prepared = client.submit(
-            stages.preprocess, scan, pipeline, key=(f"preprocess-{token}", index, attempt)
+            functions.preprocess, scan, pipeline, key=(f"preprocess-{token}", index, attempt)
         )
         predicted = client.submit(
-            stages.predict,
+            functions.predict,
             prepared,
             pipeline,
             key=(f"predict-{token}", index, attempt),
             resources={INFERENCE_RESOURCE: 1},
         )
         finished = client.submit(
-            stages.finish,
+            functions.finish,
             predicted,
             scan,
             pipeline,
@@ -178,7 +201,7 @@ class _Loop:
                 error=described,
                 **common,
             )
-            self.writer.add({"ledger": tables.to_table("ledger", [row])})
+            self.writer.add({}, ledger_rows=[row])
             status = ledger.FAILED if final else "retry"
             return {
                 "scan_id": scan.scan_id,
@@ -198,7 +221,7 @@ class _Loop:
             **common,
         )
         scan_tables = record.pop("tables", {})
-        self.writer.add({**scan_tables, "ledger": tables.to_table("ledger", [row])})
+        self.writer.add(scan_tables, ledger_rows=[row])
         record["attempt"] = attempt
         return record
 

@@ -141,15 +141,21 @@ class TableWriter:
         self.every_scans = every_scans or int(setting("flush-every-scans"))
         self.every_seconds = every_seconds or float(setting("flush-every-seconds"))
         self._buffers: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
+        self._ledger_rows: list[dict] = []
         self._scans = 0
         self._last_flush = time.monotonic()
         self.flushes = 0
 
-    def add(self, tables: Mapping[str, pa.Table | None]) -> None:
-        """Add one attempt's tables (by name); flush when the buffer is due."""
+    def add(self, tables: Mapping[str, pa.Table | None], ledger_rows: Iterable[dict] = ()) -> None:
+        """Add one attempt's tables (by name) and ledger rows; flush when due.
+
+        Ledger rows stay Python dicts until the flush: one Arrow conversion per flush
+        instead of one per scan keeps the driver's loop short.
+        """
         for name, table in tables.items():
             if table is not None and table.num_rows:
                 self._buffers[name].append(table)
+        self._ledger_rows.extend(ledger_rows)
         self._scans += 1
         if self._scans >= self.every_scans:
             self.flush()
@@ -161,6 +167,9 @@ class TableWriter:
             self.flush()
 
     def flush(self) -> None:
+        if self._ledger_rows:
+            self._buffers[LEDGER].append(to_table(LEDGER, self._ledger_rows))
+            self._ledger_rows = []
         if any(self._buffers.values()):
             flush_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
             for name in (*DATA_TABLES, LEDGER):  # the ledger last: it vouches for the rest

@@ -1,0 +1,225 @@
+"""Benchmark: the cohort runner at 100,000 scans, with a no-op model stand-in.
+
+Targets (issue 5): manifest validation, planning, and the resume check of a fully done
+run each < 60 s at 100,000 rows; driver + scheduler memory flat (< 1 GiB) over a run.
+
+The model is replaced by NOOP_STAGES, a **test-only stand-in, not a model**: its three
+tasks do no imaging work, but `finish` writes a real (tiny, 4³) mask group to Zarr with
+the same attributes and returns a real regions row, so the Dask traffic, the ledger,
+the Parquet flushes and the resume check are the real ones. Run:
+
+    .venv/bin/python scripts/bench_scale.py [--rows 100000] [--run-scans 20000] [--workers 2]
+
+`--run-scans` scans go through the runner (memory is sampled every second); the
+resume check then runs over all `--rows` scans, the missing ones made "done" by
+writing their ledger rows and Zarr group metadata directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchdoc import git_revision, machine, write_section
+from distributed import Client
+
+from pingu_dask import ledger, store, tables
+from pingu_dask.analyse import input_fingerprint
+from pingu_dask.cluster import local_cluster
+from pingu_dask.config import InferenceSettings
+from pingu_dask.manifest import Scan, load_manifest
+from pingu_dask.model import resolve_model
+from pingu_dask.runner import StageFunctions, segment_cohort
+from pingu_dask.stages import Pipeline
+
+
+# --- the no-op stand-in (test-only; not a model) ---------------------------------------
+def noop_preprocess(scan: Scan, pipeline: Pipeline) -> str:
+    return scan.scan_id
+
+
+def noop_predict(item: str, pipeline: Pipeline) -> str:
+    return item
+
+
+def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
+    mask = np.zeros((4, 4, 4), np.uint8)
+    attrs = {
+        "model_fingerprint": pipeline.model.fingerprint,
+        "pipeline_fingerprint": pipeline.fingerprint(),
+        "input_fingerprint": input_fingerprint(scan),
+    }
+    store.write_mask(pipeline.out, scan.scan_id, mask, np.eye(4), attrs)
+    row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0}
+    row.update(n_voxels=0, total_volume_mm3=0.0)
+    return {
+        "scan_id": scan.scan_id,
+        "status": "ok",
+        "n_clusters": 0,
+        "volume_mm3": 0.0,
+        "seconds": {"preprocess": 0.0, "predict": 0.0, "finish": 0.0},
+        "workers": {},
+        "tables": {"regions": tables.to_table("regions", [row])},
+    }
+
+
+NOOP_STAGES = StageFunctions(noop_preprocess, noop_predict, noop_finish)
+
+
+class MemorySampler(threading.Thread):
+    """RSS of this process (driver + in-process scheduler) once a second."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.process = psutil.Process()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while not self.stop.is_set():
+            self.samples.append((time.monotonic() - started, self.process.memory_info().rss))
+            self.stop.wait(1.0)
+
+
+def timed(function, *args, **kwargs):
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+def mark_done(out: Path, scans: list[Scan], pipeline: Pipeline) -> None:
+    """Make scans 'done' without running them: Zarr group metadata plus ledger rows."""
+    attrs_base = {"complete": True, "pipeline_fingerprint": pipeline.fingerprint()}
+    rows = []
+    now = ledger.now()
+    for scan in scans:
+        group = out / store.MASKS / scan.scan_id
+        group.mkdir(parents=True, exist_ok=True)
+        attrs = {**attrs_base, "input_fingerprint": input_fingerprint(scan)}
+        document = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+        (group / "zarr.json").write_text(json.dumps(document))
+        rows.append(
+            ledger.attempt_row(
+                scan.scan_id,
+                scan.site,
+                ledger.OK,
+                1,
+                "filled",
+                now,
+                input_fingerprint=attrs["input_fingerprint"],
+                pipeline_fingerprint=pipeline.fingerprint(),
+            )
+        )
+    tables.write_part(out, "ledger", tables.to_table("ledger", rows), "filled")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--run-scans", type=int, default=20_000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    results: list[tuple[str, str]] = []
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        image = scratch / "tiny_T1w.nii.gz"
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
+        ids = [f"sub-{i:06d}" for i in range(args.rows)]
+        sites = ["a", "b", "c", "d"]
+        manifest = pd.DataFrame(
+            {"scan_id": ids, "t1w": str(image), "site": [sites[i % 4] for i in range(len(ids))]}
+        )
+        manifest.to_csv(scratch / "manifest.csv", index=False)
+
+        seconds, report = timed(load_manifest, scratch / "manifest.csv")
+        assert report.ok and len(report.scans) == args.rows
+        results.append((f"validate {args.rows:,} rows (file checks on)", f"{seconds:.1f} s"))
+
+        out = scratch / "out"
+        pipeline = Pipeline(resolve_model("demo"), InferenceSettings(tta=False, device="cpu"), out)
+        store.prepare_output(out)
+        seconds, plan = timed(ledger.plan_resume, out, report.scans, pipeline.fingerprint())
+        assert len(plan.todo) == args.rows
+        seconds_names, _ = timed(store.nifti_names, report.scans)
+        results.append(
+            (
+                f"plan a fresh run of {args.rows:,} scans (resume check + names)",
+                f"{seconds + seconds_names:.1f} s",
+            )
+        )
+
+        run_scans = report.scans[: args.run_scans]
+        sampler = MemorySampler()
+        cluster = local_cluster(n_workers=args.workers, threads_per_worker=3)
+        with cluster, Client(cluster) as client:
+            sampler.start()
+            seconds, records = timed(
+                segment_cohort,
+                client,
+                run_scans,
+                pipeline,
+                keep_details=False,
+                stage_functions=NOOP_STAGES,
+            )
+            sampler.stop.set()
+            sampler.join()
+        assert sum(r["status"] == "ok" for r in records) == len(run_scans)
+        rss = np.array([m for _, m in sampler.samples]) / 2**20
+        tenth = max(1, len(rss) // 10)
+        results.append(
+            (
+                f"run {len(run_scans):,} scans through the runner (no-op stand-in, "
+                f"{args.workers} workers)",
+                f"{seconds:.0f} s ({len(run_scans) / seconds:.0f} scans/s)",
+            )
+        )
+        results.append(
+            (
+                "driver + scheduler memory during that run (RSS: first 10 % / last 10 % / peak)",
+                f"{rss[:tenth].mean():.0f} / {rss[-tenth:].mean():.0f} / {rss.max():.0f} MiB",
+            )
+        )
+
+        mark_done(out, report.scans[args.run_scans :], pipeline)
+        seconds, plan = timed(ledger.plan_resume, out, report.scans, pipeline.fingerprint())
+        assert len(plan.done) == args.rows and not plan.todo, (len(plan.done), len(plan.todo))
+        step = f"resume check of a fully done run, {args.rows:,} scans"
+        results.append((step, f"{seconds:.1f} s"))
+
+    table = "\n".join(f"| {step} | {figure} |" for step, figure in results)
+    command = (
+        f"scripts/bench_scale.py --rows {args.rows} --run-scans {args.run_scans} "
+        f"--workers {args.workers}"
+    )
+    body = f"""## Runner at scale (scripts/bench_scale.py)
+
+Machine: {machine()}; revision {git_revision()}.
+Command: `.venv/bin/python {command}`
+
+The model is replaced by a **no-op stand-in (test-only, not a model)**: no imaging work,
+but real Dask tasks (three per scan), real tiny Zarr mask groups, real ledger and
+Parquet flushes. Goals: each step < 60 s at 100,000 rows; memory flat, < 1 GiB.
+
+| step | figure |
+|---|---|
+{table}
+"""
+    write_section("bench_scale", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
