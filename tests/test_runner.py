@@ -106,34 +106,56 @@ def run_command(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_a_killed_driver_is_resumed_without_redoing_finished_scans(
+def wait_for_ok_rows(process: subprocess.Popen, out: Path, at_least: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the run ended too early:\n{process.stdout.read()}")
+        if (tables.read_table(out, "ledger").status == "ok").sum() >= at_least:
+            return
+        time.sleep(0.5)
+    pytest.fail("the run made no progress")
+
+
+def ok_scans(out: Path) -> set[str]:
+    return set(tables.read_table(out, "ledger").query("status == 'ok'").scan_id)
+
+
+def test_ctrl_c_and_a_killed_driver_are_resumed_without_redoing_finished_scans(
     cohort20: Path, tmp_path: Path
 ) -> None:
     manifest = tmp_path / "ten.csv"
     absolute_manifest(cohort20, manifest, rows=10)
     out = tmp_path / "out"
+
+    # Ctrl-C in a terminal: SIGINT to the driver and its workers.
+    interrupted = run_command(manifest, out)
+    wait_for_ok_rows(interrupted, out, 1)
+    os.killpg(interrupted.pid, signal.SIGINT)
+    output, _ = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130, output
+    assert "interrupted: in-flight scans cancelled" in output
+    assert not (out / ".lock").exists()
+    after_interrupt = ok_scans(out)
+    assert len(whole_brain_rows(out)) == len(after_interrupt) >= 1
+
+    # A driver killed outright leaves its lock and maybe a half-written flush.
     first = run_command(manifest, out)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if first.poll() is not None:
-            pytest.fail(f"the run ended before it could be killed:\n{first.stdout.read()}")
-        ledger = tables.read_table(out, "ledger")
-        if (ledger.status == "ok").sum() >= 3:
-            break
-        time.sleep(0.5)
+    wait_for_ok_rows(first, out, len(after_interrupt) + 2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     assert read_lock(out)["stale"]  # the dead driver's lock is left behind
 
-    done_before = set(tables.read_table(out, "ledger").query("status == 'ok'").scan_id)
-    assert 3 <= len(done_before) < 10
+    done_before = ok_scans(out)
+    assert len(after_interrupt) + 2 <= len(done_before) < 10
     second = run_command(manifest, out)
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
     assert f"resuming: {len(done_before)} scans done earlier are skipped" in output
     ledger = tables.read_table(out, "ledger")
-    second_run = ledger[ledger.run_id != ledger.sort_values("finished").run_id.iloc[0]]
-    assert set(second_run.scan_id) == {f"sub-{i:03d}" for i in range(1, 11)} - done_before
+    last_run = ledger.sort_values("finished").run_id.iloc[-1]
+    redone = set(ledger[ledger.run_id == last_run].scan_id)
+    assert redone == {f"sub-{i:03d}" for i in range(1, 11)} - done_before
     counts = whole_brain_rows(out)
     assert len(counts) == 10 and set(counts) == {1}  # no duplicate rows
     assert not (out / ".lock").exists()
@@ -302,3 +324,21 @@ def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:
         check_settings(tmp_path, other, force=False)
     check_settings(tmp_path, other, force=True)
     assert not (tmp_path / store.RUN_JSON).exists() and not (tmp_path / store.MASKS).exists()
+
+
+def test_run_joins_an_existing_scheduler(cohort20: Path, tmp_path: Path) -> None:
+    from pingu_dask import stages
+
+    manifest = tmp_path / "two.csv"
+    absolute_manifest(cohort20, manifest, rows=2)
+    out = tmp_path / "out"
+    with local_cluster(n_workers=1, threads_per_worker=2, torch_threads=2) as cluster:
+        address = cluster.scheduler_address
+        arguments = ["run", str(manifest), "--out", str(out), *FAST_OPTIONS, "--cluster", address]
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 0, result.output
+        assert f"scheduler {address}" in result.output
+        with Client(cluster) as client:
+            loads = client.run(stages.load_counts)
+    assert list(loads.values()) == [{resolve_model("demo").fingerprint: 1}]
+    assert len(whole_brain_rows(out)) == 2
