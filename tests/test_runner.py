@@ -131,6 +131,8 @@ def test_ctrl_c_and_a_killed_driver_are_resumed_without_redoing_finished_scans(
     # Ctrl-C in a terminal: SIGINT to the driver and its workers.
     interrupted = run_command(manifest, out)
     wait_for_ok_rows(interrupted, out, 1)
+    status = CliRunner().invoke(main, ["status", str(out)])  # while the run is going
+    assert status.exit_code == 1 and f"running now: pid {interrupted.pid}" in status.output
     os.killpg(interrupted.pid, signal.SIGINT)
     output, _ = interrupted.communicate(timeout=120)
     assert interrupted.returncode == 130, output
