@@ -1,14 +1,22 @@
-"""Dask clusters to run on. Today: a LocalCluster of separate worker processes.
+"""Dask clusters to run on: local worker processes, SLURM or PBS jobs (dask-jobqueue).
 
 Every worker offers one `GPU` resource: the inference slot. `predict` tasks ask for it,
 so each worker runs one prediction at a time (also on CPU-only machines, where the
 slot stands for "the cores torch is using"), while its other threads preprocess the
 next scan and finish the last one.
+
+Batch-system workers start through `python -m pingu_dask.worker`, which gives them
+the same tuned environment as local workers (see tuned_environment). Every jobqueue
+setting falls back to Dask's own `jobqueue.<system>` config (jobqueue.yaml), so a
+lab's existing file keeps working; our options only override it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
+from dataclasses import dataclass, field
 
 import dask.config
 from distributed import LocalCluster
@@ -18,6 +26,29 @@ from pingu_dask.config import available_cores, setting
 INFERENCE_RESOURCE = "GPU"
 DEFAULT_THREADS_PER_WORKER = 3  # one predict + one preprocess + one finish in flight
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+BATCH_SYSTEMS = ("slurm", "pbs")
+
+
+def tuned_environment(threads: int) -> None:
+    """Set this process's Dask config so that the workers its nannies spawn suit torch.
+
+    - OMP/MKL/OpenBLAS threads = `threads` instead of the nanny's 1;
+    - no MALLOC_TRIM_THRESHOLD_: Dask sets it to 64 KiB to return memory to the OS, but
+      setting any glibc malloc tunable turns off the dynamic mmap threshold, so every
+      large torch buffer is mmapped and page-faulted afresh. Measured on the demo model
+      (one 1 mm scan, 2 threads): 18.9 s per prediction with it, 8.7 s without;
+    - distributed.scheduler.allowed-failures from our config (0: a worker death fails
+      the scan's task at once, so that the runner retries it and the ledger shows it).
+    """
+    environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    environment.pop("MALLOC_TRIM_THRESHOLD_", None)
+    environment.update({name: str(threads) for name in THREAD_VARIABLES})
+    dask.config.set(
+        {
+            "distributed.nanny.pre-spawn-environ": environment,
+            "distributed.scheduler.allowed-failures": int(setting("allowed-failures")),
+        }
+    )
 
 
 def local_cluster(
@@ -29,33 +60,12 @@ def local_cluster(
 ) -> LocalCluster:
     """Worker processes on this machine, each with one inference slot.
 
-    Worker processes get an environment tuned for torch inference, set *pre-spawn*
-    (read by libraries as they load):
-    - OMP/MKL/OpenBLAS threads = `torch_threads` (default cores / workers) instead of
-      the nanny's 1;
-    - no MALLOC_TRIM_THRESHOLD_: Dask sets it to 64 KiB to return memory to the OS, but
-      setting any glibc malloc tunable turns off the dynamic mmap threshold, so every
-      large torch buffer is mmapped and page-faulted afresh. Measured on the demo model
-      (one 1 mm scan, 2 threads): 18.9 s per prediction with it, 8.7 s without.
-    Nannies read the setting while they start (after LocalCluster() returns), so it is
-    set for the driver process, not in a context that would end too early.
+    Nannies read the tuned environment while they start (after LocalCluster() returns),
+    so it is set in the driver's config, not in a context that would end too early.
     The dashboard binds to localhost (reach it from elsewhere through an SSH tunnel);
     port 0 picks a free port.
     """
-    threads = torch_threads or max(1, available_cores() // n_workers)
-    environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
-    environment.pop("MALLOC_TRIM_THRESHOLD_", None)
-    environment.update({name: str(threads) for name in THREAD_VARIABLES})
-    dask.config.set(
-        {
-            "distributed.nanny.pre-spawn-environ": environment,
-            # A worker death fails the scan's task at once (KilledWorker), so that the
-            # runner retries it and the ledger shows the attempt; Dask's default (3)
-            # would resubmit silently, and a scan that kills every worker it lands on
-            # (out of memory) would take three workers down before anyone heard of it.
-            "distributed.scheduler.allowed-failures": int(setting("allowed-failures")),
-        }
-    )
+    tuned_environment(torch_threads or max(1, available_cores() // n_workers))
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
@@ -67,3 +77,113 @@ def local_cluster(
         # tracebacks would only bury the progress bar.
         silence_logs=logging.CRITICAL,
     )
+
+
+@dataclass
+class JobOptions:
+    """Batch-system job settings; None falls back to Dask's jobqueue.<system> config."""
+
+    config_name: str | None = None  # a section of jobqueue.yaml, e.g. "slurm-gpu"
+    cores: int | None = None
+    memory: str | None = None
+    processes: int | None = None  # worker processes per job: one per GPU
+    gpus_per_job: int | None = None  # default: one per worker process; 0 for CPU jobs
+    walltime: str | None = None  # HH:MM:SS
+    queue: str | None = None
+    account: str | None = None
+    prologue: tuple[str, ...] = ()  # e.g. "module load cuda", "source venv/bin/activate"
+    log_directory: str | None = None
+    job_extra: tuple[str, ...] = ()
+    min_jobs: int = 0
+    max_jobs: int = 4
+    python: str | None = None  # default: this interpreter
+    extra_config: dict = field(default_factory=dict)
+
+
+def parse_walltime(text: str) -> int:
+    """'HH:MM:SS', 'MM:SS', 'D-HH:MM:SS' or minutes -> seconds."""
+    days = 0
+    if "-" in text:
+        day_text, text = text.split("-", 1)
+        days = int(day_text)
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 1:
+        seconds = parts[0] * 60
+    else:
+        while len(parts) < 3:
+            parts.insert(0, 0)
+        seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return days * 86400 + seconds
+
+
+def lifetime_arguments(walltime: str) -> list[str]:
+    """Worker --lifetime below the walltime, with a stagger, so workers leave (and hand
+    their work back) before the batch system kills them: margin 10 % (at least 5 min,
+    or a quarter of very short walltimes), stagger 5 % (at most 5 min)."""
+    total = parse_walltime(walltime)
+    margin = min(max(300, total // 10), total // 4)
+    stagger = min(300, total // 20)
+    lifetime = max(60, total - margin - stagger)
+    return ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{stagger}s"]
+
+
+def _option(kind: str, options: JobOptions, key: str):
+    section = options.config_name or kind
+    return dask.config.get(f"jobqueue.{section}.{key}", default=None)
+
+
+def jobqueue_cluster(kind: str, options: JobOptions, scans_left: int | None = None):
+    """A SLURMCluster or PBSCluster whose workers each hold one inference slot.
+
+    Adapts between options.min_jobs and options.max_jobs (no more jobs than the scans
+    left need).
+    """
+    import sys
+
+    if kind not in BATCH_SYSTEMS:
+        raise ValueError(f"unknown batch system {kind!r}; choose one of {BATCH_SYSTEMS}")
+    from dask_jobqueue import PBSCluster, SLURMCluster
+
+    processes = options.processes or _option(kind, options, "processes") or 1
+    gpus = processes if options.gpus_per_job is None else options.gpus_per_job
+    walltime = options.walltime or _option(kind, options, "walltime") or "01:00:00"
+    cores = options.cores or _option(kind, options, "cores") or DEFAULT_THREADS_PER_WORKER
+    memory = options.memory or _option(kind, options, "memory") or "16GB"
+    threads = max(1, cores // processes)
+    worker_arguments = ["--resources", f"{INFERENCE_RESOURCE}=1", *lifetime_arguments(walltime)]
+    configured = _option(kind, options, "worker-extra-args") or []
+    directives = list(options.job_extra or _option(kind, options, "job-extra-directives") or [])
+    arguments = dict(
+        cores=cores,
+        memory=memory,
+        processes=processes,
+        walltime=walltime,
+        worker_command="pingu_dask.worker",
+        worker_extra_args=[*configured, *worker_arguments],
+        job_script_prologue=[
+            *(_option(kind, options, "job-script-prologue") or []),
+            *options.prologue,
+            f"export DASK_PINGU__WORKER_THREADS={threads}",
+        ],
+        python=options.python or _option(kind, options, "python") or sys.executable,
+        scheduler_options={"dashboard_address": "127.0.0.1:0"},
+        **({"config_name": options.config_name} if options.config_name else {}),
+        **({"queue": options.queue} if options.queue else {}),
+        **({"account": options.account} if options.account else {}),
+        **({"log_directory": options.log_directory} if options.log_directory else {}),
+        **options.extra_config,
+    )
+    if kind == "slurm":
+        if gpus:
+            directives.append(f"--gres=gpu:{gpus}")
+        cluster = SLURMCluster(job_extra_directives=directives, **arguments)
+    else:
+        if gpus:
+            mem = re.sub(r"\s+", "", str(memory))
+            arguments["resource_spec"] = f"select=1:ncpus={cores}:mem={mem}:ngpus={gpus}"
+        cluster = PBSCluster(job_extra_directives=directives, **arguments)
+    maximum = options.max_jobs
+    if scans_left is not None:
+        maximum = max(options.min_jobs, min(maximum, math.ceil(scans_left / processes) or 1))
+    cluster.adapt(minimum_jobs=options.min_jobs, maximum_jobs=maximum)
+    return cluster

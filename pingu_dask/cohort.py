@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pingu_dask import ledger, store, tables
+from pingu_dask.cluster import BATCH_SYSTEMS, JobOptions
 from pingu_dask.lock import OutputLock
 from pingu_dask.manifest import ManifestReport
 from pingu_dask.runner import Progress, provenance, segment_cohort
@@ -35,6 +36,7 @@ class RunRequest:
     workers: int = 1
     retries: int | None = None
     force: bool = False
+    jobs: JobOptions = field(default_factory=JobOptions)  # for cluster slurm / pbs
 
 
 @dataclass
@@ -113,7 +115,7 @@ def run_cohort(
         store.write_json(out / store.RUN_JSON, run_info)
         started = time.perf_counter()
         try:
-            with _client(request) as client:
+            with _client(request, len(plan.todo)) as client:
                 outcome.dashboard = client.dashboard_link
                 if on_start:
                     on_start(outcome, plan)
@@ -140,11 +142,17 @@ def _now() -> str:
 
 
 @contextmanager
-def _client(request: RunRequest):
+def _client(request: RunRequest, scans_left: int):
     from distributed import Client
 
-    from pingu_dask.cluster import local_cluster
+    from pingu_dask.cluster import jobqueue_cluster, local_cluster
 
+    if request.cluster in BATCH_SYSTEMS:
+        # Workers arrive as their jobs start; the runner's window grows with them.
+        cluster = jobqueue_cluster(request.cluster, request.jobs, scans_left)
+        with cluster, Client(cluster) as client:
+            yield client
+        return
     if request.cluster != "local":
         with Client(request.cluster) as client:
             yield client

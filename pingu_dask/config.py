@@ -33,6 +33,7 @@ DEFAULTS = {
         "flush-every-seconds": 10.0,  # ...or after this long, whichever comes first
         "retries": 2,
         "allowed-failures": 0,
+        "worker-threads": None,  # batch jobs: cores per worker process (set by the job)
     }
 }
 dask.config.update_defaults(DEFAULTS)

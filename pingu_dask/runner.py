@@ -113,23 +113,29 @@ class _Loop:
         self.keep_details = True
 
     def run(self, scans: Sequence[Scan], window: int | None) -> list[dict]:
-        n_workers = max(1, len(self.client.scheduler_info()["workers"]))
-        window = window or SCANS_IN_FLIGHT_PER_WORKER * n_workers
+        fixed_window = window
         progress = Progress(total=len(scans))
         queue: deque[tuple[int, Scan, int]] = deque((i, s, 1) for i, s in enumerate(scans))
         in_flight = as_completed()
         submitted: dict = {}  # finish key -> (index, scan, attempt, started, all futures)
         records: list[dict] = []
 
+        def window_size() -> int:
+            # Workers may come and go (batch jobs start, reach their lifetime): the
+            # window follows the workers present, at least one worker's worth.
+            if fixed_window:
+                return fixed_window
+            workers = len(self.client.scheduler_info()["workers"])
+            return SCANS_IN_FLIGHT_PER_WORKER * max(1, workers)
+
         def submit_next() -> None:
-            if queue:
+            while queue and len(submitted) < window_size():
                 index, scan, attempt = queue.popleft()
                 futures = self._submit(index, scan, attempt)
                 submitted[futures[-1].key] = (index, scan, attempt, ledger.now(), futures)
                 in_flight.add(futures[-1])
 
-        for _ in range(window):
-            submit_next()
+        submit_next()
         progress.in_flight = len(submitted)
         try:
             for future in in_flight:

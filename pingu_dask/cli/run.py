@@ -18,12 +18,14 @@ from pingu_dask.cli.common import (
     split,
 )
 from pingu_dask.cli.data import print_cohort
+from pingu_dask.cli.hpc import job_options, jobqueue_options
 from pingu_dask.cli.progress import (
     PER_SCAN_LINES_UP_TO,
     ProgressBar,
     print_scan_table,
     print_status,
 )
+from pingu_dask.cluster import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
 from pingu_dask.cohort import RunOutcome, RunRefused, RunRequest
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
 from pingu_dask.ledger import ResumePlan
@@ -72,7 +74,8 @@ MODEL_CHOICES = (
     "--cluster",
     default="local",
     show_default=True,
-    help="local (worker processes on this machine) or a scheduler address, tcp://HOST:PORT.",
+    help="local (worker processes on this machine), slurm or pbs (worker jobs through "
+    "dask-jobqueue), or the address of a running scheduler, tcp://HOST:PORT.",
 )
 @click.option(
     "--workers",
@@ -108,6 +111,7 @@ MODEL_CHOICES = (
     show_default=True,
     help="Also write each mask as NIfTI in OUT/nifti (BIDS-derivatives names).",
 )
+@jobqueue_options
 def run(
     manifest: Path,
     out: Path,
@@ -129,6 +133,8 @@ def run(
     min_cluster_mm3: float | None,
     exclude: str | None,
     nifti: bool,
+    dry_run: bool,
+    **job_values,
 ) -> None:
     """Segment every scan of MANIFEST with an nnU-Net model on a Dask cluster.
 
@@ -137,6 +143,10 @@ def run(
     resumes: finished scans are skipped, failed and unfinished ones are redone.
     Exit code 0 when every scan is done, 1 when any failed or was invalid.
     """
+    jobs = job_options(job_values)
+    if dry_run:
+        print_job_script(cluster, jobs)
+        return
     if model_spec is None:
         raise click.UsageError(MODEL_CHOICES)
     settings = InferenceSettings.from_config(
@@ -156,6 +166,7 @@ def run(
         retries=retries,
         force=force,
         skip_invalid=skip_invalid,
+        jobs=jobs,
     )
     outcome = run_cohort(manifest, out, model_spec, settings, options)
     raise SystemExit(0 if outcome.ok else 1)
@@ -173,6 +184,7 @@ class RunOptions:
     retries: int | None = None
     force: bool = False
     skip_invalid: bool = False
+    jobs: JobOptions | None = None
 
 
 def run_cohort(
@@ -206,7 +218,13 @@ def run_cohort(
         write_nifti=options.nifti,
     )
     request = RunRequest(
-        report, pipeline, options.cluster, options.workers, options.retries, options.force
+        report,
+        pipeline,
+        options.cluster,
+        options.workers,
+        options.retries,
+        options.force,
+        options.jobs or JobOptions(),
     )
     bar = ProgressBar(0)
 
@@ -283,3 +301,14 @@ def status(out: Path) -> None:
     Exit code 0 when every scan of the manifest is done, 1 otherwise.
     """
     raise SystemExit(0 if print_status(out) else 1)
+
+
+def print_job_script(kind: str, jobs: JobOptions) -> None:
+    """--dry-run: the job script a worker job would run (nothing is submitted)."""
+    if kind not in BATCH_SYSTEMS:
+        raise click.UsageError("--dry-run shows a batch job script: use --cluster slurm or pbs")
+    cluster = jobqueue_cluster(kind, jobs)
+    try:
+        click.echo(cluster.job_script())
+    finally:
+        cluster.close()

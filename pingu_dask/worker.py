@@ -1,0 +1,28 @@
+"""`python -m pingu_dask.worker SCHEDULER [dask worker options]`: a Dask worker for pingu-dask.
+
+Batch-system jobs start workers this way (dask-jobqueue's worker_command) instead of
+`dask worker`, so that the worker processes get the environment torch inference needs
+(cluster.tuned_environment) before their nannies spawn them: the same as local workers.
+The job script sets DASK_PINGU__WORKER_THREADS (the cores of one worker process),
+which reaches us as the `pingu.worker-threads` config value.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    from distributed.cli.dask_worker import main as dask_worker
+
+    from pingu_dask.cluster import tuned_environment
+    from pingu_dask.config import available_cores, setting
+
+    # The job script is the one place that knows the cores per worker process.
+    tuned_environment(int(setting("worker-threads") or available_cores()))
+    sys.argv[0] = "dask-worker"
+    dask_worker()
+
+
+if __name__ == "__main__":
+    main()
