@@ -151,6 +151,9 @@ def jobqueue_cluster(kind: str, options: JobOptions, scans_left: int | None = No
     memory = options.memory or _option(kind, options, "memory") or "16GB"
     threads = max(1, cores // processes)
     worker_arguments = ["--resources", f"{INFERENCE_RESOURCE}=1", *lifetime_arguments(walltime)]
+    if processes > 1:
+        # dask-jobqueue adds --nworkers only for its own worker command, not for ours.
+        worker_arguments += ["--nworkers", str(processes)]
     configured = _option(kind, options, "worker-extra-args") or []
     directives = list(options.job_extra or _option(kind, options, "job-extra-directives") or [])
     arguments = dict(

@@ -229,11 +229,12 @@ def run_cohort(
     bar = ProgressBar(0)
 
     def on_start(outcome: RunOutcome, plan: ResumePlan) -> None:
-        where = (
-            f"{options.workers} local worker(s)"
-            if options.cluster == "local"
-            else (f"scheduler {options.cluster}")
-        )
+        if options.cluster == "local":
+            where = f"{options.workers} local worker(s)"
+        elif options.cluster in BATCH_SYSTEMS:
+            where = f"{options.cluster} worker jobs (adaptive)"
+        else:
+            where = f"scheduler {options.cluster}"
         console.print(f"{where}; Dask dashboard: {outcome.dashboard}")
         if plan.done or plan.redo:
             console.print(

@@ -1,0 +1,194 @@
+"""Runs through a real SLURM (scripts/slurm_testbed.sh start), and the PBS job script.
+
+The SLURM tests need the single-node test cluster that `make test` starts; when SLURM
+is not there they fail and say why, rather than skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pingu_dask import tables
+from pingu_dask.cluster import JobOptions, jobqueue_cluster, lifetime_arguments, parse_walltime
+from pingu_dask.synth import generate_cohort
+
+SLURM_OPTIONS = [
+    "--model", "demo", "--no-tta", "--step-size", "1.0", "--device", "cpu",
+    "--cluster", "slurm", "--cores", "2", "--memory", "6GB", "--walltime", "00:20:00",
+    "--min-jobs", "1", "--max-jobs", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    try:
+        state = subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pytest.fail(f"SLURM is not available ({error}); start it: scripts/slurm_testbed.sh start")
+    if state.returncode != 0 or not re.search(r"idle|mix|alloc", state.stdout):
+        pytest.fail(
+            "SLURM is not up (sinfo: "
+            f"{(state.stdout + state.stderr).strip()!r}); start it: scripts/slurm_testbed.sh start"
+        )
+
+
+@pytest.fixture(scope="module")
+def cohort6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cohort6")
+    generate_cohort(root, n_scans=6, seed=21, jobs=2)
+    manifest = pd.read_csv(root / "manifest.csv", dtype=str)
+    for column in ("t1w", "parcellation", "reference"):
+        manifest[column] = [str(root / p) for p in manifest[column]]
+    manifest.to_csv(root / "absolute.csv", index=False)
+    return root / "absolute.csv"
+
+
+def start_run(manifest: Path, out: Path, logs: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pingu_dask.cli", "run", str(manifest), "--out", str(out)]
+    return subprocess.Popen(
+        [*command, *SLURM_OPTIONS, "--log-dir", str(logs)],
+        env=dict(os.environ, DASK_PINGU__FLUSH_EVERY_SCANS="1", COLUMNS="200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def job_ids(logs: Path) -> set[int]:
+    """SLURM job ids of the worker jobs, from their output files (dask-worker-ID.err)."""
+    return {int(m[1]) for p in logs.glob("*.err") if (m := re.search(r"-(\d+)\.err$", p.name))}
+
+
+def job_record(job_id: int) -> str:
+    return subprocess.run(
+        ["scontrol", "show", "job", str(job_id)], capture_output=True, text=True
+    ).stdout
+
+
+def finish(process: subprocess.Popen, timeout: int = 600) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the run did not finish in {timeout} s:\n{output}")
+    return output
+
+
+def test_a_cohort_runs_on_slurm_worker_jobs(slurm, cohort6: Path, tmp_path: Path) -> None:
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    process = start_run(cohort6, out, logs)
+    output = finish(process)
+    assert process.returncode == 0, output
+    assert "slurm worker jobs (adaptive)" in output
+    ledger = tables.read_table(out, "ledger")
+    assert (ledger.status == "ok").sum() == 6
+    ids = job_ids(logs)
+    assert ids, f"no worker job output in {logs}"
+    record = job_record(min(ids))
+    assert "JobName=dask-worker" in record
+    assert re.search(r"gres[:/]gpu[:=]1|gpu:1", record), record  # the GPU directive was used
+    # The workers that did the work ran inside those jobs (their logs name them).
+    worker_logs = "".join(p.read_text() for p in logs.glob("*.err"))
+    for worker in set(ledger.worker.dropna()):
+        assert worker in worker_logs
+
+
+def test_a_cancelled_worker_job_does_not_stop_the_run(slurm, cohort6: Path, tmp_path: Path) -> None:
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    process = start_run(cohort6, out, logs)
+    deadline = time.monotonic() + 300
+    while (tables.read_table(out, "ledger").status == "ok").sum() < 2:
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no progress before the cancel:\n{finish(process, 10)}")
+        time.sleep(0.5)
+    first_jobs = job_ids(logs)
+    subprocess.run(["scancel", *map(str, first_jobs)], check=True)
+    output = finish(process)
+    assert process.returncode == 0, output
+    ledger = tables.read_table(out, "ledger")
+    assert set(ledger[ledger.status == "ok"].scan_id) == {f"sub-{i:03d}" for i in range(1, 7)}
+    assert len(job_ids(logs) - first_jobs) >= 1  # adapt started a new worker job
+    assert len(tables.read_table(out, "regions").query("region == 'whole_brain'")) == 6
+
+
+def test_lifetime_is_safely_below_the_walltime() -> None:
+    for walltime in ("00:20:00", "01:00:00", "12:00:00", "2-00:00:00"):
+        total = parse_walltime(walltime)
+        arguments = lifetime_arguments(walltime)
+        lifetime = int(arguments[1].rstrip("s"))
+        stagger = int(arguments[3].rstrip("s"))
+        assert lifetime + stagger / 2 <= total - 60  # leaves a minute at the very least
+        assert lifetime >= total / 2
+    assert parse_walltime("90") == 5400 and parse_walltime("1-00:00:00") == 86400
+
+
+def test_slurm_and_pbs_job_scripts() -> None:
+    options = JobOptions(
+        cores=8,
+        memory="32GB",
+        processes=2,
+        walltime="04:00:00",
+        queue="gpu",
+        account="lab42",
+        prologue=("module load cuda/12.4", "source /opt/pingu/venv/bin/activate"),
+        max_jobs=3,
+    )
+    slurm_cluster = jobqueue_cluster("slurm", options, scans_left=100)
+    try:
+        script = slurm_cluster.job_script()
+    finally:
+        slurm_cluster.close()
+    for line in (
+        "#SBATCH -p gpu",
+        "#SBATCH -A lab42",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH -t 04:00:00",
+        "#SBATCH --gres=gpu:2",
+        "module load cuda/12.4",
+        "export DASK_PINGU__WORKER_THREADS=4",
+    ):
+        assert line in script, (line, script)
+    assert "-m pingu_dask.worker" in script and "--resources GPU=1" in script
+    assert "--nworkers 2" in script and "--lifetime 12660s --lifetime-stagger 300s" in script
+
+    # No PBS server is installable here: the generated script is checked as text only.
+    pbs_cluster = jobqueue_cluster("pbs", options, scans_left=100)
+    try:
+        script = pbs_cluster.job_script()
+    finally:
+        pbs_cluster.close()
+    for line in (
+        "#PBS -q gpu",
+        "#PBS -A lab42",
+        "#PBS -l select=1:ncpus=8:mem=32GB:ngpus=2",
+        "#PBS -l walltime=04:00:00",
+        "source /opt/pingu/venv/bin/activate",
+    ):
+        assert line in script, (line, script)
+    assert "-m pingu_dask.worker" in script and "--resources GPU=1" in script
+
+
+def test_dry_run_prints_the_job_script_and_queues_nothing() -> None:
+    from click.testing import CliRunner
+
+    from pingu_dask.cli import main
+
+    arguments = ["run", "unused.csv", "--out", "unused", "--cluster", "slurm", "--dry-run"]
+    result = CliRunner().invoke(main, [*arguments, "--walltime", "00:30:00", "--gpus-per-job", "0"])
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH -t 00:30:00" in result.output and "--gres" not in result.output
+    assert "--lifetime 1410s --lifetime-stagger 90s" in result.output
+    assert not Path("unused").exists()
