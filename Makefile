@@ -18,7 +18,7 @@ STAMP  := $(VENV)/.pingu-installed
 PIN    := $(VENV)/torch-constraint.txt
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint clean-demo slurm-up slurm-down
 
 setup: $(STAMP)
 
@@ -37,8 +37,18 @@ lint: setup
 	$(BIN)/ruff check pingu_dask tests scripts
 	$(BIN)/ruff format --check pingu_dask tests scripts
 
+# The SLURM tests need a running SLURM: the testbed is started first (as root; it
+# installs the Debian packages on a fresh machine). If it cannot start, make goes on
+# and those tests fail saying why.
 test: setup lint
+	-scripts/slurm_testbed.sh start
 	$(BIN)/pytest
+
+slurm-up:
+	scripts/slurm_testbed.sh start
+
+slurm-down:
+	scripts/slurm_testbed.sh stop
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

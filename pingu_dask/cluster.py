@@ -144,6 +144,14 @@ def jobqueue_cluster(kind: str, options: JobOptions, scans_left: int | None = No
         raise ValueError(f"unknown batch system {kind!r}; choose one of {BATCH_SYSTEMS}")
     from dask_jobqueue import PBSCluster, SLURMCluster
 
+    if options.config_name and options.config_name != kind:
+        # A named section (e.g. slurm-a100) states only what differs from `slurm`;
+        # dask-jobqueue wants every key, so fill in the rest from the base section.
+        base = dask.config.get(f"jobqueue.{kind}")
+        named = dask.config.get(f"jobqueue.{options.config_name}", default=None)
+        if named is None:
+            raise ValueError(f"no section jobqueue.{options.config_name} in Dask's config")
+        dask.config.set({f"jobqueue.{options.config_name}": {**base, **named}})
     processes = options.processes or _option(kind, options, "processes") or 1
     gpus = processes if options.gpus_per_job is None else options.gpus_per_job
     walltime = options.walltime or _option(kind, options, "walltime") or "01:00:00"

@@ -192,3 +192,27 @@ def test_dry_run_prints_the_job_script_and_queues_nothing() -> None:
     assert "#SBATCH -t 00:30:00" in result.output and "--gres" not in result.output
     assert "--lifetime 1410s --lifetime-stagger 90s" in result.output
     assert not Path("unused").exists()
+
+
+def test_the_deploy_jobqueue_file_drives_the_job_script() -> None:
+    import dask.config
+    import dask_jobqueue  # noqa: F401  (its config defaults first, as at a user's import)
+    import yaml
+
+    document = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "jobqueue.yaml").read_text())
+    # As Dask does with a file in ~/.config/dask: merged over the defaults.
+    with dask.config.set(dask.config.merge(dask.config.config, document)):
+        cluster = jobqueue_cluster("slurm", JobOptions(config_name="slurm-a100"))
+        try:
+            script = cluster.job_script()
+        finally:
+            cluster.close()
+    for line in ("#SBATCH -p gpu", "--constraint=a100", "#SBATCH --gres=gpu:2", "-t 12:00:00"):
+        assert line in script, (line, script)
+    assert "--nworkers 2" in script and "module load cuda/12.4" in script
+    options = JobOptions(python="apptainer exec --nv pingu.sif python", walltime="00:30:00")
+    cluster = jobqueue_cluster("slurm", options)
+    try:
+        assert "apptainer exec --nv pingu.sif python -m pingu_dask.worker" in cluster.job_script()
+    finally:
+        cluster.close()

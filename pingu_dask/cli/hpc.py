@@ -41,6 +41,12 @@ def jobqueue_options(function: Callable) -> Callable:
         ),
         click.option("--log-dir", default=None, help="Folder for the jobs' output files."),
         click.option(
+            "--worker-python",
+            default=None,
+            help="Python command for worker jobs (default: this interpreter), e.g. "
+            "'apptainer exec --nv pingu-dask.sif python'.",
+        ),
+        click.option(
             "--job-extra",
             multiple=True,
             help="An extra directive for the job script (repeatable), e.g. --constraint=a100.",
@@ -77,6 +83,7 @@ def job_options(values: dict) -> JobOptions:
         account=values.pop("account"),
         prologue=tuple(values.pop("prologue")),
         log_directory=values.pop("log_dir"),
+        python=values.pop("worker_python"),
         job_extra=tuple(values.pop("job_extra")),
         min_jobs=values.pop("min_jobs"),
         max_jobs=values.pop("max_jobs"),
