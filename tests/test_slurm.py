@@ -87,6 +87,7 @@ def finish(process: subprocess.Popen, timeout: int = 600) -> str:
     return output
 
 
+@pytest.mark.slurm
 def test_a_cohort_runs_on_slurm_worker_jobs(slurm, cohort6: Path, tmp_path: Path) -> None:
     out, logs = tmp_path / "out", tmp_path / "logs"
     process = start_run(cohort6, out, logs)
@@ -106,6 +107,7 @@ def test_a_cohort_runs_on_slurm_worker_jobs(slurm, cohort6: Path, tmp_path: Path
         assert worker in worker_logs
 
 
+@pytest.mark.slurm
 def test_a_cancelled_worker_job_does_not_stop_the_run(slurm, cohort6: Path, tmp_path: Path) -> None:
     out, logs = tmp_path / "out", tmp_path / "logs"
     process = start_run(cohort6, out, logs)
@@ -216,3 +218,21 @@ def test_the_deploy_jobqueue_file_drives_the_job_script() -> None:
         assert "apptainer exec --nv pingu.sif python -m pingu_dask.worker" in cluster.job_script()
     finally:
         cluster.close()
+
+
+@pytest.mark.slurm
+def test_slurm_accepts_the_dry_run_job_script(slurm, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pingu_dask.cli import main
+
+    arguments = ["run", "m.csv", "--out", "o", "--cluster", "slurm", "--dry-run"]
+    options = ["--cores", "2", "--memory", "4GB", "--walltime", "01:00:00"]
+    result = CliRunner().invoke(main, [*arguments, *options])
+    assert result.exit_code == 0, result.output
+    script = tmp_path / "worker.sbatch"
+    script.write_text(result.output)
+    check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+    # sbatch --test-only validates the script and its resources without queuing it.
+    assert check.returncode == 0, check.stderr
+    assert "to start at" in check.stderr
