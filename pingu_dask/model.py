@@ -184,25 +184,54 @@ def _sha256_of_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible to this process, else 'cpu'."""
+def resolve_device(device: str, slot: int = 0) -> str:
+    """'auto' -> a CUDA GPU when one is visible to this process, else 'cpu'.
+
+    `slot` is the worker's index among the worker processes sharing a machine or a
+    job; with several visible GPUs each slot gets its own (see pick_cuda_device).
+    """
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    if device.startswith("cuda"):
+        return pick_cuda_device(device, slot, torch.cuda.device_count())
     return device
 
 
-def load_predictor(model: Model, settings: InferenceSettings):
+def pick_cuda_device(device: str, slot: int, n_gpus: int) -> str:
+    """'cuda' -> 'cuda:<slot mod n_gpus>'; an explicit 'cuda:N' is kept.
+
+    A batch job with two GPUs runs two worker processes; without this both would use
+    cuda:0 and the second GPU would idle.
+    """
+    if device != "cuda" or n_gpus <= 1:
+        return device
+    return f"cuda:{slot % n_gpus}"
+
+
+def worker_slot(name: object) -> int:
+    """A worker's index within its machine or job, from its Dask name.
+
+    LocalCluster names workers 0, 1, ...; `dask worker --nworkers N` (batch jobs)
+    names them <job name>-0, <job name>-1, ...; anything else counts as slot 0.
+    """
+    if isinstance(name, int):
+        return name
+    match = re.search(r"-(\d+)$", str(name))
+    return int(match[1]) if match else 0
+
+
+def load_predictor(model: Model, settings: InferenceSettings, slot: int = 0):
     """An initialised nnUNetPredictor for `model` (weights of every fold, network built)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    device = torch.device(resolve_device(settings.device))
+    device = torch.device(resolve_device(settings.device, slot))
     checkpoints = [
         torch.load(
             model.folder / f"fold_{fold}" / model.checkpoint, map_location="cpu", weights_only=False

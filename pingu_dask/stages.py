@@ -35,7 +35,7 @@ from pingu_dask.config import ClusterSettings, InferenceSettings, available_core
 from pingu_dask.errors import INPUT_ERRORS, InputError, StageFailure
 from pingu_dask.imaging import check_image_data, load_volume, read_info, save_nifti
 from pingu_dask.manifest import Scan
-from pingu_dask.model import Model, load_predictor
+from pingu_dask.model import Model, load_predictor, worker_slot
 from pingu_dask.regions import ASEG, RegionTable
 
 # Readers whose arrays are the NIfTI array with the axes reversed (SimpleITK order).
@@ -82,7 +82,7 @@ def cached_predictor(model: Model, settings: InferenceSettings):
     key = (model.fingerprint, settings)
     with _lock:
         if key not in _predictors:
-            _predictors[key] = load_predictor(model, settings)
+            _predictors[key] = load_predictor(model, settings, worker_slot(_worker_name_of()))
             _load_counts[model.fingerprint] += 1
         return _predictors[key]
 
@@ -100,6 +100,16 @@ def _worker_name() -> str:
         return get_worker().address
     except ValueError:
         return "local"
+
+
+def _worker_name_of() -> object:
+    """This worker's Dask name (0, 1, ... locally; <job>-<i> in batch jobs)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except ValueError:
+        return 0
 
 
 def _set_torch_threads(settings: InferenceSettings) -> None:

@@ -341,3 +341,22 @@ def test_run_command_writes_provenance_and_uses_a_user_region_table(
     assert tables.read_table(out, "clusters")["n_voxels"].min() >= 8
     assert "Evaluation against the reference masks" in result.output
     assert "whole brain" in result.output
+
+
+def test_each_worker_process_of_a_multi_gpu_job_gets_its_own_gpu() -> None:
+    from pingu_dask.model import pick_cuda_device, worker_slot
+
+    # Pure functions: a GPU itself cannot be tested here (no GPU in CI).
+    assert [worker_slot(n) for n in (0, 3, "dask-worker-12345-1", "tcp://1.2.3.4:5")] == [
+        0,
+        3,
+        1,
+        0,
+    ]
+    assert [pick_cuda_device("cuda", slot, 2) for slot in range(3)] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:0",
+    ]
+    assert pick_cuda_device("cuda:1", 0, 2) == "cuda:1"  # an explicit choice is kept
+    assert pick_cuda_device("cuda", 5, 1) == "cuda"
