@@ -19,7 +19,7 @@ import pyarrow as pa
 from pingu_dask import metrics, store, tables
 from pingu_dask.config import ClusterSettings
 from pingu_dask.evaluate import evaluate_by_region
-from pingu_dask.imaging import load_volume
+from pingu_dask.imaging import load_volume, voxel_volume
 from pingu_dask.manifest import Scan
 from pingu_dask.postprocess import clean_mask, find_clusters
 from pingu_dask.regions import (
@@ -67,9 +67,9 @@ def analyse_mask(
     Returns the cleaned mask (uint8 0/1: exclusions and size filter applied, the mask
     that is stored) and a small record with the scan's table rows as Arrow tables.
     """
-    voxel_volume = abs(float(np.linalg.det(np.asarray(affine)[:3, :3])))
+    volume = voxel_volume(affine)
     excluded = regions.excluded if regions is not None else None
-    cleaned, labels, n_clusters = find_clusters(raw_mask, voxel_volume, settings, excluded)
+    cleaned, labels, n_clusters = find_clusters(raw_mask, volume, settings, excluded)
     if regions is None:
         names, codes = region_names(None), np.zeros(n_clusters, dtype=np.intp)
     else:
@@ -122,10 +122,10 @@ def evaluate_against_reference(
     """
     if scan.reference is None:
         raise ValueError(f"scan {scan.scan_id!r} has no reference mask")
-    voxel_volume = abs(float(np.linalg.det(np.asarray(affine)[:3, :3])))
+    volume = voxel_volume(affine)
     excluded = regions.excluded if regions is not None else None
     reference = label_map_on_grid(scan.reference, mask.shape, affine, "reference mask")
-    reference = clean_mask(reference > 0, voxel_volume, settings, excluded)
+    reference = clean_mask(reference > 0, volume, settings, excluded)
     codes = None if regions is None else regions.codes
     names = region_names(None if regions is None else table)
     rows = evaluate_by_region(mask, reference, codes, names, settings.connectivity)
@@ -147,9 +147,9 @@ def evaluate_stored(
     else:
         mask, affine = load_volume(source)
     regions = scan_regions(scan, mask.shape, affine, table, settings)
-    voxel_volume = abs(float(np.linalg.det(np.asarray(affine)[:3, :3])))
+    volume = voxel_volume(affine)
     excluded = regions.excluded if regions is not None else None
-    cleaned = clean_mask(mask > 0, voxel_volume, settings, excluded)
+    cleaned = clean_mask(mask > 0, volume, settings, excluded)
     return evaluate_against_reference(cleaned, affine, scan, regions, settings, table)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dask.config
 from distributed import LocalCluster
@@ -97,7 +97,6 @@ class JobOptions:
     min_jobs: int = 0
     max_jobs: int = 4
     python: str | None = None  # default: this interpreter
-    extra_config: dict = field(default_factory=dict)
 
 
 def parse_walltime(text: str) -> int:
@@ -178,11 +177,11 @@ def jobqueue_cluster(kind: str, options: JobOptions, scans_left: int | None = No
         ],
         python=options.python or _option(kind, options, "python") or sys.executable,
         scheduler_options={"dashboard_address": "127.0.0.1:0"},
-        **({"config_name": options.config_name} if options.config_name else {}),
-        **({"queue": options.queue} if options.queue else {}),
-        **({"account": options.account} if options.account else {}),
-        **({"log_directory": options.log_directory} if options.log_directory else {}),
-        **options.extra_config,
+        # None: dask-jobqueue takes the value from its config section.
+        config_name=options.config_name,
+        queue=options.queue,
+        account=options.account,
+        log_directory=options.log_directory,
     )
     if kind == "slurm":
         if gpus:

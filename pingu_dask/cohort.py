@@ -18,7 +18,7 @@ from pingu_dask import ledger, store, tables
 from pingu_dask.cluster import BATCH_SYSTEMS, JobOptions
 from pingu_dask.lock import OutputLock
 from pingu_dask.manifest import ManifestReport
-from pingu_dask.runner import Progress, provenance, segment_cohort
+from pingu_dask.runner import Progress, manifest_info, provenance, segment_cohort
 from pingu_dask.stages import Pipeline
 
 KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok records shrink to id + status
@@ -97,7 +97,6 @@ def run_cohort(
     outcome = RunOutcome(run_id=uuid.uuid4().hex[:12])
     with OutputLock(out):
         check_settings(out, pipeline, request.force)
-        store.prepare_output(out)
         tables.remove_orphan_parts(out)
         plan = ledger.plan_resume(out, request.report.scans, pipeline.fingerprint())
         tables.drop_scans(out, plan.redo)
@@ -108,7 +107,7 @@ def run_cohort(
             pipeline, request.report.path, len(request.report.scans)
         )
         run_info["n_scans"] = len(request.report.scans)
-        run_info["manifest"] = provenance(pipeline, request.report.path, 0)["manifest"]
+        run_info["manifest"] = manifest_info(request.report.path)
         run_info.setdefault("runs", []).append(
             {"run_id": outcome.run_id, "started": _now(), "finished": None, "to_do": len(plan.todo)}
         )

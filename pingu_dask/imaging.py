@@ -114,6 +114,11 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
+def voxel_volume(affine: np.ndarray) -> float:
+    """Volume of one voxel in mm³: |det| of the affine's 3x3 part (any orientation)."""
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+
+
 def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     """Map (N, 3) voxel indices (may be fractional) to (N, 3) scanner coordinates in mm."""
     affine = np.asarray(affine, dtype=np.float64)

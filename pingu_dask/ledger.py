@@ -8,7 +8,6 @@ settings), and its input files are the ones it was made from.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,15 +85,6 @@ def latest_attempts(out: Path, ledger: pd.DataFrame | None = None) -> pd.DataFra
     return attempts.sort_values(["finished", "attempt"]).drop_duplicates("scan_id", keep="last")
 
 
-def _group_attrs(out: Path, scan_id: str) -> dict:
-    """A mask group's attributes read straight from its zarr.json (fast at 100k scans)."""
-    try:
-        document = json.loads((Path(out) / store.MASKS / scan_id / "zarr.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    return document.get("attributes", {})
-
-
 @dataclass
 class ResumePlan:
     """What a rerun does with each scan of the manifest."""
@@ -106,37 +96,26 @@ class ResumePlan:
 
 def plan_resume(out: Path, scans: Sequence[Scan], pipeline_fingerprint: str) -> ResumePlan:
     """Split the scans into done and to-do, from the ledger and the Zarr groups."""
-
     latest = latest_attempts(out)
     ok = latest[latest.status == OK].set_index("scan_id")["input_fingerprint"].to_dict()
-    plan = ResumePlan()
+
+    def unchanged(scan: Scan) -> bool:
+        group = store.mask_attrs(out, scan.scan_id) or {}
+        return (
+            group.get("complete") is True
+            and group.get("pipeline_fingerprint") == pipeline_fingerprint
+            and ok[scan.scan_id] == _safe_fingerprint(scan) == group.get("input_fingerprint")
+        )
+
     candidates = [scan for scan in scans if scan.scan_id in ok]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        attrs = dict(
-            zip(
-                [s.scan_id for s in candidates],
-                pool.map(lambda s: _group_attrs(out, s.scan_id), candidates),
-                strict=True,
-            )
-        )
-        current = dict(
-            zip(
-                [s.scan_id for s in candidates],
-                pool.map(_safe_fingerprint, candidates),
-                strict=True,
-            )
-        )
+    with ThreadPoolExecutor(max_workers=16) as pool:  # file system latency, not CPU
+        verdicts = list(pool.map(unchanged, candidates))
+    done = {s.scan_id for s, same in zip(candidates, verdicts, strict=True) if same}
+    plan = ResumePlan()
     for scan in scans:
         if scan.scan_id not in ok:
             plan.todo.append(scan)
-            continue
-        group = attrs[scan.scan_id]
-        unchanged = (
-            group.get("complete") is True
-            and group.get("pipeline_fingerprint") == pipeline_fingerprint
-            and ok[scan.scan_id] == current[scan.scan_id] == group.get("input_fingerprint")
-        )
-        if unchanged:
+        elif scan.scan_id in done:
             plan.done.append(scan.scan_id)
         else:
             plan.redo.append(scan.scan_id)

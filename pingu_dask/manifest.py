@@ -304,7 +304,7 @@ def _check_files(scans: list[Scan], jobs: int) -> tuple[list[Scan], list[Problem
                     )
                 )
         if not found:
-            mismatch = _channel_grid_mismatch(scan, infos)
+            mismatch = channel_grid_mismatch(scan, infos)
             if mismatch:
                 found.append(Problem(mismatch, scan.row, scan.scan_id, scan.channels[0][0]))
         problems.extend(found)
@@ -322,7 +322,7 @@ def _file_columns(scan: Scan) -> dict[str, Path]:
     return files
 
 
-def _channel_grid_mismatch(scan: Scan, infos: dict[Path, ImageInfo | str]) -> str | None:
+def channel_grid_mismatch(scan: Scan, infos: dict[Path, ImageInfo | str]) -> str | None:
     """A reason when a scan's input channels are not on one voxel grid (nnU-Net needs that)."""
     if not scan.channels:  # e.g. evaluation, which reads no input image
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pingu_dask import imaging
 from pingu_dask.regions import WHOLE_BRAIN
 
 CLUSTER_COLUMNS = (
@@ -37,7 +38,6 @@ def cluster_measures(
 ) -> dict[str, np.ndarray | list]:
     """Columns of CLUSTER_COLUMNS for clusters 1..n of `labels` (`regions` by cluster)."""
     linear = np.asarray(affine, dtype=np.float64)[:3, :3]
-    voxel_volume = abs(float(np.linalg.det(linear)))
     flat = np.flatnonzero(labels)
     ids = labels.ravel()[flat].astype(np.int64)
     order = np.argsort(ids, kind="stable")
@@ -64,7 +64,7 @@ def cluster_measures(
     # Size of one voxel along the axis: |edge vectors . axis| summed over the 3 edges.
     voxel_extent = np.abs(axis @ linear).sum(axis=1)
     length = spread + voxel_extent
-    volume = n_voxels * voxel_volume
+    volume = n_voxels * imaging.voxel_volume(affine)
     width = 2.0 * np.sqrt(volume / (np.pi * length)) if n_clusters else np.zeros(0)
     return {
         "cluster": np.arange(1, n_clusters + 1, dtype=np.int64),

@@ -19,7 +19,7 @@ import nibabel as nib
 import nibabel.processing
 import numpy as np
 
-from pingu_dask.imaging import ImageError
+from pingu_dask.imaging import load_volume
 
 OTHER = "other"
 WHOLE_BRAIN = "whole_brain"
@@ -157,24 +157,15 @@ def label_map_on_grid(
     with nearest neighbour (labels must not be interpolated). Voxels of the image
     outside the label image's field of view get 0.
     """
-    try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-    except Exception as error:
-        raise ImageError(f"cannot read {what} {path}: {error}") from error
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise RegionError(f"{what} {path} is not 3D (shape {data.shape})")
-    integral = np.issubdtype(data.dtype, np.integer)
-    if not integral and not (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))):
+    data, label_affine = load_volume(path)  # ImageError: unreadable, truncated, not 3D
+    if not (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))):
         raise RegionError(f"{what} {path} holds non-integer values: not a label map")
-    data = data.astype(np.int32, copy=False)
-    same_affine = np.allclose(image.affine, affine, atol=AFFINE_TOLERANCE_MM)
+    data = data.astype(np.int32)
+    same_affine = np.allclose(label_affine, affine, atol=AFFINE_TOLERANCE_MM)
     if data.shape == tuple(shape[:3]) and same_affine:
         return np.ascontiguousarray(data)
     resampled = nibabel.processing.resample_from_to(
-        nib.Nifti1Image(data, image.affine), (tuple(shape[:3]), affine), order=0, cval=0
+        nib.Nifti1Image(data, label_affine), (tuple(shape[:3]), affine), order=0, cval=0
     )
     return np.ascontiguousarray(np.asanyarray(resampled.dataobj), dtype=np.int32)
 

@@ -18,6 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from pingu_dask import store, tables
+from pingu_dask.imaging import voxel_spacing
 
 SCANNER_AXES = ("x", "y", "z")  # RAS+ scanner axes, millimetres
 
@@ -88,7 +89,7 @@ def _scanner_coordinates(
     affine: np.ndarray, shape: tuple[int, ...]
 ) -> tuple[tuple[str, ...], dict[str, np.ndarray], float]:
     linear = affine[:3, :3]
-    spacing = np.sqrt((linear**2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     dominant = np.argmax(np.abs(linear), axis=0)  # scanner axis each array axis runs along
     if len(set(dominant.tolist())) < 3:
         dominant = np.arange(3)  # degenerate; name axes x, y, z in array order

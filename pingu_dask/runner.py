@@ -29,7 +29,6 @@ from typing import NamedTuple
 from distributed import Client, as_completed
 
 from pingu_dask import __version__, ledger, stages, store, tables
-from pingu_dask.analyse import input_fingerprint
 from pingu_dask.cluster import INFERENCE_RESOURCE
 from pingu_dask.config import setting
 from pingu_dask.errors import describe
@@ -90,27 +89,37 @@ def segment_cohort(
     with tables.TableWriter(pipeline.out) as writer:
         if extra_ledger_rows:
             writer.add({}, ledger_rows=extra_ledger_rows)
-        loop = _Loop(client, pipeline, names, writer, retries, run_id, on_progress)
-        loop.functions = stage_functions
-        loop.keep_details = keep_details
+        loop = _Loop(
+            client,
+            pipeline,
+            names,
+            writer,
+            retries,
+            run_id,
+            on_progress,
+            keep_details,
+            stage_functions,
+        )
         return loop.run(scans, window)
 
 
+@dataclass
 class _Loop:
     """The driver's loop: submit, collect, record, retry; one instance per run."""
 
-    def __init__(self, client, pipeline, names, writer, retries, run_id, on_progress) -> None:
-        self.client = client
-        self.pipeline = pipeline
-        self.names = names
-        self.writer = writer
-        self.retries = retries
-        self.run_id = run_id
-        self.on_progress = on_progress
-        self.token = uuid.uuid4().hex[:8]
-        self.fingerprint = pipeline.fingerprint()
-        self.functions = NNUNET_STAGES
-        self.keep_details = True
+    client: Client
+    pipeline: stages.Pipeline
+    names: dict[str, str]  # scan id -> NIfTI file name
+    writer: tables.TableWriter
+    retries: int
+    run_id: str
+    on_progress: Callable[[Progress], None] | None
+    keep_details: bool
+    functions: StageFunctions
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    def __post_init__(self) -> None:
+        self.fingerprint = self.pipeline.fingerprint()
 
     def run(self, scans: Sequence[Scan], window: int | None) -> list[dict]:
         fixed_window = window
@@ -185,12 +194,12 @@ class _Loop:
         return [prepared, predicted, finished]
 
     def _collect(self, future, scan: Scan, attempt: int, started) -> dict:
-        """The attempt's record (status ok, failed, or retry) and its ledger row."""
-        try:
-            fingerprint = input_fingerprint(scan)
-        except OSError:
-            fingerprint = None
-        common = dict(input_fingerprint=fingerprint, pipeline_fingerprint=self.fingerprint)
+        """The attempt's record (status ok, failed, or retry) and its ledger row.
+
+        The input fingerprint comes from the worker that read the files (no file
+        system calls here: this runs once per scan on the driver).
+        """
+        common = dict(pipeline_fingerprint=self.fingerprint)
         try:
             record = future.result()
         except Exception as error:
@@ -224,12 +233,23 @@ class _Loop:
             self.run_id,
             started,
             record=record,
+            input_fingerprint=record.get("input_fingerprint"),
             **common,
         )
         scan_tables = record.pop("tables", {})
         self.writer.add(scan_tables, ledger_rows=[row])
         record["attempt"] = attempt
         return record
+
+
+def manifest_info(manifest: Path | None) -> dict | None:
+    """Where the manifest is and its SHA-256 (run.json: which cohort this was)."""
+    if manifest is None:
+        return None
+    return {
+        "path": str(Path(manifest).resolve()),
+        "sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
+    }
 
 
 def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -> dict:
@@ -240,12 +260,6 @@ def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    manifest_info = None
-    if manifest is not None:
-        manifest_info = {
-            "path": str(Path(manifest).resolve()),
-            "sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
-        }
     return {
         "tool": "pingu-dask",
         "version": __version__,
@@ -263,7 +277,7 @@ def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -
         "clusters": asdict(pipeline.clusters),
         "regions": {"table": pipeline.regions.name, "regions": dict(pipeline.regions.regions)},
         "pipeline_fingerprint": pipeline.fingerprint(),
-        "manifest": manifest_info,
+        "manifest": manifest_info(manifest),
         "n_scans": n_scans,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "finished": None,

@@ -33,8 +33,8 @@ from pingu_dask import store
 from pingu_dask.analyse import Regions, analyse_mask, input_fingerprint, scan_regions
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
 from pingu_dask.errors import INPUT_ERRORS, InputError, StageFailure
-from pingu_dask.imaging import check_image_data, load_volume, read_info, save_nifti
-from pingu_dask.manifest import Scan
+from pingu_dask.imaging import ImageInfo, check_image_data, load_volume, save_nifti
+from pingu_dask.manifest import Scan, channel_grid_mismatch
 from pingu_dask.model import Model, load_predictor, worker_slot
 from pingu_dask.regions import ASEG, RegionTable
 
@@ -82,7 +82,9 @@ def cached_predictor(model: Model, settings: InferenceSettings):
     key = (model.fingerprint, settings)
     with _lock:
         if key not in _predictors:
-            _predictors[key] = load_predictor(model, settings, worker_slot(_worker_name_of()))
+            worker = _this_worker()
+            slot = worker_slot(worker.name) if worker else 0
+            _predictors[key] = load_predictor(model, settings, slot)
             _load_counts[model.fingerprint] += 1
         return _predictors[key]
 
@@ -93,23 +95,20 @@ def load_counts() -> dict[str, int]:
         return dict(_load_counts)
 
 
+def _this_worker():
+    """The Dask worker running this task, or None outside a worker."""
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
 def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except ValueError:
-        return "local"
-
-
-def _worker_name_of() -> object:
-    """This worker's Dask name (0, 1, ... locally; <job>-<i> in batch jobs)."""
-    try:
-        from distributed import get_worker
-
-        return get_worker().name
-    except ValueError:
-        return 0
+    """This worker's address (what the ledger and the dashboards show)."""
+    worker = _this_worker()
+    return worker.address if worker else "local"
 
 
 def _set_torch_threads(settings: InferenceSettings) -> None:
@@ -146,11 +145,20 @@ class Pipeline:
 
 
 @dataclass
+class Source:
+    """What preprocess learnt about the scan's files, for finish (no second read)."""
+
+    info: ImageInfo  # the first channel's grid: the mask is written on it
+    regions: Regions | None
+    input_fingerprint: str  # of the files as they were read
+
+
+@dataclass
 class Preprocessed:
     scan_id: str
     data: np.ndarray  # (C, Z, Y, X) float32, nnU-Net's preprocessed volume
     properties: dict
-    regions: Regions | None
+    source: Source
     seconds: float
     worker: str
 
@@ -160,7 +168,7 @@ class Predicted:
     scan_id: str
     logits: Any  # torch.Tensor (classes, Z, Y, X) on the CPU
     properties: dict
-    regions: Regions | None
+    source: Source
     seconds: dict[str, float]
     workers: dict[str, str]
 
@@ -198,15 +206,12 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     """
     started = time.perf_counter()
     model = pipeline.model
-    infos = [check_image_data(scan.channel(column)) for column in model.channels]
-    info = infos[0]
-    for column, other in zip(model.channels[1:], infos[1:], strict=True):
-        if other.shape[:3] != info.shape[:3]:
-            raise InputError(
-                f"channels {model.channels[0]} {info.shape[:3]} and {column} "
-                f"{other.shape[:3]} have different shapes"
-            )
+    infos = {path: check_image_data(path) for path in scan.channel_paths}
+    if mismatch := channel_grid_mismatch(scan, infos):
+        raise InputError(mismatch)
+    info = infos[scan.channel(model.channels[0])]
     regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.clusters)
+    source = Source(info, regions, input_fingerprint(scan))
     plan = model_plan(model)
     preprocessor = plan.configuration.preprocessor_class(verbose=False)
     files = [str(scan.channel(column)) for column in model.channels]
@@ -215,7 +220,7 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     )
     data = np.ascontiguousarray(data, dtype=np.float32)
     seconds = time.perf_counter() - started
-    return Preprocessed(scan.scan_id, data, properties, regions, seconds, _worker_name())
+    return Preprocessed(scan.scan_id, data, properties, source, seconds, _worker_name())
 
 
 @stage("predict")
@@ -232,7 +237,7 @@ def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
         item.scan_id,
         logits,
         item.properties,
-        item.regions,
+        item.source,
         {"preprocess": item.seconds, "predict": time.perf_counter() - started},
         {"preprocess": item.worker, "predict": _worker_name()},
     )
@@ -260,16 +265,18 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         return_probabilities=False,
         num_threads_torch=pipeline.inference.torch_threads or available_cores(),
     )
-    info = read_info(scan.channel(pipeline.model.channels[0]))
+    source = item.source
+    info = source.info
     raw = to_image_order(np.asarray(segmentation), plan, item.properties, info.shape[:3])
     mask, result = analyse_mask(
-        raw, info.affine, scan, item.regions, pipeline.clusters, pipeline.regions
+        raw, info.affine, scan, source.regions, pipeline.clusters, pipeline.regions
     )
     attrs = {
         "model_fingerprint": pipeline.model.fingerprint,
         "pipeline_fingerprint": pipeline.fingerprint(),
-        "input_fingerprint": input_fingerprint(scan),
+        "input_fingerprint": source.input_fingerprint,
     }
+    result["input_fingerprint"] = source.input_fingerprint
     result["mask"] = store.write_mask(pipeline.out, scan.scan_id, mask, info.affine, attrs)
     if pipeline.write_nifti and nifti_name:
         path = Path(pipeline.out) / store.NIFTI / nifti_name

@@ -190,15 +190,19 @@ class TableWriter:
         self.close()
 
 
+def _write_parquet(table: pa.Table, path: Path) -> Path:
+    """Write under a hidden temporary name, then rename: readers see all or nothing."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, temporary, compression="zstd")
+    os.replace(temporary, path)
+    return path
+
+
 def write_part(out: Path, name: str, table: pa.Table, flush_id: str) -> Path:
     """Write one part atomically: OUT/tables/NAME/part-FLUSH_ID.parquet."""
     folder = Path(out) / TABLES / name
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"part-{flush_id}.parquet"
-    temporary = folder / f".part-{flush_id}.tmp"
-    pq.write_table(table.cast(SCHEMAS[name]), temporary, compression="zstd")
-    os.replace(temporary, path)
-    return path
+    return _write_parquet(table.cast(SCHEMAS[name]), folder / f"part-{flush_id}.parquet")
 
 
 def parts(out: Path, name: str) -> list[Path]:
@@ -235,9 +239,7 @@ def drop_scans(out: Path, scan_ids: Iterable[str]) -> int:
             hit = pc.is_in(table["scan_id"], value_set=chosen)
             count = pc.sum(hit).as_py() or 0
             if count:
-                temporary = part.with_name(f".{part.name}.tmp")
-                pq.write_table(table.filter(pc.invert(hit)), temporary, compression="zstd")
-                os.replace(temporary, part)
+                _write_parquet(table.filter(pc.invert(hit)), part)
                 removed += count
     return removed
 
@@ -250,7 +252,7 @@ def replace_table(out: Path, name: str, table: pa.Table) -> None:
     folder = Path(out) / TABLES / name
     fresh = folder.with_name(f".{name}-new-{uuid.uuid4().hex[:8]}")
     fresh.mkdir(parents=True)
-    pq.write_table(table.cast(SCHEMAS[name]), fresh / REPLACED_PART, compression="zstd")
+    _write_parquet(table.cast(SCHEMAS[name]), fresh / REPLACED_PART)
     old = folder.with_name(f".{name}-old-{uuid.uuid4().hex[:8]}")
     if folder.exists():
         folder.rename(old)

@@ -61,6 +61,7 @@ def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | Non
         "input_fingerprint": input_fingerprint(scan),
     }
     store.write_mask(pipeline.out, scan.scan_id, mask, np.eye(4), attrs)
+    fingerprint = attrs["input_fingerprint"]
     row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0}
     row.update(n_voxels=0, total_volume_mm3=0.0)
     return {
@@ -70,6 +71,7 @@ def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | Non
         "volume_mm3": 0.0,
         "seconds": {"preprocess": 0.0, "predict": 0.0, "finish": 0.0},
         "workers": {},
+        "input_fingerprint": fingerprint,
         "tables": {"regions": tables.to_table("regions", [row])},
     }
 

@@ -31,44 +31,50 @@ def split(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def cluster_options(function: Callable) -> Callable:
-    """--regions, --connectivity, --min-cluster-voxels, --min-cluster-mm3, --exclude."""
-    options = [
-        click.option(
-            "--regions",
-            "regions_spec",
-            default=None,
-            help="Region table: synthseg (default), aseg, or a JSON file "
-            '({"regions": {"white_matter": [2, 41, "251-255"], ...}}).',
-        ),
-        click.option(
-            "--connectivity",
-            type=click.Choice(["6", "18", "26"]),
-            default=None,
-            help="Voxel connectivity of clusters (default 26).",
-        ),
-        click.option(
-            "--min-cluster-voxels",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Drop clusters smaller than this (default 6: drop clusters of <= 5 voxels).",
-        ),
-        click.option(
-            "--min-cluster-mm3",
-            type=click.FloatRange(min=0),
-            default=None,
-            help="Also drop clusters below this volume in mm³ (default 0: off).",
-        ),
-        click.option(
-            "--exclude",
-            default=None,
-            help="Parcellation labels removed from masks, e.g. '4,43' or "
-            f"{', '.join(LABEL_GROUPS)}.",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+def option_group(*options: Callable) -> Callable[[Callable], Callable]:
+    """A decorator applying several click options in the order given (shared option sets)."""
+
+    def apply(function: Callable) -> Callable:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return apply
+
+
+# --regions, --connectivity, --min-cluster-voxels, --min-cluster-mm3, --exclude
+cluster_options = option_group(
+    click.option(
+        "--regions",
+        "regions_spec",
+        default=None,
+        help="Region table: synthseg (default), aseg, or a JSON file "
+        '({"regions": {"white_matter": [2, 41, "251-255"], ...}}).',
+    ),
+    click.option(
+        "--connectivity",
+        type=click.Choice(["6", "18", "26"]),
+        default=None,
+        help="Voxel connectivity of clusters (default 26).",
+    ),
+    click.option(
+        "--min-cluster-voxels",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Drop clusters smaller than this (default 6: drop clusters of <= 5 voxels).",
+    ),
+    click.option(
+        "--min-cluster-mm3",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="Also drop clusters below this volume in mm³ (default 0: off).",
+    ),
+    click.option(
+        "--exclude",
+        default=None,
+        help=f"Parcellation labels removed from masks, e.g. '4,43' or {', '.join(LABEL_GROUPS)}.",
+    ),
+)
 
 
 def cluster_settings(

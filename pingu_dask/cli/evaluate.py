@@ -124,15 +124,16 @@ def _mask_sources(
 
 def _evaluate_on_dask(sources, settings, table, workers: int):
     """Evaluate each (scan, mask) on a LocalCluster, a bounded window at a time."""
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     from pingu_dask.analyse import evaluate_stored
+    from pingu_dask.cluster import local_cluster
 
     rows: list[pa.Table] = []
     failures: list[tuple[str, str]] = []
     window = 4 * workers
     pending = iter(enumerate(sources))
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address="127.0.0.1:0")
+    cluster = local_cluster(n_workers=workers, threads_per_worker=1)
     with cluster, Client(cluster) as client:
         in_flight = as_completed()
         scan_of = {}

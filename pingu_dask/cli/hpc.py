@@ -2,72 +2,66 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import click
 
+from pingu_dask.cli.common import option_group
 from pingu_dask.cluster import JobOptions
 
-
-def jobqueue_options(function: Callable) -> Callable:
-    """Options for SLURM/PBS worker jobs; unset ones come from Dask's jobqueue config."""
-    options = [
-        click.option(
-            "--jobqueue-config",
-            default=None,
-            help="Section of Dask's jobqueue.yaml to start from (default: slurm or pbs).",
-        ),
-        click.option("--cores", type=click.IntRange(min=1), default=None, help="Cores per job."),
-        click.option("--memory", default=None, help="Memory per job, e.g. 32GB."),
-        click.option(
-            "--processes",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Worker processes per job: one per GPU (default 1).",
-        ),
-        click.option(
-            "--gpus-per-job",
-            type=click.IntRange(min=0),
-            default=None,
-            help="GPUs per job (default: one per worker process; 0 for CPU-only jobs).",
-        ),
-        click.option("--walltime", default=None, help="Job walltime, HH:MM:SS (default 01:00:00)."),
-        click.option("--queue", default=None, help="Partition (SLURM) or queue (PBS)."),
-        click.option("--account", default=None, help="Account / project to charge."),
-        click.option(
-            "--prologue",
-            multiple=True,
-            help="A line run before the worker starts (repeatable): module load, source venv.",
-        ),
-        click.option("--log-dir", default=None, help="Folder for the jobs' output files."),
-        click.option(
-            "--worker-python",
-            default=None,
-            help="Python command for worker jobs (default: this interpreter), e.g. "
-            "'apptainer exec --nv pingu-dask.sif python'.",
-        ),
-        click.option(
-            "--job-extra",
-            multiple=True,
-            help="An extra directive for the job script (repeatable), e.g. --constraint=a100.",
-        ),
-        click.option("--min-jobs", type=click.IntRange(min=0), default=0, show_default=True),
-        click.option(
-            "--max-jobs",
-            type=click.IntRange(min=1),
-            default=4,
-            show_default=True,
-            help="At most this many worker jobs (fewer when fewer scans are left).",
-        ),
-        click.option(
-            "--dry-run",
-            is_flag=True,
-            help="Print the worker job script and stop; nothing is queued.",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+# Options for SLURM/PBS worker jobs; unset ones come from Dask's jobqueue config.
+jobqueue_options = option_group(
+    click.option(
+        "--jobqueue-config",
+        default=None,
+        help="Section of Dask's jobqueue.yaml to start from (default: slurm or pbs).",
+    ),
+    click.option("--cores", type=click.IntRange(min=1), default=None, help="Cores per job."),
+    click.option("--memory", default=None, help="Memory per job, e.g. 32GB."),
+    click.option(
+        "--processes",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Worker processes per job: one per GPU (default 1).",
+    ),
+    click.option(
+        "--gpus-per-job",
+        type=click.IntRange(min=0),
+        default=None,
+        help="GPUs per job (default: one per worker process; 0 for CPU-only jobs).",
+    ),
+    click.option("--walltime", default=None, help="Job walltime, HH:MM:SS (default 01:00:00)."),
+    click.option("--queue", default=None, help="Partition (SLURM) or queue (PBS)."),
+    click.option("--account", default=None, help="Account / project to charge."),
+    click.option(
+        "--prologue",
+        multiple=True,
+        help="A line run before the worker starts (repeatable): module load, source venv.",
+    ),
+    click.option("--log-dir", default=None, help="Folder for the jobs' output files."),
+    click.option(
+        "--worker-python",
+        default=None,
+        help="Python command for worker jobs (default: this interpreter), e.g. "
+        "'apptainer exec --nv pingu-dask.sif python'.",
+    ),
+    click.option(
+        "--job-extra",
+        multiple=True,
+        help="An extra directive for the job script (repeatable), e.g. --constraint=a100.",
+    ),
+    click.option("--min-jobs", type=click.IntRange(min=0), default=0, show_default=True),
+    click.option(
+        "--max-jobs",
+        type=click.IntRange(min=1),
+        default=4,
+        show_default=True,
+        help="At most this many worker jobs (fewer when fewer scans are left).",
+    ),
+    click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Print the worker job script and stop; nothing is queued.",
+    ),
+)
 
 
 def job_options(values: dict) -> JobOptions:

@@ -17,10 +17,14 @@ FAILURE_LINES = 20  # failed scans listed one per line by `status`
 
 
 class ProgressBar:
-    """A rich progress bar: done / failed / in flight, scans per minute and ETA."""
+    """A rich progress bar: done / failed / in flight, scans per minute and ETA.
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    start() once the number of scans to do is known; stop() may be called any number
+    of times (on success, on Ctrl-C, on an error).
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
         self.bar = Progress(
             TextColumn("[bold]segmenting"),
             BarColumn(),
@@ -33,14 +37,15 @@ class ProgressBar:
             console=console,
             transient=False,
         )
-        self.task = self.bar.add_task("run", total=total, failed=0, in_flight=0, rate="-", eta="-")
+        self.task = self.bar.add_task("run", total=0, failed=0, in_flight=0, rate="-", eta="-")
 
-    def __enter__(self) -> ProgressBar:
-        self.bar.__enter__()
-        return self
+    def start(self, total: int) -> None:
+        self.total = total
+        self.bar.update(self.task, total=total)
+        self.bar.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
+    def stop(self) -> None:
+        self.bar.stop()
 
     def update(self, progress: RunProgress) -> None:
         import time

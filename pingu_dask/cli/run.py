@@ -226,7 +226,7 @@ def run_cohort(
         options.force,
         options.jobs or JobOptions(),
     )
-    bar = ProgressBar(0)
+    bar = ProgressBar()
 
     def on_start(outcome: RunOutcome, plan: ResumePlan) -> None:
         if options.cluster == "local":
@@ -241,9 +241,7 @@ def run_cohort(
                 f"resuming: {len(plan.done)} scans done earlier are skipped, "
                 f"{len(plan.todo)} to do ({len(plan.redo)} of them changed since)"
             )
-        bar.total = len(plan.todo)
-        bar.bar.update(bar.task, total=len(plan.todo))
-        bar.__enter__()
+        bar.start(len(plan.todo))
 
     try:
         outcome = cohort.run_cohort(request, on_start=on_start, on_progress=bar.update)
@@ -251,14 +249,14 @@ def run_cohort(
         console.print(f"[red]{error}[/red]", soft_wrap=True)
         raise SystemExit(1) from error
     except KeyboardInterrupt:
-        bar.__exit__(None, None, None)
+        bar.stop()  # before the message, so that the bar does not redraw over it
         console.print(
             "[yellow]interrupted: in-flight scans cancelled, finished ones saved; "
             "run the same command again to resume[/yellow]"
         )
         raise SystemExit(130) from None
     finally:
-        bar.__exit__(None, None, None)
+        bar.stop()
     if len(outcome.records) <= PER_SCAN_LINES_UP_TO:
         print_scan_table(outcome.records)
     done = sum(r["status"] == "ok" for r in outcome.records)
