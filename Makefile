@@ -38,9 +38,11 @@ lint: setup
 	$(BIN)/ruff format --check pingu_dask tests scripts
 
 # The SLURM tests need a running SLURM: the testbed is started first (as root; it
-# installs the Debian packages on a fresh machine). If it cannot start, make goes on
+# installs the Debian packages on a fresh machine). The dashboard test needs headless
+# Chromium (Debian package, installed as root). If either cannot be had, make goes on
 # and those tests fail saying why.
 test: setup lint
+	-scripts/install_chromium.sh
 	-scripts/slurm_testbed.sh start
 	$(BIN)/pytest
 

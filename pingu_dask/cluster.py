@@ -56,14 +56,15 @@ def local_cluster(
     threads_per_worker: int = DEFAULT_THREADS_PER_WORKER,
     torch_threads: int | None = None,
     memory_limit: str | float = "auto",
-    dashboard_address: str = "127.0.0.1:0",
+    dashboard_address: str | None = None,
 ) -> LocalCluster:
     """Worker processes on this machine, each with one inference slot.
 
     Nannies read the tuned environment while they start (after LocalCluster() returns),
     so it is set in the driver's config, not in a context that would end too early.
-    The dashboard binds to localhost (reach it from elsewhere through an SSH tunnel);
-    port 0 picks a free port.
+    The scheduler's web server (Dask dashboard, /pingu, /metrics) binds to
+    `dashboard_address`, by default config pingu.dashboard-address (localhost: reach it
+    from elsewhere through an SSH tunnel); port 0 picks a free port.
     """
     tuned_environment(torch_threads or max(1, available_cores() // n_workers))
     return LocalCluster(
@@ -72,7 +73,7 @@ def local_cluster(
         processes=True,
         resources={INFERENCE_RESOURCE: 1},
         memory_limit=memory_limit,
-        dashboard_address=dashboard_address,
+        dashboard_address=dashboard_address or setting("dashboard-address"),
         # Scan errors are recorded in the ledger with their reasons; the workers'
         # tracebacks would only bury the progress bar.
         silence_logs=logging.CRITICAL,
@@ -131,11 +132,17 @@ def _option(kind: str, options: JobOptions, key: str):
     return dask.config.get(f"jobqueue.{section}.{key}", default=None)
 
 
-def jobqueue_cluster(kind: str, options: JobOptions, scans_left: int | None = None):
+def jobqueue_cluster(
+    kind: str,
+    options: JobOptions,
+    scans_left: int | None = None,
+    dashboard_address: str | None = None,
+):
     """A SLURMCluster or PBSCluster whose workers each hold one inference slot.
 
     Adapts between options.min_jobs and options.max_jobs (no more jobs than the scans
-    left need).
+    left need). The scheduler runs here, in the driver; its web server binds as
+    local_cluster's does.
     """
     import sys
 
@@ -176,7 +183,7 @@ def jobqueue_cluster(kind: str, options: JobOptions, scans_left: int | None = No
             f"export DASK_PINGU__WORKER_THREADS={threads}",
         ],
         python=options.python or _option(kind, options, "python") or sys.executable,
-        scheduler_options={"dashboard_address": "127.0.0.1:0"},
+        scheduler_options={"dashboard_address": dashboard_address or setting("dashboard-address")},
         # None: dask-jobqueue takes the value from its config section.
         config_name=options.config_name,
         queue=options.queue,

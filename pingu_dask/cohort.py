@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pingu_dask import ledger, store, tables
+from pingu_dask import dashboard, ledger, store, tables
 from pingu_dask.cluster import BATCH_SYSTEMS, JobOptions
 from pingu_dask.lock import OutputLock
 from pingu_dask.manifest import ManifestReport
@@ -37,6 +37,7 @@ class RunRequest:
     retries: int | None = None
     force: bool = False
     jobs: JobOptions = field(default_factory=JobOptions)  # for cluster slurm / pbs
+    dashboard_address: str | None = None  # None: config pingu.dashboard-address
 
 
 @dataclass
@@ -47,7 +48,8 @@ class RunOutcome:
     redone: int = 0
     invalid: int = 0
     seconds: float = 0.0
-    dashboard: str | None = None
+    dashboard: str | None = None  # Dask's dashboard
+    page: str | None = None  # this run's page (/pingu)
 
     @property
     def ok(self) -> bool:
@@ -116,6 +118,7 @@ def run_cohort(
         try:
             with _client(request, len(plan.todo)) as client:
                 outcome.dashboard = client.dashboard_link
+                outcome.page = dashboard.page_link(client.dashboard_link)
                 if on_start:
                     on_start(outcome, plan)
                 outcome.records = segment_cohort(
@@ -127,6 +130,7 @@ def run_cohort(
                     run_id=outcome.run_id,
                     extra_ledger_rows=invalid,
                     keep_details=len(plan.todo) <= KEEP_DETAILS_UP_TO,
+                    done_before=len(plan.done),
                 )
         finally:
             outcome.seconds = time.perf_counter() - started
@@ -148,7 +152,9 @@ def _client(request: RunRequest, scans_left: int):
 
     if request.cluster in BATCH_SYSTEMS:
         # Workers arrive as their jobs start; the runner's window grows with them.
-        cluster = jobqueue_cluster(request.cluster, request.jobs, scans_left)
+        cluster = jobqueue_cluster(
+            request.cluster, request.jobs, scans_left, request.dashboard_address
+        )
         with cluster, Client(cluster) as client:
             yield client
         return
@@ -157,7 +163,9 @@ def _client(request: RunRequest, scans_left: int):
             yield client
         return
     cluster = local_cluster(
-        n_workers=request.workers, torch_threads=request.pipeline.inference.torch_threads
+        n_workers=request.workers,
+        torch_threads=request.pipeline.inference.torch_threads,
+        dashboard_address=request.dashboard_address,
     )
     with cluster, Client(cluster) as client:
         yield client

@@ -34,6 +34,10 @@ DEFAULTS = {
         "retries": 2,
         "allowed-failures": 0,
         "worker-threads": None,  # batch jobs: cores per worker process (set by the job)
+        # The scheduler's web server (Dask dashboard, /pingu, /metrics): localhost only
+        # unless asked; a taken port falls back to a free one (the run prints the link).
+        "dashboard-address": "127.0.0.1:8787",
+        "throughput-window-seconds": 300.0,  # the dashboard's sliding window
     }
 }
 dask.config.update_defaults(DEFAULTS)

@@ -11,6 +11,8 @@
 - Table rows and ledger rows are written by the driver in flushes (tables.py), so a
   crash loses at most the unflushed tail, which a rerun simply redoes.
 - Ctrl-C cancels what is in flight, flushes what finished, and re-raises.
+- A scheduler plugin (dashboard.py) watches the run's task keys; the driver only tells
+  it the verdicts (failed for good, or retried), which it alone decides.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import NamedTuple
 
 from distributed import Client, as_completed
 
-from pingu_dask import __version__, ledger, stages, store, tables
+from pingu_dask import __version__, dashboard, ledger, stages, store, tables
 from pingu_dask.cluster import INFERENCE_RESOURCE
 from pingu_dask.config import setting
 from pingu_dask.errors import describe
@@ -73,6 +75,8 @@ def segment_cohort(
     extra_ledger_rows: Sequence[dict] = (),
     keep_details: bool = True,
     stage_functions: StageFunctions = NNUNET_STAGES,
+    done_before: int = 0,
+    watch: bool = True,
 ) -> list[dict]:
     """Segment every scan and write its outputs; return one small record per scan.
 
@@ -80,7 +84,9 @@ def segment_cohort(
     and are written here with the ledger rows. `extra_ledger_rows` (e.g. invalid
     manifest rows) are written with the first flush. With `keep_details` False, a
     successful scan's record shrinks to its id and status (large cohorts: the driver's
-    memory stays flat; everything else is in the tables).
+    memory stays flat; everything else is in the tables). With `watch`, the run's
+    page (/pingu) and pingu_* metrics appear on the scheduler's web server;
+    `done_before` (scans done in earlier runs) is shown there.
     """
     store.prepare_output(pipeline.out)
     names = store.nifti_names(scans) if pipeline.write_nifti else {}
@@ -100,6 +106,15 @@ def segment_cohort(
             keep_details,
             stage_functions,
         )
+        monitor = dashboard.RunMonitor(
+            loop.token,
+            run_id,
+            len(scans),
+            done_before=done_before,
+            out=str(pipeline.out),
+            model=pipeline.model.name,
+        )
+        loop.feed = dashboard.RunFeed(client, monitor) if watch else None
         return loop.run(scans, window)
 
 
@@ -117,6 +132,7 @@ class _Loop:
     keep_details: bool
     functions: StageFunctions
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    feed: dashboard.RunFeed | None = None  # the run's dashboard, if watched
 
     def __post_init__(self) -> None:
         self.fingerprint = self.pipeline.fingerprint()
@@ -153,6 +169,8 @@ class _Loop:
                 for each in futures:
                     each.release()
                 progress.last = record
+                if self.feed and record["status"] != ledger.OK:
+                    self.feed.failed(index, record, scan.site, final=record["status"] != "retry")
                 if record["status"] == "retry":
                     queue.appendleft((index, scan, attempt + 1))
                     progress.retried += 1
@@ -168,7 +186,11 @@ class _Loop:
                     self.on_progress(progress)
         except BaseException:  # Ctrl-C (KeyboardInterrupt) or a driver error
             self.client.cancel([f for *_, futures in submitted.values() for f in futures])
+            if self.feed:
+                self.feed.ended("interrupted")
             raise
+        if self.feed:
+            self.feed.ended("finished")
         return records
 
     def _submit(self, index: int, scan: Scan, attempt: int) -> list:
@@ -204,7 +226,7 @@ class _Loop:
             record = future.result()
         except Exception as error:
             described = describe(error)
-            error_type, message, retryable, _ = described
+            error_type, message, retryable, worker = described
             final = not retryable or attempt > self.retries
             row = ledger.attempt_row(
                 scan.scan_id,
@@ -224,6 +246,7 @@ class _Loop:
                 "error_type": error_type,
                 "message": message,
                 "attempt": attempt,
+                "worker": worker,
             }
         row = ledger.attempt_row(
             scan.scan_id,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import nibabel as nib
@@ -342,5 +343,11 @@ def test_run_joins_an_existing_scheduler(cohort20: Path, tmp_path: Path) -> None
         assert f"scheduler {address}" in result.output
         with Client(cluster) as client:
             loads = client.run(stages.load_counts)
+            page = f"{client.dashboard_link.removesuffix('/status')}/pingu"
+        # The run's page stays on a scheduler that outlives the run.
+        assert f"this run's page: {page}" in result.output
+        with urllib.request.urlopen(page + "/status.json", timeout=30) as response:
+            status = json.loads(response.read())
+        assert (status["counts"]["done"], status["run"]["status"]) == (2, "finished")
     assert list(loads.values()) == [{resolve_model("demo").fingerprint: 1}]
     assert len(whole_brain_rows(out)) == 2

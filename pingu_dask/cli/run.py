@@ -98,6 +98,13 @@ MODEL_CHOICES = (
     help="Retries per scan after a worker death, out of memory or I/O error (default 2). "
     "Input errors are never retried.",
 )
+@click.option(
+    "--dashboard-address",
+    default=None,
+    help="Where the scheduler's web server (Dask dashboard, the run page /pingu, "
+    "/metrics) listens (default 127.0.0.1:8787: this machine only; reach it through an "
+    "SSH tunnel). ':8787' listens on every interface, without any authentication.",
+)
 @click.option("--force", is_flag=True, help="Delete earlier results in OUT and start afresh.")
 @click.option(
     "--skip-invalid",
@@ -125,6 +132,7 @@ def run(
     workers: int,
     torch_threads: int | None,
     retries: int | None,
+    dashboard_address: str | None,
     force: bool,
     skip_invalid: bool,
     regions_spec: str | None,
@@ -167,6 +175,7 @@ def run(
         force=force,
         skip_invalid=skip_invalid,
         jobs=jobs,
+        dashboard_address=dashboard_address,
     )
     outcome = run_cohort(manifest, out, model_spec, settings, options)
     raise SystemExit(0 if outcome.ok else 1)
@@ -185,6 +194,7 @@ class RunOptions:
     force: bool = False
     skip_invalid: bool = False
     jobs: JobOptions | None = None
+    dashboard_address: str | None = None
 
 
 def run_cohort(
@@ -225,6 +235,7 @@ def run_cohort(
         options.retries,
         options.force,
         options.jobs or JobOptions(),
+        options.dashboard_address,
     )
     bar = ProgressBar()
 
@@ -236,6 +247,8 @@ def run_cohort(
         else:
             where = f"scheduler {options.cluster}"
         console.print(f"{where}; Dask dashboard: {outcome.dashboard}")
+        if outcome.page:
+            console.print(f"this run's page: {outcome.page} (metrics: /metrics)")
         if plan.done or plan.redo:
             console.print(
                 f"resuming: {len(plan.done)} scans done earlier are skipped, "
