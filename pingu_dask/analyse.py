@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +55,14 @@ def scan_regions(
     return Regions(table.index_map(labels), excluded_voxels(labels, settings.exclude_labels))
 
 
+class MaskAnalysis(NamedTuple):
+    mask: np.ndarray  # uint8 0/1: exclusions and size filter applied; what is stored
+    record: dict  # counts and the scan's table rows as Arrow tables
+    labels: np.ndarray  # cluster labels 1..n on the image grid (0: no PVS)
+    cluster_regions: list[str]  # the region each cluster was counted in, by label - 1
+    region_names: tuple[str, ...]  # the regions a cluster could be counted in
+
+
 def analyse_mask(
     raw_mask: np.ndarray,
     affine: np.ndarray,
@@ -61,11 +70,11 @@ def analyse_mask(
     regions: Regions | None,
     settings: ClusterSettings,
     table: RegionTable,
-) -> tuple[np.ndarray, dict]:
+) -> MaskAnalysis:
     """Clusters, regions, metrics and (with a reference) evaluation of one predicted mask.
 
-    Returns the cleaned mask (uint8 0/1: exclusions and size filter applied, the mask
-    that is stored) and a small record with the scan's table rows as Arrow tables.
+    Returns the cleaned mask, a small record with the scan's table rows, and the
+    clusters with their regions (for the QC picture).
     """
     volume = voxel_volume(affine)
     excluded = regions.excluded if regions is not None else None
@@ -104,7 +113,7 @@ def analyse_mask(
         record["reference_clusters"] = whole["n_reference_clusters"]
         record["voxel_dice"] = whole["voxel_dice"]
         record["cluster_f1"] = whole["cluster_f1"]
-    return cleaned.astype(np.uint8), record
+    return MaskAnalysis(cleaned.astype(np.uint8), record, labels, cluster_regions, names)
 
 
 def evaluate_against_reference(

@@ -131,12 +131,13 @@ def world_to_voxel(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
     return np.asarray(xyz, dtype=np.float64) @ inverse[:3, :3].T + inverse[:3, 3]
 
 
-def check_image_data(path: str | os.PathLike[str]) -> ImageInfo:
+def check_image_data(path: str | os.PathLike[str]) -> tuple[ImageInfo, np.ndarray]:
     """Read every voxel of an input image and refuse what a model cannot use.
 
     nnU-Net takes such images silently: a truncated .nii.gz gives a partial volume,
     NaN voxels become numbers and an empty image gives an empty mask, so a cohort
     would hold wrong results without a word. Raises ImageError naming the problem.
+    Returns the header facts and the voxels (for the QC picture; no second read).
     """
     data, _ = load_volume(path)  # truncated or corrupt data, wrong dimensionality
     finite = np.isfinite(data)
@@ -147,4 +148,4 @@ def check_image_data(path: str | os.PathLike[str]) -> ImageInfo:
     if data.size == 0 or float(data.min()) == float(data.max()):
         value = float(data.flat[0]) if data.size else 0.0
         raise ImageError(f"image is empty: every voxel is {value:g}: {path}")
-    return read_info(path)
+    return read_info(path), data

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pingu_dask import store
+from pingu_dask import qc, store
 from pingu_dask.analyse import Regions, analyse_mask, input_fingerprint, scan_regions
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
 from pingu_dask.errors import INPUT_ERRORS, InputError, StageFailure
@@ -132,6 +132,7 @@ class Pipeline:
     clusters: ClusterSettings = DEFAULT_CLUSTERS
     regions: RegionTable = ASEG
     write_nifti: bool = True
+    qc: bool = False  # write a QC montage per scan (OUT/qc); not part of the fingerprint
 
     def fingerprint(self) -> str:
         """What decides a scan's outputs: model, inference, cluster and region settings."""
@@ -151,6 +152,7 @@ class Source:
     info: ImageInfo  # the first channel's grid: the mask is written on it
     regions: Regions | None
     input_fingerprint: str  # of the files as they were read
+    qc: qc.QCImage | None = None  # the first channel, 8-bit, for the QC montage
 
 
 @dataclass
@@ -206,12 +208,18 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     """
     started = time.perf_counter()
     model = pipeline.model
-    infos = {path: check_image_data(path) for path in scan.channel_paths}
+    first = scan.channel(model.channels[0])
+    infos = {}
+    for path in scan.channel_paths:
+        infos[path], data = check_image_data(path)
+        if path == first and pipeline.qc:
+            picture = qc.qc_image(data, infos[path].affine)
+        del data
     if mismatch := channel_grid_mismatch(scan, infos):
         raise InputError(mismatch)
-    info = infos[scan.channel(model.channels[0])]
+    info = infos[first]
     regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.clusters)
-    source = Source(info, regions, input_fingerprint(scan))
+    source = Source(info, regions, input_fingerprint(scan), picture if pipeline.qc else None)
     plan = model_plan(model)
     preprocessor = plan.configuration.preprocessor_class(verbose=False)
     files = [str(scan.channel(column)) for column in model.channels]
@@ -268,9 +276,10 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
     source = item.source
     info = source.info
     raw = to_image_order(np.asarray(segmentation), plan, item.properties, info.shape[:3])
-    mask, result = analyse_mask(
+    analysis = analyse_mask(
         raw, info.affine, scan, source.regions, pipeline.clusters, pipeline.regions
     )
+    mask, result = analysis.mask, analysis.record
     attrs = {
         "model_fingerprint": pipeline.model.fingerprint,
         "pipeline_fingerprint": pipeline.fingerprint(),
@@ -282,9 +291,32 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         path = Path(pipeline.out) / store.NIFTI / nifti_name
         save_nifti(path, mask, info.affine)
         result["nifti"] = str(path)
+    if pipeline.qc and source.qc is not None:
+        result["qc"] = str(write_qc_picture(pipeline, scan, source, analysis))
     result["seconds"] = dict(item.seconds, finish=time.perf_counter() - started)
     result["workers"] = dict(item.workers, finish=_worker_name())
     return result
+
+
+def write_qc_picture(pipeline: Pipeline, scan: Scan, source: Source, analysis) -> Path:
+    """The scan's QC montage (qc.py), titled with its id, site and counts per region."""
+    regions_of_pvs = qc.region_map(analysis.labels, analysis.cluster_regions, analysis.region_names)
+    rows = analysis.record["tables"]["regions"].to_pylist()
+    counts = {row["region"]: row["n_clusters"] for row in rows}
+    record = analysis.record
+    title = f"{scan.scan_id}" + (f" ({scan.site})" if scan.site else "")
+    title += f": {record['n_clusters']} PVS clusters, {record['volume_mm3']:.0f} mm3"
+    parcels = source.regions.codes if source.regions is not None else None
+    picture = qc.montage(
+        source.qc,
+        regions_of_pvs,
+        analysis.region_names,
+        parcels,
+        pipeline.regions.names,
+        title,
+        counts,
+    )
+    return qc.write_png(pipeline.out, scan.scan_id, picture)
 
 
 def to_image_order(

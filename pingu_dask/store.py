@@ -33,6 +33,8 @@ from pingu_dask.tables import SCHEMAS, TABLES
 MASKS = "masks.zarr"
 NIFTI = "nifti"
 RUN_JSON = "run.json"
+QC = "qc"  # <scan_id>.png per scan, with --qc (qc.py)
+REPORT = "report"  # index.html and gallery pages (report.py)
 MASK_ARRAY = "pvs"
 CHUNK = 64  # voxels per chunk side; one shard holds a whole mask (one file per scan)
 LAYOUT_VERSION = 1
@@ -55,7 +57,7 @@ def prepare_output(out: Path) -> None:
 def reset_output(out: Path) -> None:
     """Remove what a run wrote into OUT (for --force); other files are left alone."""
     out = Path(out)
-    for name in (MASKS, TABLES, NIFTI):
+    for name in (MASKS, TABLES, NIFTI, QC, REPORT):
         shutil.rmtree(out / name, ignore_errors=True)
     (out / RUN_JSON).unlink(missing_ok=True)
 

@@ -51,7 +51,7 @@ def analyse(mask, parcellation, affine=None, settings=None, reference=None):
     affine = np.eye(4) if affine is None else affine
     regions = Regions(ASEG.index_map(parcellation), None) if parcellation is not None else None
     scan = Scan("s1", (("t1w", Path("t1.nii.gz")),), site="siteA", reference=reference)
-    return analyse_mask(mask, affine, scan, regions, settings, ASEG)
+    return analyse_mask(mask, affine, scan, regions, settings, ASEG)[:2]
 
 
 def by_region(record: dict) -> dict[str, dict]:

@@ -48,7 +48,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for seed, scan in enumerate(scans):
             mask, parcellation = fake_mask(seed)
             regions = Regions(ASEG.index_map(parcellation), None)
-            cleaned, record = analyse_mask(mask, AFFINE, scan, regions, ClusterSettings(), ASEG)
+            cleaned, record, *_ = analyse_mask(mask, AFFINE, scan, regions, ClusterSettings(), ASEG)
             store.write_mask(out, scan.scan_id, cleaned, AFFINE, {"model_fingerprint": "abc"})
             writer.add(record["tables"])
     store.write_json(out / store.RUN_JSON, {"tool": "pingu-dask", "n_scans": 3})

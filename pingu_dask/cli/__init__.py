@@ -8,6 +8,7 @@ invalid manifest, failed scans), 2 wrong usage (click's own convention).
     run.py       run, status, demo
     progress.py  the progress bar, per-scan table and status summary
     evaluate.py  evaluate
+    report.py    report
     common.py    the console, shared options and printing helpers
 """
 
@@ -25,9 +26,17 @@ def main() -> None:
 
 
 def _register() -> None:
-    from pingu_dask.cli import data, evaluate, run
+    from pingu_dask.cli import data, evaluate, report, run
 
-    commands = (data.synth, data.validate, run.run, run.status, evaluate.evaluate, run.demo)
+    commands = (
+        data.synth,
+        data.validate,
+        run.run,
+        run.status,
+        evaluate.evaluate,
+        report.report,
+        run.demo,
+    )
     for command in commands:
         main.add_command(command)
 

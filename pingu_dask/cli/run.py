@@ -25,6 +25,7 @@ from pingu_dask.cli.progress import (
     print_scan_table,
     print_status,
 )
+from pingu_dask.cli.report import print_report_path
 from pingu_dask.cluster import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
 from pingu_dask.cohort import RunOutcome, RunRefused, RunRequest
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
@@ -118,6 +119,13 @@ MODEL_CHOICES = (
     show_default=True,
     help="Also write each mask as NIfTI in OUT/nifti (BIDS-derivatives names).",
 )
+@click.option(
+    "--qc/--no-qc",
+    default=False,
+    show_default=True,
+    help="Write a QC picture per scan (OUT/qc/<scan_id>.png: the mask over the T1w); "
+    "`pingu-dask report OUT` shows them.",
+)
 @jobqueue_options
 def run(
     manifest: Path,
@@ -141,6 +149,7 @@ def run(
     min_cluster_mm3: float | None,
     exclude: str | None,
     nifti: bool,
+    qc: bool,
     dry_run: bool,
     **job_values,
 ) -> None:
@@ -169,6 +178,7 @@ def run(
         clusters=cluster_settings(connectivity, min_cluster_voxels, min_cluster_mm3, exclude),
         regions=region_table(regions_spec),
         nifti=nifti,
+        qc=qc,
         cluster=cluster,
         workers=workers,
         retries=retries,
@@ -188,6 +198,7 @@ class RunOptions:
     clusters: ClusterSettings | None = None
     regions: RegionTable | None = None
     nifti: bool = True
+    qc: bool = False
     cluster: str = "local"
     workers: int = 1
     retries: int | None = None
@@ -226,6 +237,7 @@ def run_cohort(
         options.clusters or ClusterSettings.from_config(),
         options.regions or region_table(None),
         write_nifti=options.nifti,
+        qc=options.qc,
     )
     request = RunRequest(
         report,
@@ -289,7 +301,8 @@ def run_cohort(
 @click.option("--seed", default=12345, show_default=True, type=int)
 @click.option("--workers", "-w", default=1, show_default=True, type=click.IntRange(min=1))
 def demo(out: Path, n_scans: int, seed: int, workers: int) -> None:
-    """Make a small synthetic cohort in OUT/cohort and segment it with the demo model."""
+    """Make a small synthetic cohort in OUT/cohort, segment it with the demo model and
+    write the report (OUT/report/index.html)."""
     started = time.perf_counter()
     cohort = out / "cohort"
     records = generate_cohort(cohort, n_scans, seed=seed)
@@ -297,10 +310,11 @@ def demo(out: Path, n_scans: int, seed: int, workers: int) -> None:
     settings = InferenceSettings.from_config(
         tta=False, torch_threads=max(1, available_cores() // workers)
     )
-    console.print("demo model, test-time augmentation off (CPU-friendly)")
+    console.print("demo model, test-time augmentation off (CPU-friendly), QC pictures on")
     outcome = run_cohort(
-        cohort / "manifest.csv", out, "demo", settings, RunOptions(workers=workers)
+        cohort / "manifest.csv", out, "demo", settings, RunOptions(workers=workers, qc=True)
     )
+    print_report_path(out)
     if not outcome.ok:
         raise SystemExit(1)
 

@@ -1,0 +1,345 @@
+"""QC pictures and the HTML report.
+
+QC: hand-made volumes with known PVS in white matter and basal ganglia (exact colours,
+the same picture whatever the array's orientation). Report: robust outliers on made-up
+numbers; a real small run (demo model, `run --qc`, one bad scan) whose report is
+checked against its tables and rendered in headless Chromium; and a 10,000-scan
+output directory (tables and tiny pictures written directly) to show that the page
+stays small and the gallery pages hold every picture.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pingu_dask import ledger, qc, report, store, tables
+from pingu_dask.analyse import Regions, analyse_mask
+from pingu_dask.cli import main
+from pingu_dask.config import ClusterSettings
+from pingu_dask.evaluate import summarise
+from pingu_dask.manifest import Scan
+from pingu_dask.regions import ASEG
+
+WM, BG = 2, 11  # FreeSurfer labels: cerebral white matter, caudate
+
+
+def brain() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 40 x 44 x 48 image (x, y, z in RAS), basal ganglia low, white matter above,
+    one PVS tube in each: (T1w, parcellation, mask)."""
+    shape = (40, 44, 48)
+    rng = np.random.default_rng(3)
+    image = rng.uniform(100, 200, shape).astype(np.float32)
+    parcellation = np.zeros(shape, np.int32)
+    parcellation[5:35, 5:39, 20:44] = WM
+    parcellation[12:28, 15:30, 8:18] = BG
+    mask = np.zeros(shape, np.uint8)
+    mask[10:20, 22, 32] = 1  # white matter, along x
+    mask[20, 18:26, 12] = 1  # basal ganglia, along y
+    return image, parcellation, mask
+
+
+def picture(image, parcellation, mask, affine) -> np.ndarray:
+    """The montage's palette indices for one volume (the same path finish takes)."""
+    scan = Scan("s1", (("t1w", Path("t1.nii.gz")),), site="siteA")
+    regions = Regions(ASEG.index_map(parcellation), None)
+    analysis = analyse_mask(mask, affine, scan, regions, ClusterSettings(min_voxels=1), ASEG)
+    regions_of_pvs = qc.region_map(analysis.labels, analysis.cluster_regions, analysis.region_names)
+    counts = {"white_matter": 1, "basal_ganglia": 1}
+    sheet = qc.montage(
+        qc.qc_image(image, affine),
+        regions_of_pvs,
+        analysis.region_names,
+        regions.codes,
+        ASEG.names,
+        "s1",
+        counts,
+    )
+    return np.asarray(sheet)
+
+
+def colour_index(region: str) -> int:
+    names = ("other", *ASEG.names)
+    return qc.GREYS - 1 + names.index(region) + 1
+
+
+def test_the_montage_colours_pvs_by_region_through_bg_and_wm() -> None:
+    image, parcellation, mask = brain()
+    pixels = picture(image, parcellation, mask, np.eye(4))
+    assert pixels.shape[0] == qc.HEADER_HEIGHT + qc.PANEL_HEIGHT
+    body = pixels[qc.HEADER_HEIGHT :]
+    assert (body == colour_index("white_matter")).sum() > 20
+    assert (body == colour_index("basal_ganglia")).sum() > 20
+    assert not (body == colour_index("other")).any()
+    # Axial: the basal ganglia's middle (z 8-17 -> 12), the middle of the white matter
+    # above them (z 20-43 -> 31) and half-way; coronal: the basal ganglia's middle
+    # (y 15-29 -> 22), which is also where most PVS voxels are.
+    axial, coronal = qc.pick_slices(mask > 0, ASEG.index_map(parcellation), ASEG.names)
+    assert (axial, coronal) == ([12, 21, 31], [22])
+
+
+def test_the_montage_is_the_same_whatever_the_array_orientation() -> None:
+    image, parcellation, mask = brain()
+    reference = picture(image, parcellation, mask, np.eye(4))
+    n = image.shape[0]
+    flip_x = np.array([[-1, 0, 0, n - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    flipped = picture(image[::-1], parcellation[::-1], mask[::-1], flip_x)
+    np.testing.assert_array_equal(flipped, reference)
+    swap = np.eye(4)[:, [2, 1, 0, 3]]  # array axes (z, y, x): the same brain
+    swapped = picture(*(a.transpose(2, 1, 0) for a in (image, parcellation, mask)), swap)
+    np.testing.assert_array_equal(swapped, reference)
+
+
+def test_a_scan_without_pvs_or_parcellation_still_gets_a_picture(tmp_path: Path) -> None:
+    image, _, _ = brain()
+    qc_image = qc.qc_image(image, np.diag([1.0, 1.0, 3.0, 1.0]))  # 3 mm slices
+    assert qc_image.zooms == (1.0, 1.0, 3.0)
+    empty = np.zeros(image.shape, np.uint8)
+    sheet = qc.montage(qc_image, empty, ("whole_brain",), None, (), "empty", {"whole_brain": 0})
+    path = qc.write_png(tmp_path, "empty", sheet)
+    assert path == tmp_path / "qc" / "empty.png"
+    pixels = np.asarray(Image.open(path))
+    assert not (pixels[qc.HEADER_HEIGHT :] >= qc.GREYS).any()
+    # Coronal panels are drawn at their physical aspect: 48 slices of 3 mm are 144 mm
+    # tall against 40 mm wide, so a coronal panel is much narrower than an axial one.
+    assert list(tmp_path.joinpath("qc").iterdir()) == [path]
+
+
+def made_up_regions(values: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for site, counts in values.items():
+        for i, count in enumerate(counts):
+            rows.append(
+                {
+                    "scan_id": f"{site}-{i}",
+                    "site": site,
+                    "region": "white_matter",
+                    "n_clusters": count,
+                    "total_volume_mm3": 10.0 * (i % 3),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_robust_outliers_per_site() -> None:
+    regions = made_up_regions(
+        {"a": [10, 11, 9, 10, 12, 8, 10, 40], "b": [100, 101, 99, 100, 98, 102], "c": [1, 99]}
+    )
+    outliers = report.robust_outliers(regions)
+    # site a: median 10, MAD 1 -> 40 is (40 - 10) / 1.4826 = 20.2 robust SDs out; site b's
+    # values are normal for b; site c has too few scans to judge.
+    count_flags = outliers[outliers.measure == "n_clusters"]
+    assert count_flags.scan_id.tolist() == ["a-7"]
+    assert count_flags.robust_z.iloc[0] == pytest.approx(30 / 1.4826)
+    assert count_flags.site_median.iloc[0] == 10
+    assert outliers[outliers.measure == "total_volume_mm3"].empty  # spread, no outlier
+    flat = made_up_regions({"a": [5] * 10})
+    assert report.robust_outliers(flat).empty  # no spread: nothing to flag
+
+
+# -- a real run's report --------------------------------------------------------------
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("headless Chromium is needed (Debian package `chromium`; .ci/run installs it)")
+    return path
+
+
+def browse(url: str, *extra: str) -> subprocess.CompletedProcess:
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               "--enable-logging=stderr", "--v=0", *extra, url]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reported_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("reported")
+    manifest = pd.read_csv(cohort / "manifest.csv", dtype=str)
+    for column in ("t1w", "t2w", "parcellation", "reference"):
+        if column in manifest:
+            manifest[column] = [str(cohort / p) for p in manifest[column]]
+    image = nib.load(manifest.t1w[0])
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data[10:20, 10:20, 10:20] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), root / "nan.nii.gz")
+    bad = {**manifest.iloc[0].to_dict(), "scan_id": "bad_nan", "subject": "bad_nan",
+           "t1w": str(root / "nan.nii.gz")}  # fmt: skip
+    pd.concat([manifest, pd.DataFrame([bad])]).to_csv(root / "manifest.csv", index=False)
+    out = root / "out"
+    arguments = ["run", str(root / "manifest.csv"), "--out", str(out), "--model", "demo"]
+    arguments += ["--no-tta", "--step-size", "1.0", "--device", "cpu", "--qc", "--no-nifti"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 1, result.output  # one scan failed
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    index = out / "report" / "index.html"
+    assert f"report: {index.resolve()}" in result.output
+    return {"out": out, "index": index, "text": index.read_text(), "root": root}
+
+
+def cells(text: str, table_id: str) -> list[list[str]]:
+    body = re.search(rf'id="{table_id}".*?<tbody>(.*?)</tbody>', text, re.S).group(1)
+    rows = []
+    for row in re.findall(r"<tr>(.*?)</tr>", body, re.S):
+        found = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        rows.append([html.unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in found])
+    return rows
+
+
+def shown(text: str, element_id: str) -> str:
+    return re.search(rf'id="{element_id}">([^<]*)<', text).group(1)
+
+
+def test_report_totals_and_failures_match_the_ledger(reported_run) -> None:
+    text, out = reported_run["text"], reported_run["out"]
+    summary = ledger.summarise_ledger(out)
+    assert shown(text, "n-scans") == "4"
+    assert shown(text, "n-done") == str(summary.counts["ok"]) == "3"
+    assert shown(text, "n-failed") == str(summary.counts["failed"]) == "1"
+    assert shown(text, "n-not-done") == "0"
+    failures = re.search(r'id="failures".*?</details>', text, re.S).group(0)
+    assert "<b>ImageError</b>: 1 scan(s)" in failures
+    assert "bad_nan" in failures and "NaN or infinite" in failures
+    run = store.read_run_json(out)
+    provenance = dict((row[0], row[1]) for row in cells_th(text, "provenance-table"))
+    assert run["model"]["fingerprint"] in provenance["model fingerprint"]
+    assert run["pipeline_fingerprint"] in provenance["pipeline fingerprint"]
+    assert "tta=False" in provenance["inference"] and "step_size=1.0" in provenance["inference"]
+    assert run["runs"][0]["run_id"] in provenance["runs"]
+
+
+def cells_th(text: str, table_id: str) -> list[tuple[str, str]]:
+    body = re.search(rf'id="{table_id}".*?<tbody>(.*?)</tbody>', text, re.S).group(1)
+    pairs = re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", body, re.S)
+    return [(key, html.unescape(re.sub(r"<[^>]+>", " ", value))) for key, value in pairs]
+
+
+def test_report_numbers_match_the_tables(reported_run) -> None:
+    text, out = reported_run["text"], reported_run["out"]
+    regions = tables.read_table(out, "regions")
+    shown_rows = {(row[0], row[1]): row for row in cells(text, "site-summary")}
+    for (site, region), group in regions.groupby(["site", "region"]):
+        if region not in report.REPORTED_REGIONS:
+            continue
+        row = shown_rows[(site, region)]
+        assert int(row[2]) == len(group)
+        assert row[3].startswith(f"{group.n_clusters.median():.1f} [")
+        assert row[4].startswith(f"{group.total_volume_mm3.median():.1f} [")
+    everyone = regions[regions.region == "whole_brain"]
+    assert shown_rows[("all", "whole_brain")][3].startswith(f"{everyone.n_clusters.median():.1f}")
+    evaluation = summarise(tables.read_table(out, "evaluation"), report.REPORTED_REGIONS)
+    shown_evaluation = {row[0]: row for row in cells(text, "evaluation-table")}
+    dice = evaluation.loc["all", ("whole_brain", "voxel_dice", "mean")]
+    assert shown_evaluation["all"][1] == "3"
+    assert f"{dice:.2f} (" in shown_evaluation["all"][6]
+    stages = {row[0]: row for row in cells(text, "stage-seconds")}
+    ledger_rows = tables.read_table(out, "ledger").query("status == 'ok'")
+    assert float(stages["predict"][2]) == pytest.approx(
+        ledger_rows.seconds_predict.median(), abs=0.006
+    )
+    assert text.count("data:image/png;base64,") == 2  # distributions and throughput
+
+
+def test_report_pictures_exist_and_the_page_renders_in_chromium(reported_run) -> None:
+    text, out, index = reported_run["text"], reported_run["out"], reported_run["index"]
+    sources = re.findall(r'<img src="(\.\./qc/[^"]+)"', text)
+    done = set(tables.read_table(out, "ledger").query("status == 'ok'").scan_id)
+    assert {Path(s).stem for s in sources} == done
+    for source in sources:
+        path = (index.parent / source).resolve()
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "qc" / "bad_nan.png").exists()
+    rendered = browse(index.as_uri(), "--dump-dom", "--virtual-time-budget=3000")
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert "pingu-dask report" in rendered.stdout and 'id="gallery"' in rendered.stdout
+    console = [line for line in rendered.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
+    screenshot = reported_run["root"] / "pingu-report.png"
+    shot = browse(index.as_uri(), f"--screenshot={screenshot}", "--window-size=1300,2400")
+    assert shot.returncode == 0 and screenshot.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- 10,000 scans ---------------------------------------------------------------------
+
+
+def test_the_report_of_10000_scans_stays_small_and_pages_its_gallery(tmp_path: Path) -> None:
+    n = 10_000
+    out = tmp_path / "out"
+    store.prepare_output(out)
+    ids = [f"sub-{i:05d}" for i in range(n)]
+    sites = [("a", "b", "c", "d")[i % 4] for i in range(n)]
+    counts = 20 + np.arange(n) % 11  # evenly spread: no scan is beyond 3 MAD...
+    counts[[17, 4242]] = 200  # ...but these two
+    rows = []
+    for region, share in (("white_matter", 0.7), ("basal_ganglia", 0.2), ("whole_brain", 1.0)):
+        rows += [
+            {"scan_id": i, "subject": i, "session": None, "site": s, "region": region,
+             "n_clusters": int(c * share), "n_voxels": int(c * 30), "total_volume_mm3": c * 30.0}
+            for i, s, c in zip(ids, sites, counts, strict=True)
+        ]  # fmt: skip
+    tables.write_part(out, "regions", tables.to_table("regions", rows), "made")
+    now = ledger.now()
+    attempts = [
+        ledger.attempt_row(i, s, ledger.OK, 1, "bulk", now) for i, s in zip(ids, sites, strict=True)
+    ]
+    tables.write_part(out, "ledger", tables.to_table("ledger", attempts), "made")
+    store.write_json(out / store.RUN_JSON, json.loads(json.dumps(fake_run_info(n))))
+    tiny = Image.new("P", (8, 8))
+    (out / "qc").mkdir()
+    for scan_id in ids:
+        tiny.save(out / "qc" / f"{scan_id}.png")
+    index = report.build_report(out)
+    text = index.read_text()
+    assert len(text.encode()) < 1_000_000
+    first = re.findall(r'<img src="\.\./qc/([^"]+)\.png"', text)
+    assert len(first) == report.GALLERY_FIRST
+    assert first[:2] == ["sub-00017", "sub-04242"]  # outliers first
+    pages = sorted(out.glob("report/gallery-*.html"), key=lambda p: int(p.stem.split("-")[1]))
+    assert len(pages) == -(-(n - report.GALLERY_FIRST) // report.GALLERY_PAGE)
+    everywhere = list(first)
+    for page in pages:
+        everywhere += re.findall(r'<img src="\.\./qc/([^"]+)\.png"', page.read_text())
+    assert sorted(everywhere) == ids
+    assert shown(text, "n-done") == str(n) and shown(text, "n-outlier-scans") == "2"
+
+
+def fake_run_info(n: int) -> dict:
+    return {
+        "tool": "pingu-dask", "version": "0", "python": "3", "host": "h", "libraries": {},
+        "model": {"folder": "m", "name": "m", "folds": ["0"], "checkpoint": "c",
+                  "fingerprint": "f"},
+        "inference": {}, "clusters": {}, "regions": {"table": "synthseg", "regions": {}},
+        "pipeline_fingerprint": "p", "manifest": None, "n_scans": n,
+        "runs": [{"run_id": "bulk", "started": "s", "finished": "f", "to_do": n}],
+    }  # fmt: skip
+
+
+def test_a_run_where_nothing_is_done_yet_still_gets_a_report(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    store.prepare_output(out)
+    failed = ledger.attempt_row(
+        "sub-1", "a", ledger.FAILED, 1, "r1", ledger.now(),
+        error=("ImageError", "preprocess: image is empty", False, None),
+    )  # fmt: skip
+    tables.write_part(out, "ledger", tables.to_table("ledger", [failed]), "made")
+    store.write_json(out / store.RUN_JSON, fake_run_info(2))
+    text = report.build_report(out).read_text()
+    assert shown(text, "n-done") == "0" and shown(text, "n-failed") == "1"
+    assert shown(text, "n-not-done") == "1"
+    assert "No scan is done yet." in text and "preprocess: image is empty" in text
+    assert "No QC pictures" in text
+    with pytest.raises(report.ReportError, match="holds no run"):
+        report.build_report(tmp_path / "empty")
