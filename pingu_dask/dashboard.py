@@ -359,6 +359,10 @@ class RunFeed:
         self.token = monitor.token
         self.active = False
         try:
+            # A run before this one on the same scheduler left its monitor: replace it
+            # (the scheduler would warn on an overwrite).
+            if PLUGIN_NAME in client.run_on_scheduler(_plugin_names):
+                client.unregister_scheduler_plugin(PLUGIN_NAME)
             client.register_plugin(monitor, name=PLUGIN_NAME)
             self.active = True
         except Exception as error:  # see the class docstring
@@ -381,6 +385,10 @@ class RunFeed:
         except Exception as error:  # see the class docstring
             logger.warning("could not update the pingu dashboard: %s", error)
             self.active = False
+
+
+def _plugin_names(dask_scheduler) -> list[str]:
+    return list(dask_scheduler.plugins)
 
 
 def page_link(dashboard_link: str | None) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,11 +21,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import cloudpickle
-import nibabel as nib
-import numpy as np
-import pandas as pd
 import pytest
 from distributed import Client
+from helpers import absolute_manifest, chromium, with_nan_scan
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pingu_dask import dashboard, stages, tables
@@ -217,13 +214,6 @@ def preprocess_failing_once(scan, pipeline):
     return stages.preprocess(scan, pipeline)
 
 
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.fail("headless Chromium is needed (Debian package `chromium`; .ci/run installs it)")
-    return path
-
-
 def render(url: str, *extra: str) -> str:
     """The page's DOM after its scripts ran (headless Chromium)."""
     command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -265,17 +255,8 @@ def get(url: str) -> bytes:
 def watched_run(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("watched")
     generate_cohort(root / "cohort", n_scans=7, seed=21, jobs=2)
-    manifest = pd.read_csv(root / "cohort" / "manifest.csv", dtype=str)
-    for column in ("t1w", "parcellation", "reference"):
-        manifest[column] = [str(root / "cohort" / p) for p in manifest[column]]
-    image = nib.load(manifest.t1w[0])
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    data[40:50, 40:50, 20:30] = np.nan
-    nib.save(nib.Nifti1Image(data, image.affine), root / "nan.nii.gz")
-    bad = {**manifest.iloc[0].to_dict(), "scan_id": "nan_voxels", "subject": "nan_voxels",
-           "t1w": str(root / "nan.nii.gz")}  # fmt: skip
-    manifest = pd.concat([manifest.head(1), pd.DataFrame([bad]), manifest.iloc[1:]])
-    manifest.to_csv(root / "manifest.csv", index=False)
+    manifest = absolute_manifest(root / "cohort", root / "good.csv")
+    with_nan_scan(manifest, "nan_voxels", root, at=1).to_csv(root / "manifest.csv", index=False)
     scans = load_manifest(root / "manifest.csv", ("t1w",)).scans
     (root / "flaky").write_text(scans[0].scan_id)
     pipeline = stages.Pipeline(

@@ -13,15 +13,14 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from helpers import absolute_manifest, chromium, with_nan_scan
 from PIL import Image
 
 from pingu_dask import ledger, qc, report, store, tables
@@ -151,13 +150,6 @@ def test_robust_outliers_per_site() -> None:
 # -- a real run's report --------------------------------------------------------------
 
 
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.fail("headless Chromium is needed (Debian package `chromium`; .ci/run installs it)")
-    return path
-
-
 def browse(url: str, *extra: str) -> subprocess.CompletedProcess:
     command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                "--enable-logging=stderr", "--v=0", *extra, url]  # fmt: skip
@@ -167,17 +159,8 @@ def browse(url: str, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def reported_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("reported")
-    manifest = pd.read_csv(cohort / "manifest.csv", dtype=str)
-    for column in ("t1w", "t2w", "parcellation", "reference"):
-        if column in manifest:
-            manifest[column] = [str(cohort / p) for p in manifest[column]]
-    image = nib.load(manifest.t1w[0])
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    data[10:20, 10:20, 10:20] = np.nan
-    nib.save(nib.Nifti1Image(data, image.affine), root / "nan.nii.gz")
-    bad = {**manifest.iloc[0].to_dict(), "scan_id": "bad_nan", "subject": "bad_nan",
-           "t1w": str(root / "nan.nii.gz")}  # fmt: skip
-    pd.concat([manifest, pd.DataFrame([bad])]).to_csv(root / "manifest.csv", index=False)
+    manifest = absolute_manifest(cohort, root / "good.csv")
+    with_nan_scan(manifest, "bad_nan", root, at=3).to_csv(root / "manifest.csv", index=False)
     out = root / "out"
     arguments = ["run", str(root / "manifest.csv"), "--out", str(out), "--model", "demo"]
     arguments += ["--no-tta", "--step-size", "1.0", "--device", "cpu", "--qc", "--no-nifti"]

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from distributed import Client
+from helpers import absolute_manifest
 
 from pingu_dask import tables
 from pingu_dask.cli import main
@@ -45,16 +46,6 @@ def cohort20(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cohort20")
     generate_cohort(root, n_scans=20, seed=11, jobs=2)
     return root
-
-
-def absolute_manifest(cohort: Path, target: Path, rows: int | None = None) -> pd.DataFrame:
-    """The cohort's manifest with absolute paths (so it can live anywhere)."""
-    manifest = pd.read_csv(cohort / "manifest.csv", dtype=str)
-    manifest = manifest.head(rows) if rows else manifest
-    for column in ("t1w", "parcellation", "reference"):
-        manifest[column] = [str(cohort / p) for p in manifest[column]]
-    manifest.to_csv(target, index=False)
-    return manifest
 
 
 def whole_brain_rows(out: Path) -> pd.Series:
