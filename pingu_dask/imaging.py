@@ -15,6 +15,9 @@ import nibabel as nib
 import numpy as np
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Label maps (parcellations, reference masks) may also be FreeSurfer's MGZ (aseg.mgz);
+#: input channels must be NIfTI, which is what nnU-Net's readers take.
+LABEL_MAP_SUFFIXES = (*NIFTI_SUFFIXES, ".mgz")
 
 
 class ImageError(ValueError):
@@ -42,10 +45,13 @@ def is_nifti_path(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def read_info(path: str | os.PathLike[str]) -> ImageInfo:
-    """Read a NIfTI header (shape, spacing, affine) without loading the voxel data.
+def read_info(
+    path: str | os.PathLike[str], suffixes: tuple[str, ...] = NIFTI_SUFFIXES
+) -> ImageInfo:
+    """Read an image header (shape, spacing, affine) without loading the voxel data.
 
-    Raises ImageError with a reason a person can act on (missing, unreadable, not NIfTI).
+    Raises ImageError with a reason a person can act on (missing, unreadable, not NIfTI
+    or another of `suffixes`).
     """
     path = Path(path)
     if not path.exists():
@@ -54,8 +60,9 @@ def read_info(path: str | os.PathLike[str]) -> ImageInfo:
         raise ImageError(f"not a file: {path}")
     if not os.access(path, os.R_OK):
         raise ImageError(f"file not readable (permissions): {path}")
-    if not is_nifti_path(path):
-        raise ImageError(f"not a NIfTI file (expected .nii or .nii.gz): {path}")
+    if not str(path).lower().endswith(suffixes):
+        kinds = "NIfTI" if suffixes == NIFTI_SUFFIXES else "NIfTI or MGZ"
+        raise ImageError(f"not a {kinds} file (expected {' or '.join(suffixes)}): {path}")
     try:
         image = nib.load(path)
         header = image.header
@@ -95,9 +102,11 @@ def save_nifti(
     return path
 
 
-def load_volume(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(
+    path: str | os.PathLike[str], suffixes: tuple[str, ...] = NIFTI_SUFFIXES
+) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D NIfTI volume as (float32 array, affine); a single-frame 4D is squeezed."""
-    info = read_info(path)
+    info = read_info(path, suffixes)
     if not info.is_3d:
         raise ImageError(f"expected a 3D image, got shape {info.shape}: {path}")
     try:

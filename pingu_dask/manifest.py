@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pingu_dask.imaging import ImageError, ImageInfo, read_info
+from pingu_dask.imaging import LABEL_MAP_SUFFIXES, ImageError, ImageInfo, read_info
 
 DEFAULT_CHANNELS = ("t1w",)
 OPTIONAL_TEXT_COLUMNS = ("subject", "session", "site")
@@ -276,10 +276,11 @@ def _make_scan(row: int, record: dict[str, str], channels: tuple[str, ...], base
 def _check_files(scans: list[Scan], jobs: int) -> tuple[list[Scan], list[Problem]]:
     """Open every referenced file's header once (in parallel) and check each scan's files."""
     paths = sorted({p for scan in scans for p in _file_columns(scan).values()})
+    channel_paths = {p for scan in scans for p in scan.channel_paths}
 
     def inspect(path: Path) -> ImageInfo | str:
         try:
-            return read_info(path)
+            return read_info(path) if path in channel_paths else read_info(path, LABEL_MAP_SUFFIXES)
         except ImageError as error:
             return str(error)
 

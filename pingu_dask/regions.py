@@ -19,7 +19,7 @@ import nibabel as nib
 import nibabel.processing
 import numpy as np
 
-from pingu_dask.imaging import load_volume
+from pingu_dask.imaging import LABEL_MAP_SUFFIXES, load_volume
 
 OTHER = "other"
 WHOLE_BRAIN = "whole_brain"
@@ -157,7 +157,8 @@ def label_map_on_grid(
     with nearest neighbour (labels must not be interpolated). Voxels of the image
     outside the label image's field of view get 0.
     """
-    data, label_affine = load_volume(path)  # ImageError: unreadable, truncated, not 3D
+    # ImageError: unreadable, truncated, not 3D
+    data, label_affine = load_volume(path, LABEL_MAP_SUFFIXES)
     if not (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))):
         raise RegionError(f"{what} {path} holds non-integer values: not a label map")
     data = data.astype(np.int32)

@@ -90,6 +90,8 @@ def segment_cohort(
     """
     store.prepare_output(pipeline.out)
     names = store.nifti_names(scans) if pipeline.write_nifti else {}
+    if pipeline.write_nifti:
+        store.describe_nifti_dataset(pipeline.out)
     retries = int(setting("retries")) if retries is None else retries
     run_id = run_id or uuid.uuid4().hex[:12]
     with tables.TableWriter(pipeline.out) as writer:

@@ -154,25 +154,43 @@ BIDS_LABEL = re.compile(r"[A-Za-z0-9]+")
 
 
 def nifti_names(scans: Iterable[Scan]) -> dict[str, str]:
-    """scan id -> mask file name, BIDS-derivatives style where it is unique.
+    """scan id -> mask path under OUT/nifti, laid out as a BIDS-derivatives dataset.
 
-    sub-X[_ses-Y]_desc-pvs_mask.nii.gz when the subject (and session) are BIDS labels
-    and no other scan gets the same name (e.g. two runs of one session); otherwise
-    the scan id stands in for the entities: <scan_id>_desc-pvs_mask.nii.gz.
+    sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-pvs_mask.nii.gz when the subject (and
+    session) are BIDS labels and no other scan gets the same name; when two scans would
+    (e.g. two runs of one session), their scan ids stand in for the entities (a BIDS
+    input's ids are the entities, e.g. sub-X_ses-Y_run-2). Scans without a BIDS subject
+    label: <scan_id>_desc-pvs_mask.nii.gz at the top.
     """
+    folders: dict[str, str] = {}
     proposed: dict[str, str] = {}
     for scan in scans:
-        stem = scan.scan_id
+        stem, folder = scan.scan_id, ""
         subject = _bids_label(scan.subject, "sub-")
         session = _bids_label(scan.session, "ses-")
         if subject and (scan.session is None or session):
             stem = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+            folder = f"sub-{subject}/" + (f"ses-{session}/" if session else "") + "anat/"
         proposed[scan.scan_id] = stem
+        folders[scan.scan_id] = folder
     taken = pd.Series(list(proposed.values())).value_counts()
     return {
-        scan_id: f"{stem if taken[stem] == 1 else scan_id}_desc-pvs_mask.nii.gz"
+        scan_id: f"{folders[scan_id]}{stem if taken[stem] == 1 else scan_id}_desc-pvs_mask.nii.gz"
         for scan_id, stem in proposed.items()
     }
+
+
+def describe_nifti_dataset(out: Path) -> None:
+    """OUT/nifti/dataset_description.json: the masks as a BIDS-derivatives dataset."""
+    folder = Path(out) / NIFTI
+    folder.mkdir(parents=True, exist_ok=True)
+    description = {
+        "Name": "pingu-dask perivascular space masks",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "pingu-dask", "Version": __version__}],
+    }
+    write_json(folder / "dataset_description.json", description)
 
 
 def _bids_label(value: str | None, prefix: str) -> str | None:

@@ -146,10 +146,10 @@ def test_nifti_names_follow_bids_where_they_are_unique() -> None:
         make_scan("e", "X"),
     ]
     assert store.nifti_names(scans) == {
-        "a": "sub-01_ses-1_desc-pvs_mask.nii.gz",
-        "b": "sub-02_desc-pvs_mask.nii.gz",
-        "c1": "c1_desc-pvs_mask.nii.gz",
-        "c2": "c2_desc-pvs_mask.nii.gz",
+        "a": "sub-01/ses-1/anat/sub-01_ses-1_desc-pvs_mask.nii.gz",
+        "b": "sub-02/anat/sub-02_desc-pvs_mask.nii.gz",
+        "c1": "sub-03/ses-1/anat/c1_desc-pvs_mask.nii.gz",
+        "c2": "sub-03/ses-1/anat/c2_desc-pvs_mask.nii.gz",
         "d": "d_desc-pvs_mask.nii.gz",
         "e": "e_desc-pvs_mask.nii.gz",
     }

@@ -4,7 +4,7 @@ Each sub-command is a thin layer: it parses options, calls library functions and
 prints the outcome with rich. Exit codes: 0 success, 1 the work found problems (an
 invalid manifest, failed scans), 2 wrong usage (click's own convention).
 
-    data.py      synth, validate
+    data.py      synth, validate, manifest (BIDS)
     run.py       run, status, demo
     progress.py  the progress bar, per-scan table and status summary
     evaluate.py  evaluate
@@ -31,6 +31,7 @@ def _register() -> None:
     commands = (
         data.synth,
         data.validate,
+        data.manifest,
         run.run,
         run.status,
         evaluate.evaluate,

@@ -1,13 +1,16 @@
-"""Commands about input data: `synth` (synthetic cohorts) and `validate` (manifests)."""
+"""Commands about input data: `synth` (synthetic cohorts), `validate` (manifests) and
+`manifest` (a BIDS dataset as a manifest)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import click
 from rich.table import Table
 
+from pingu_dask import bids
 from pingu_dask.cli.common import console, print_report, split
 from pingu_dask.manifest import DEFAULT_CHANNELS, load_manifest
 from pingu_dask.synth import DEFAULT_SITES, SITES, ScanRecord, generate_cohort
@@ -107,3 +110,47 @@ def validate(manifest: Path, channels: str, check_files: bool, jobs: int) -> Non
         raise SystemExit(1) from error
     print_report(report)
     raise SystemExit(0 if report.ok else 1)
+
+
+@click.command()
+@click.argument("bids_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--channels",
+    default=",".join(DEFAULT_CHANNELS),
+    show_default=True,
+    help=f"Comma-separated channels the model needs, in order (known: {', '.join(bids.SUFFIXES)}).",
+)
+@click.option(
+    "--out",
+    "-o",
+    "target",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the manifest here (CSV) instead of to standard output.",
+)
+def manifest(bids_dir: Path, channels: str, target: Path | None) -> None:
+    """Write a manifest for the BIDS dataset BIDS_DIR: one scan per T1w image (every
+    session and run), the other channels, SynthSeg/FreeSurfer parcellations from
+    derivatives/ and sites from participants.tsv. What cannot be used is listed on
+    standard error (exit code 1 if anything), the rest is written."""
+    found = discover_bids(bids_dir, tuple(split(channels)))
+    table = found.manifest(tuple(split(channels)))
+    if target is None:
+        table.to_csv(sys.stdout, index=False)
+    else:
+        table.to_csv(target, index=False)
+        console.print(f"{len(table)} scans written to {target}")
+    raise SystemExit(1 if found.problems else 0)
+
+
+def discover_bids(bids_dir: Path, channels: tuple[str, ...]) -> bids.Discovery:
+    """bids.discover, with its problems printed to standard error (none is fatal)."""
+    try:
+        found = bids.discover(bids_dir, channels)
+    except bids.BidsError as error:
+        raise click.UsageError(str(error)) from error
+    for problem in found.problems:
+        click.echo(f"not used: {problem}", err=True)
+    summary = f"{bids_dir}: {len(found.rows)} scans found, {len(found.problems)} problem(s)"
+    click.echo(summary, err=True)
+    return found

@@ -111,7 +111,8 @@ def _mask_sources(
             continue
         candidates = [
             source / f"{scan.scan_id}_desc-pvs_mask.nii.gz",
-            source / names[scan.scan_id],
+            source / names[scan.scan_id],  # BIDS-derivatives layout (sub-X/[ses-Y/]anat/)
+            source / Path(names[scan.scan_id]).name,  # the same names, all in one folder
             source / f"{scan.scan_id}.nii.gz",
         ]
         path = next((c for c in candidates if c.is_file()), None)

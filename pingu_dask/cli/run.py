@@ -17,7 +17,7 @@ from pingu_dask.cli.common import (
     region_table,
     split,
 )
-from pingu_dask.cli.data import print_cohort
+from pingu_dask.cli.data import discover_bids, print_cohort
 from pingu_dask.cli.hpc import job_options, jobqueue_options
 from pingu_dask.cli.progress import (
     PER_SCAN_LINES_UP_TO,
@@ -37,6 +37,7 @@ from pingu_dask.regions import RegionTable
 from pingu_dask.stages import Pipeline
 from pingu_dask.synth import generate_cohort
 
+BIDS_MANIFEST = "manifest_bids.csv"  # in OUT, for a BIDS dataset given as MANIFEST
 MODEL_CHOICES = (
     "choose a model with --model: a trained nnU-Net v2 model folder "
     "(Trainer__Plans__configuration/ with dataset.json, plans.json, fold_N/), a zip made by "
@@ -46,7 +47,7 @@ MODEL_CHOICES = (
 
 
 @click.command()
-@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("manifest", type=click.Path(path_type=Path))
 @click.option(
     "--out",
     "-o",
@@ -155,6 +156,9 @@ def run(
 ) -> None:
     """Segment every scan of MANIFEST with an nnU-Net model on a Dask cluster.
 
+    MANIFEST is a CSV/TSV/Parquet manifest or a BIDS dataset folder (its manifest is
+    written to OUT/manifest_bids.csv; see `pingu-dask manifest`).
+
     Writes OUT/masks.zarr, OUT/tables/{regions,clusters,evaluation,ledger} (Parquet),
     OUT/run.json and, unless --no-nifti, OUT/nifti. Running the same command again
     resumes: finished scans are skipped, failed and unfinished ones are redone.
@@ -225,6 +229,11 @@ def run_cohort(
         f"model {model.folder} (folds {', '.join(model.folds)}, "
         f"channels {', '.join(model.channels)}, fingerprint {model.fingerprint[:12]})"
     )
+    if Path(manifest).is_dir():
+        found = discover_bids(Path(manifest), model.channels)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        manifest = Path(out) / BIDS_MANIFEST
+        found.manifest(model.channels).to_csv(manifest, index=False)
     report = load_manifest(manifest, model.channels)
     print_report(report)
     if not report.ok and not options.skip_invalid:
