@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(PIN)
 	$(BIN)/pip install -q --disable-pip-version-check -c $(PIN) -e '.[test]'
+	# nnU-Net v1, for tests/test_convert_v1.py only (its network module; none of its
+	# dependencies, some of which no longer build): the reference the v1 import is checked against.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps nnunet==1.7.1
 	$(BIN)/python scripts/check_torch.py $(PIN)
 	touch $(STAMP)
 

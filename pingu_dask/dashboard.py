@@ -155,7 +155,7 @@ class RunMonitor(SchedulerPlugin):
         add_routes(scheduler)
         METRICS.attach(self)
 
-    def close(self) -> None:
+    async def close(self) -> None:  # the scheduler awaits it
         METRICS.detach(self)
 
     def transition(self, key, start, finish, *args, stimulus_id=None, **kwargs) -> None:

@@ -9,6 +9,7 @@ invalid manifest, failed scans), 2 wrong usage (click's own convention).
     progress.py  the progress bar, per-scan table and status summary
     evaluate.py  evaluate
     report.py    report
+    model.py     model import (nnU-Net v1 -> v2)
     common.py    the console, shared options and printing helpers
 """
 
@@ -26,7 +27,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from pingu_dask.cli import data, evaluate, report, run
+    from pingu_dask.cli import data, evaluate, model, report, run
 
     commands = (
         data.synth,
@@ -36,6 +37,7 @@ def _register() -> None:
         run.status,
         evaluate.evaluate,
         report.report,
+        model.model,
         run.demo,
     )
     for command in commands:

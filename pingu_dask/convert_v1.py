@@ -1,0 +1,505 @@
+"""nnU-Net v1 trained models (e.g. the published PINGU-All_v0.zip) -> nnU-Net v2 model
+folders that the pipeline runs.
+
+A v1 model is `nnUNet/<configuration>/<Task>/<Trainer>__<Plans>/` with plans.pkl and
+fold_N/model_final_checkpoint.model (+ .model.pkl). Its network is v1's Generic_UNet,
+which is layer for layer v2's PlainConvUNet:
+
+    v1                                             v2 (dynamic_network_architectures)
+    conv_blocks_context.d.blocks.k                 encoder.stages.d.0.convs.k
+    conv_blocks_context.<last>.{0,1}.blocks.k      encoder.stages.<last>.0.convs.k (in order)
+    conv_blocks_localization.u.{0,1}.blocks.k      decoder.stages.u.convs.k (in order)
+    tu.u (no bias)                                 decoder.transpconvs.u (bias set to 0)
+    seg_outputs.u (no bias)                        decoder.seg_layers.u (bias set to 0)
+    .conv / .instnorm                              .conv / .norm
+
+The architecture (stages, features, kernel sizes, convolutions per stage, input and
+output channels) is read from the weights themselves and checked against the plans;
+strides are the plans' pooling kernels. Preprocessing settings are translated: spacing,
+patch size, transpose, normalisation (v1 'CT' -> CTNormalization with the intensity
+properties, 'noNorm' -> NoNormalization, anything else -> ZScoreNormalization, which is
+what v1 does with it), masks for normalisation, and the export resampling.
+
+What v2 (or this pipeline) cannot express is refused with a reason: another trainer
+than nnUNetTrainerV2 (its network may differ), cascade or 2D configurations, v1's 'CT2'
+normalisation, non-empty post-processing (postprocessing.json), and weights that do not
+have the Generic_UNet layout.
+
+Security: plans.pkl, .model.pkl and .model are Python pickles, i.e. code. Import only
+models from a source you trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pingu_dask import __version__
+from pingu_dask.model import ModelError
+
+SUPPORTED_TRAINERS = ("nnUNetTrainerV2",)
+SUPPORTED_CONFIGURATIONS = ("3d_fullres", "3d_lowres")
+V1_CHECKPOINT = "model_final_checkpoint.model"
+V2_CHECKPOINT = "checkpoint_final.pth"
+V2_TRAINER = "nnUNetTrainer"
+#: v1 modality names -> v2 channel names (the manifest column is the lower-cased name)
+CHANNEL_NAMES = {"T1": "T1w", "T2": "T2w", "FLAIR": "FLAIR", "T1W": "T1w", "T2W": "T2w"}
+INTENSITY_KEYS = {"mx": "max", "mean": "mean", "median": "median", "mn": "min",
+                  "percentile_00_5": "percentile_00_5", "percentile_99_5": "percentile_99_5",
+                  "sd": "std"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class V1Model:
+    """A located v1 trained-model folder."""
+
+    folder: Path  # .../<configuration>/<Task>/<Trainer>__<Plans>
+    configuration: str
+    task: str
+    trainer: str
+    plans_identifier: str
+    folds: tuple[str, ...]
+
+
+def find_v1_model(path: Path) -> V1Model:
+    """The single v1 trained-model folder at or below `path`."""
+    candidates = sorted(
+        p.parent for p in path.rglob("plans.pkl") if any(p.parent.glob(f"fold_*/{V1_CHECKPOINT}"))
+    )
+    if not candidates:
+        raise ModelError(
+            f"{path} holds no nnU-Net v1 model: expected <Trainer>__<Plans>/ with plans.pkl and "
+            f"fold_N/{V1_CHECKPOINT}, here or below"
+        )
+    if len(candidates) > 1:
+        listing = "\n  ".join(str(c) for c in candidates)
+        raise ModelError(f"{path} holds several v1 models; pass one of:\n  {listing}")
+    folder = candidates[0]
+    trainer, _, plans_identifier = folder.name.partition("__")
+    folds = tuple(
+        sorted(p.parent.name.removeprefix("fold_") for p in folder.glob(f"fold_*/{V1_CHECKPOINT}"))
+    )
+    return V1Model(folder, folder.parent.parent.name, folder.parent.name, trainer,
+                   plans_identifier, folds)  # fmt: skip
+
+
+def import_v1_model(source: Path, out: Path, channel_names: tuple[str, ...] | None = None) -> Path:
+    """Convert the v1 model at `source` (folder or zip) into a v2 model folder under
+    `out`; return that folder (pass it to `run --model`)."""
+    source = Path(source)
+    if source.is_file():
+        if not zipfile.is_zipfile(source):
+            raise ModelError(f"{source} is a file but not a zip")
+        from pingu_dask.model import unpack_zip
+
+        source = unpack_zip(source)
+    v1 = find_v1_model(source)
+    _check_supported(v1)
+    plans = _load_pickle(v1.folder / "plans.pkl")
+    stage = _stage(plans, v1.configuration)
+    target = Path(out) / f"{V2_TRAINER}__{v1.plans_identifier}__{v1.configuration}"
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _convert(v1, plans, stage, staging, source, channel_names)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # never leave half a model behind
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def _convert(v1, plans, stage, staging: Path, source: Path, channel_names) -> None:
+    """Write the v2 model into `staging`: weights per fold, plans, dataset, provenance."""
+    architecture = None
+    for fold in v1.folds:
+        checkpoint = _load_checkpoint(v1.folder / f"fold_{fold}" / V1_CHECKPOINT)
+        info = _load_pickle(v1.folder / f"fold_{fold}" / f"{V1_CHECKPOINT}.pkl")
+        if info.get("name") not in SUPPORTED_TRAINERS:
+            raise ModelError(
+                f"fold_{fold}: trainer {info.get('name')!r} is not supported (only "
+                f"{', '.join(SUPPORTED_TRAINERS)}: other trainers may build another network)"
+            )
+        weights = checkpoint["state_dict"]
+        found = read_architecture(weights, stage)
+        if architecture is not None and found != architecture:
+            raise ModelError(f"fold_{fold} has another architecture than the first fold")
+        architecture = found
+        network = v2_network(architecture)
+        copy_weights(weights, network, architecture)
+        fold_dir = staging / f"fold_{fold}"
+        fold_dir.mkdir()
+        _save_v2_checkpoint(fold_dir / V2_CHECKPOINT, network, checkpoint, architecture)
+    assert architecture is not None
+    v2_plans = translate_plans(plans, stage, v1, architecture)
+    (staging / "plans.json").write_text(json.dumps(v2_plans, indent=1))
+    dataset = dataset_json(plans, architecture, channel_names)
+    (staging / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    (staging / "imported_from_v1.json").write_text(json.dumps(_provenance(source, v1), indent=1))
+
+
+def _check_supported(v1: V1Model) -> None:
+    if v1.trainer not in SUPPORTED_TRAINERS:
+        raise ModelError(
+            f"{v1.folder}: trainer {v1.trainer!r} is not supported (only "
+            f"{', '.join(SUPPORTED_TRAINERS)}: other trainers may build another network)"
+        )
+    if v1.configuration not in SUPPORTED_CONFIGURATIONS:
+        raise ModelError(
+            f"{v1.folder}: configuration {v1.configuration!r} is not supported (only "
+            f"{', '.join(SUPPORTED_CONFIGURATIONS)}; a cascade needs the low-resolution "
+            "model's predictions as input, which v2 model folders cannot carry over)"
+        )
+    postprocessing = v1.folder / "postprocessing.json"
+    if postprocessing.is_file():
+        settings = json.loads(postprocessing.read_text())
+        if settings.get("for_which_classes") or settings.get("min_valid_object_sizes"):
+            raise ModelError(
+                f"{postprocessing} asks for post-processing (keep the largest component of "
+                f"{settings.get('for_which_classes')}), which this pipeline does not apply: "
+                "results would differ from v1's; remove the file if that is intended"
+            )
+
+
+def _stage(plans: dict, configuration: str) -> dict:
+    stages = plans["plans_per_stage"]
+    keys = sorted(stages)
+    return stages[keys[0]] if configuration == "3d_lowres" else stages[keys[-1]]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Generic_UNet's shape, read from its weights."""
+
+    features: tuple[int, ...]  # per encoder stage
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]  # first stage (1, ...), then the plans' pooling
+    convs_encoder: tuple[int, ...]
+    convs_decoder: tuple[int, ...]
+    in_channels: int
+    n_classes: int  # including background
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.kernel_sizes[0])
+
+
+def _encoder_blocks(weights: dict, stage: int, last: bool) -> list[str]:
+    """v1 key prefixes of one encoder stage's convolutions, in order."""
+    if not last:
+        return _blocks(weights, f"conv_blocks_context.{stage}.blocks")
+    return [
+        *_blocks(weights, f"conv_blocks_context.{stage}.0.blocks"),
+        *_blocks(weights, f"conv_blocks_context.{stage}.1.blocks"),
+    ]
+
+
+def _decoder_blocks(weights: dict, stage: int) -> list[str]:
+    return [
+        *_blocks(weights, f"conv_blocks_localization.{stage}.0.blocks"),
+        *_blocks(weights, f"conv_blocks_localization.{stage}.1.blocks"),
+    ]
+
+
+def _blocks(weights: dict, prefix: str) -> list[str]:
+    count = 0
+    while f"{prefix}.{count}.conv.weight" in weights:
+        count += 1
+    return [f"{prefix}.{k}" for k in range(count)]
+
+
+def read_architecture(weights: dict, stage_plans: dict) -> Architecture:
+    """The network's shape from a v1 state dict, checked against the stage's plans."""
+    pools = [tuple(int(x) for x in p) for p in stage_plans["pool_op_kernel_sizes"]]
+    n_stages = len(pools) + 1
+    encoder = [_encoder_blocks(weights, s, s == n_stages - 1) for s in range(n_stages)]
+    decoder = [_decoder_blocks(weights, u) for u in range(n_stages - 1)]
+    if not all(encoder) or not all(decoder) or f"tu.{n_stages - 2}.weight" not in weights:
+        raise ModelError(
+            "the weights do not have nnU-Net v1's Generic_UNet layout for "
+            f"{n_stages} stages (conv_blocks_context, conv_blocks_localization, tu, seg_outputs)"
+        )
+    first = [weights[f"{blocks[0]}.conv.weight"] for blocks in encoder]
+    kernels = tuple(tuple(int(k) for k in w.shape[2:]) for w in first)
+    planned = tuple(tuple(int(k) for k in c) for c in stage_plans["conv_kernel_sizes"])
+    if kernels != planned:
+        raise ModelError(f"kernel sizes in the weights {kernels} differ from the plans' {planned}")
+    for u, blocks in enumerate(decoder):
+        # v1 gives decoder stage u the kernel of the stage below the skip connection,
+        # v2's PlainConvUNet the skip's own: the same only where they agree.
+        used = tuple(int(k) for k in weights[f"{blocks[0]}.conv.weight"].shape[2:])
+        if used != kernels[-(u + 2)]:
+            raise ModelError(
+                f"v1 decoder stage {u} uses kernel {used} where nnU-Net v2's PlainConvUNet "
+                f"uses {kernels[-(u + 2)]} (plans with different kernel sizes per stage): "
+                "the network cannot be expressed in v2"
+            )
+    expected = {
+        f"{block}.{part}.{kind}"
+        for blocks in (*encoder, *decoder)
+        for block in blocks
+        for part in ("conv", "instnorm")
+        for kind in ("weight", "bias")
+    }
+    expected |= {f"tu.{u}.weight" for u in range(n_stages - 1)}
+    expected |= {f"seg_outputs.{u}.weight" for u in range(n_stages - 1)}
+    unexpected = sorted(set(weights) - expected)
+    missing = sorted(expected - set(weights))
+    if unexpected or missing:
+        raise ModelError(
+            "the weights are not a plain Generic_UNet (dropout, biases or extra layers?): "
+            f"unexpected {unexpected[:5]}, missing {missing[:5]}"
+        )
+    dimensions = len(kernels[0])
+    return Architecture(
+        features=tuple(int(w.shape[0]) for w in first),
+        kernel_sizes=kernels,
+        strides=((1,) * dimensions, *pools),
+        convs_encoder=tuple(len(blocks) for blocks in encoder),
+        convs_decoder=tuple(len(blocks) for blocks in decoder),
+        in_channels=int(first[0].shape[1]),
+        n_classes=int(weights[f"seg_outputs.{n_stages - 2}.weight"].shape[0]),
+    )
+
+
+def arch_kwargs(architecture: Architecture) -> dict:
+    """plans.json's architecture entry for v2's PlainConvUNet of the same shape."""
+    d = architecture.dimensions
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": len(architecture.features),
+            "features_per_stage": list(architecture.features),
+            "conv_op": f"torch.nn.modules.conv.Conv{d}d",
+            "kernel_sizes": [list(k) for k in architecture.kernel_sizes],
+            "strides": [list(s) for s in architecture.strides],
+            "n_conv_per_stage": list(architecture.convs_encoder),
+            "n_conv_per_stage_decoder": list(architecture.convs_decoder),
+            "conv_bias": True,
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{d}d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",  # v1: negative slope 0.01, v2's default
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+def v2_network(architecture: Architecture):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    entry = arch_kwargs(architecture)
+    return get_network_from_plans(
+        entry["network_class_name"],
+        entry["arch_kwargs"],
+        entry["_kw_requires_import"],
+        architecture.in_channels,
+        architecture.n_classes,
+        allow_init=False,
+        deep_supervision=False,
+    )
+
+
+def copy_weights(weights: dict, network, architecture: Architecture) -> None:
+    """Put v1's weights into the v2 network; every parameter must be set exactly once."""
+    import torch
+
+    n_stages = len(architecture.features)
+    assigned: set[int] = set()
+
+    def put(parameter, value) -> None:
+        if tuple(parameter.shape) != tuple(value.shape):
+            raise ModelError(f"shape {tuple(value.shape)} does not fit {tuple(parameter.shape)}")
+        with torch.no_grad():
+            parameter.copy_(value)
+        assigned.add(id(parameter))
+
+    def put_block(v1_prefix: str, module) -> None:
+        put(module.conv.weight, weights[f"{v1_prefix}.conv.weight"])
+        put(module.conv.bias, weights[f"{v1_prefix}.conv.bias"])
+        put(module.norm.weight, weights[f"{v1_prefix}.instnorm.weight"])
+        put(module.norm.bias, weights[f"{v1_prefix}.instnorm.bias"])
+
+    for s in range(n_stages):
+        convs = network.encoder.stages[s][0].convs
+        for block, module in zip(
+            _encoder_blocks(weights, s, s == n_stages - 1), convs, strict=True
+        ):
+            put_block(block, module)
+    decoder = network.decoder
+    for u in range(n_stages - 1):
+        for block, module in zip(_decoder_blocks(weights, u), decoder.stages[u].convs, strict=True):
+            put_block(block, module)
+        put(decoder.transpconvs[u].weight, weights[f"tu.{u}.weight"])
+        put(decoder.seg_layers[u].weight, weights[f"seg_outputs.{u}.weight"])
+        for layer in (decoder.transpconvs[u], decoder.seg_layers[u]):  # v1 has no bias here
+            if layer.bias is not None:
+                put(layer.bias, torch.zeros_like(layer.bias))
+    left = [name for name, p in network.named_parameters() if id(p) not in assigned]
+    if left:
+        raise ModelError(f"v2 parameters not set from the v1 weights: {left[:5]}")
+
+
+def translate_plans(plans: dict, stage: dict, v1: V1Model, architecture: Architecture) -> dict:
+    """v1 plans (one stage) -> v2 plans.json with one configuration."""
+    channels = range(architecture.in_channels)
+    schemes = plans.get("normalization_schemes") or {}
+    normalisations = []
+    for c in channels:
+        scheme = schemes.get(c, "nonCT")
+        if scheme == "CT2":
+            raise ModelError("v1 normalisation 'CT2' has no nnU-Net v2 equivalent")
+        normalisations.append(
+            {"CT": "CTNormalization", "noNorm": "NoNormalization"}.get(
+                scheme, "ZScoreNormalization"
+            )
+        )
+    use_mask = plans.get("use_mask_for_norm") or {}
+    intensities = (plans.get("dataset_properties") or {}).get("intensityproperties") or {}
+    if "CTNormalization" in normalisations and not intensities:
+        raise ModelError("v1 'CT' normalisation without intensity properties in plans.pkl")
+    export = plans.get("segmentation_export_params") or {}
+    probabilities = {
+        "is_seg": False,
+        "order": int(export.get("interpolation_order", 1)),
+        "order_z": int(export.get("interpolation_order_z", 0)),
+        "force_separate_z": export.get("force_separate_z"),
+    }
+    spacing = [float(x) for x in stage["current_spacing"]]
+    transpose_forward = [int(x) for x in plans.get("transpose_forward", range(3))]
+    configuration = {
+        "data_identifier": f"{v1.plans_identifier}_{v1.configuration}",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": int(stage.get("batch_size", 2)),
+        "patch_size": [int(x) for x in stage["patch_size"]],
+        "median_image_size_in_voxels": [float(x) for x in stage["median_patient_size_in_voxels"]],
+        "spacing": spacing,
+        "normalization_schemes": normalisations,
+        "use_mask_for_norm": [bool(use_mask.get(c, False)) for c in channels],
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0,
+                                      "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0,
+                                     "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": probabilities,
+        "architecture": arch_kwargs(architecture),
+        "batch_dice": bool(plans.get("batch_dice", False)),
+    }  # fmt: skip
+    return {
+        "dataset_name": _dataset_name(v1.task),
+        "plans_name": v1.plans_identifier,
+        "original_median_spacing_after_transp": [float(x) for x in stage["original_spacing"]],
+        "original_median_shape_after_transp": [
+            round(float(x)) for x in stage["median_patient_size_in_voxels"]
+        ],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": transpose_forward,
+        "transpose_backward": [int(x) for x in plans.get("transpose_backward", range(3))],
+        "configurations": {v1.configuration: configuration},
+        "experiment_planner_used": f"imported from nnU-Net v1 ({v1.plans_identifier})",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            str(c): _intensities(intensities.get(c)) for c in channels
+        },
+    }
+
+
+def _intensities(properties: dict | None) -> dict:
+    """v1 intensity properties in v2's names. v1 collects them for CT data only; v2's
+    preprocessor looks them up for every channel but only CT normalisation uses them,
+    so MRI channels get neutral values (0, std 1) that nothing reads."""
+    if not properties:
+        return {name: 0.0 for name in INTENSITY_KEYS.values()} | {"std": 1.0}
+    return {INTENSITY_KEYS[k]: float(v) for k, v in properties.items() if k in INTENSITY_KEYS}
+
+
+def dataset_json(plans: dict, architecture: Architecture, names: tuple[str, ...] | None) -> dict:
+    """dataset.json: channel names (v1 modalities, 'T1' -> 'T1w'; or as given) and labels."""
+    modalities = plans.get("modalities") or {}
+    if names is None:
+        names = tuple(
+            CHANNEL_NAMES.get(str(modalities.get(c, f"channel{c}")).upper(), str(modalities.get(c)))
+            for c in range(architecture.in_channels)
+        )
+    if len(names) != architecture.in_channels:
+        raise ModelError(
+            f"{len(names)} channel names given for a model with {architecture.in_channels} inputs"
+        )
+    classes = [int(c) for c in plans.get("all_classes") or range(1, architecture.n_classes)]
+    labels = {"background": 0, **{f"label_{c}": c for c in classes}}
+    if len(labels) != architecture.n_classes:
+        raise ModelError(
+            f"plans.pkl lists classes {classes}, but the network has "
+            f"{architecture.n_classes} outputs"
+        )
+    return {
+        "channel_names": {str(i): name for i, name in enumerate(names)},
+        "labels": labels,
+        "numTraining": 0,
+        "file_ending": ".nii.gz",
+    }
+
+
+def _save_v2_checkpoint(path: Path, network, v1_checkpoint: dict, architecture) -> None:
+    import torch
+
+    mirror_axes = tuple(range(architecture.dimensions))
+    torch.save(
+        {
+            "network_weights": network.state_dict(),
+            "trainer_name": V2_TRAINER,
+            "inference_allowed_mirroring_axes": mirror_axes,
+            "current_epoch": v1_checkpoint.get("epoch"),
+            "init_args": {"imported_from": "nnU-Net v1"},
+        },
+        path,
+    )
+
+
+def _provenance(source: Path, v1: V1Model) -> dict:
+    digest = hashlib.sha256()
+    for fold in v1.folds:
+        digest.update((v1.folder / f"fold_{fold}" / V1_CHECKPOINT).read_bytes())
+    return {
+        "imported_by": f"pingu-dask {__version__}",
+        "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": str(Path(source).resolve()),
+        "v1_folder": str(v1.folder),
+        "v1_trainer": v1.trainer,
+        "v1_plans": v1.plans_identifier,
+        "task": v1.task,
+        "folds": list(v1.folds),
+        "v1_checkpoints_sha256": digest.hexdigest(),
+    }
+
+
+def _dataset_name(task: str) -> str:
+    match = re.fullmatch(r"Task(\d+)_(.+)", task)
+    return f"Dataset{int(match[1]):03d}_{match[2]}" if match else task
+
+
+def _load_pickle(path: Path) -> dict:
+    with path.open("rb") as handle:
+        return pickle.load(handle)  # code: trusted models only (module docstring)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" not in checkpoint:
+        raise ModelError(f"{path} is not a v1 checkpoint (no state_dict)")
+    return checkpoint
