@@ -40,11 +40,6 @@ class ImageInfo:
         return len(self.shape) == 3 or (len(self.shape) == 4 and self.shape[3] == 1)
 
 
-def is_nifti_path(path: str | os.PathLike[str]) -> bool:
-    """True when the file name ends like a NIfTI file (.nii or .nii.gz)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
 def read_info(
     path: str | os.PathLike[str], suffixes: tuple[str, ...] = NIFTI_SUFFIXES
 ) -> ImageInfo:
