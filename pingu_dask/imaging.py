@@ -48,6 +48,11 @@ def read_info(
     Raises ImageError with a reason a person can act on (missing, unreadable, not NIfTI
     or another of `suffixes`).
     """
+    return _open(path, suffixes)[1]
+
+
+def _open(path: str | os.PathLike[str], suffixes: tuple[str, ...]):
+    """(nibabel image, its ImageInfo): the header read once, the voxels not yet."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"file not found: {path}")
@@ -67,7 +72,7 @@ def read_info(
         dtype = str(header.get_data_dtype())
     except Exception as error:  # nibabel raises many types for a damaged file
         raise ImageError(f"cannot read NIfTI header of {path}: {error}") from error
-    return ImageInfo(path=path, shape=shape, spacing=spacing, affine=affine, dtype=dtype)
+    return image, ImageInfo(path=path, shape=shape, spacing=spacing, affine=affine, dtype=dtype)
 
 
 def save_nifti(
@@ -101,16 +106,24 @@ def load_volume(
     path: str | os.PathLike[str], suffixes: tuple[str, ...] = NIFTI_SUFFIXES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D NIfTI volume as (float32 array, affine); a single-frame 4D is squeezed."""
-    info = read_info(path, suffixes)
+    info, data = read_volume(path, suffixes)
+    return data, info.affine
+
+
+def read_volume(
+    path: str | os.PathLike[str], suffixes: tuple[str, ...] = NIFTI_SUFFIXES
+) -> tuple[ImageInfo, np.ndarray]:
+    """(header facts, float32 voxels) of a 3D volume, the file opened once."""
+    image, info = _open(path, suffixes)
     if not info.is_3d:
         raise ImageError(f"expected a 3D image, got shape {info.shape}: {path}")
     try:
-        data = np.asanyarray(nib.load(path).dataobj, dtype=np.float32)
+        data = np.asanyarray(image.dataobj, dtype=np.float32)
     except Exception as error:
         raise ImageError(
             f"cannot read voxel data of {path} (truncated or corrupt?): {error}"
         ) from error
-    return data.reshape(info.shape[:3]), info.affine
+    return info, data.reshape(info.shape[:3])
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
@@ -143,7 +156,7 @@ def check_image_data(path: str | os.PathLike[str]) -> tuple[ImageInfo, np.ndarra
     would hold wrong results without a word. Raises ImageError naming the problem.
     Returns the header facts and the voxels (for the QC picture; no second read).
     """
-    data, _ = load_volume(path)  # truncated or corrupt data, wrong dimensionality
+    info, data = read_volume(path)  # truncated or corrupt data, wrong dimensionality
     finite = np.isfinite(data)
     if not finite.all():
         raise ImageError(
@@ -152,4 +165,4 @@ def check_image_data(path: str | os.PathLike[str]) -> tuple[ImageInfo, np.ndarra
     if data.size == 0 or float(data.min()) == float(data.max()):
         value = float(data.flat[0]) if data.size else 0.0
         raise ImageError(f"image is empty: every voxel is {value:g}: {path}")
-    return read_info(path), data
+    return info, data
