@@ -14,6 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pingu_dask.files import atomic_path
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Label maps (parcellations, reference masks) may also be FreeSurfer's MGZ (aseg.mgz);
 #: input channels must be NIfTI, which is what nnU-Net's readers take.
@@ -92,13 +94,8 @@ def save_nifti(
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
+    with atomic_path(path) as temporary:
         nib.save(image, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

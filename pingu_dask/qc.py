@@ -15,7 +15,6 @@ is read twice.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from pingu_dask import store
+from pingu_dask.files import atomic_path
 
 PANEL_HEIGHT = 180  # pixels per slice panel
 GREYS = 224  # palette entries for the image; the regions' colours follow
@@ -214,7 +214,6 @@ def write_png(out: Path, scan_id: str, image) -> Path:
     folder = Path(out) / store.QC
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{scan_id}.png"
-    partial = folder / f".{scan_id}.png.{os.getpid()}.partial"
-    image.save(partial, format="PNG", compress_level=6)
-    partial.replace(path)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG", compress_level=6)
     return path

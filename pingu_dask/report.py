@@ -10,7 +10,6 @@ numbered pages of GALLERY_PAGE pictures.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 
 from pingu_dask import __version__, figures, ledger, store, tables
 from pingu_dask.evaluate import summarise
+from pingu_dask.files import atomic_path
 
 REPORTED_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
 MEASURES = ("n_clusters", "total_volume_mm3")
@@ -229,6 +229,5 @@ def stage_seconds(ledger_rows: pd.DataFrame) -> list[dict]:
 
 
 def _write(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")

@@ -15,7 +15,6 @@ skip names starting with '.' or '_').
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pingu_dask import __version__
+from pingu_dask.files import atomic_path
 from pingu_dask.imaging import voxel_spacing
 from pingu_dask.manifest import Scan
 from pingu_dask.tables import SCHEMAS, TABLES
@@ -64,9 +64,8 @@ def reset_output(out: Path) -> None:
 
 def write_json(path: Path, document: dict) -> None:
     """Write JSON atomically (temporary name, then rename)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(document, indent=2, default=str) + "\n")
 
 
 def read_run_json(out: Path) -> dict | None:

@@ -32,6 +32,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from pingu_dask import __version__
+from pingu_dask.files import atomic_path
 from pingu_dask.imaging import save_nifti, voxel_to_world
 from pingu_dask.phantom import (
     CSF,
@@ -373,9 +374,7 @@ def generate_cohort(
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="") as handle:
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(temporary, path)

@@ -15,7 +15,6 @@ readers (pandas, pyarrow, DuckDB) skip names starting with '.' or '_'.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
@@ -28,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pingu_dask.files import atomic_path
 from pingu_dask.manifest import Scan
 
 TABLES = "tables"
@@ -192,9 +192,8 @@ class TableWriter:
 
 def _write_parquet(table: pa.Table, path: Path) -> Path:
     """Write under a hidden temporary name, then rename: readers see all or nothing."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temporary, compression="zstd")
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary, compression="zstd")
     return path
 
 

@@ -1,0 +1,28 @@
+"""Writing files so that nobody ever sees half of one.
+
+Every output (masks, tables, JSON, pictures, the report) is written under a hidden
+temporary name beside its final one and renamed into place when complete: a rename
+within a folder is atomic, so a reader, a crash or Ctrl-C leaves either the old file
+or the new one. Readers of table folders skip names starting with '.'.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path to write `path` to; renamed onto `path` if the block succeeds,
+    removed if it fails. It ends with the final name, so writers that choose the format
+    by the extension (.nii.gz) do the right thing."""
+    path = Path(path)
+    temporary = path.with_name(f".{os.getpid()}.partial.{path.name}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
