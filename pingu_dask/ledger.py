@@ -144,9 +144,9 @@ class LedgerSummary:
     last_finished: datetime | None
 
 
-def summarise_ledger(out: Path) -> LedgerSummary:
+def summarise_ledger(out: Path, ledger: pd.DataFrame | None = None) -> LedgerSummary:
     """Counts by the latest attempt per scan, plus the latest run's invalid manifest rows."""
-    ledger = tables.read_table(out, "ledger")
+    ledger = tables.read_table(out, "ledger") if ledger is None else ledger
     latest = latest_attempts(out, ledger)
     latest_run = ledger.sort_values("finished")["run_id"].iloc[-1] if len(ledger) else None
     invalid = ledger[(ledger.status == INVALID) & (ledger.run_id == latest_run)]

@@ -15,6 +15,7 @@ is read twice.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,21 @@ def pick_slices(
     return axial, coronal
 
 
+def scan_montage(
+    scan, analysis, picture: QCImage, parcels: np.ndarray | None, parcel_names: tuple[str, ...]
+):
+    """The montage of one analysed scan (analyse.MaskAnalysis), titled with its id,
+    site, cluster count and volume, and the counts per region."""
+    record = analysis.record
+    counts = {row["region"]: row["n_clusters"] for row in record["tables"]["regions"].to_pylist()}
+    title = scan.scan_id + (f" ({scan.site})" if scan.site else "")
+    title += f": {record['n_clusters']} PVS clusters, {record['volume_mm3']:.0f} mm3"
+    regions_of_pvs = region_map(analysis.labels, analysis.cluster_regions, analysis.region_names)
+    return montage(
+        picture, regions_of_pvs, analysis.region_names, parcels, parcel_names, title, counts
+    )
+
+
 def montage(
     qc: QCImage,
     regions_of_pvs: np.ndarray,
@@ -203,6 +219,7 @@ def _header(sheet, title: str, counts: dict[str, int], names) -> None:
         x += 14 + draw.textlength(label, font=font) + 14
 
 
+@functools.cache
 def _font():
     from PIL import ImageFont
 

@@ -129,7 +129,7 @@ def build_report(out: Path) -> Path:
     if run_info is None:
         raise ReportError(f"{out} holds no run (no {store.RUN_JSON})")
     ledger_rows = tables.read_table(out, "ledger")
-    summary = ledger.summarise_ledger(out)
+    summary = ledger.summarise_ledger(out, ledger_rows)
     regions = tables.read_table(out, "regions")
     evaluation = tables.read_table(out, "evaluation")
     # Only scans whose latest attempt is ok count (a redone scan's old rows are gone).

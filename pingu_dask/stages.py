@@ -60,8 +60,6 @@ class ModelPlan:
 
 def model_plan(model: Model) -> ModelPlan:
     """This process's cached ModelPlan for `model`."""
-    import json
-
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     with _lock:
@@ -152,7 +150,7 @@ class Source:
     info: ImageInfo  # the first channel's grid: the mask is written on it
     regions: Regions | None
     input_fingerprint: str  # of the files as they were read
-    qc: qc.QCImage | None = None  # the first channel, 8-bit, for the QC montage
+    picture: qc.QCImage | None = None  # with --qc: the first channel, 8-bit, for finish
 
 
 @dataclass
@@ -209,17 +207,16 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     started = time.perf_counter()
     model = pipeline.model
     first = scan.channel(model.channels[0])
-    infos = {}
+    infos, picture = {}, None
     for path in scan.channel_paths:
         infos[path], data = check_image_data(path)
         if path == first and pipeline.qc:
             picture = qc.qc_image(data, infos[path].affine)
-        del data
     if mismatch := channel_grid_mismatch(scan, infos):
         raise InputError(mismatch)
     info = infos[first]
     regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.clusters)
-    source = Source(info, regions, input_fingerprint(scan), picture if pipeline.qc else None)
+    source = Source(info, regions, input_fingerprint(scan), picture)
     plan = model_plan(model)
     preprocessor = plan.configuration.preprocessor_class(verbose=False)
     files = [str(scan.channel(column)) for column in model.channels]
@@ -291,32 +288,13 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         path = Path(pipeline.out) / store.NIFTI / nifti_name
         save_nifti(path, mask, info.affine)
         result["nifti"] = str(path)
-    if pipeline.qc and source.qc is not None:
-        result["qc"] = str(write_qc_picture(pipeline, scan, source, analysis))
+    if source.picture is not None:
+        parcels = source.regions.codes if source.regions is not None else None
+        sheet = qc.scan_montage(scan, analysis, source.picture, parcels, pipeline.regions.names)
+        result["qc"] = str(qc.write_png(pipeline.out, scan.scan_id, sheet))
     result["seconds"] = dict(item.seconds, finish=time.perf_counter() - started)
     result["workers"] = dict(item.workers, finish=_worker_name())
     return result
-
-
-def write_qc_picture(pipeline: Pipeline, scan: Scan, source: Source, analysis) -> Path:
-    """The scan's QC montage (qc.py), titled with its id, site and counts per region."""
-    regions_of_pvs = qc.region_map(analysis.labels, analysis.cluster_regions, analysis.region_names)
-    rows = analysis.record["tables"]["regions"].to_pylist()
-    counts = {row["region"]: row["n_clusters"] for row in rows}
-    record = analysis.record
-    title = f"{scan.scan_id}" + (f" ({scan.site})" if scan.site else "")
-    title += f": {record['n_clusters']} PVS clusters, {record['volume_mm3']:.0f} mm3"
-    parcels = source.regions.codes if source.regions is not None else None
-    picture = qc.montage(
-        source.qc,
-        regions_of_pvs,
-        analysis.region_names,
-        parcels,
-        pipeline.regions.names,
-        title,
-        counts,
-    )
-    return qc.write_png(pipeline.out, scan.scan_id, picture)
 
 
 def to_image_order(

@@ -47,11 +47,7 @@ def time_pictures(root: Path, n_scans: int) -> list[tuple[str, str, float, float
         mask, _ = load_volume(scan.reference)
         analysis = analyse_mask(mask, info.affine, scan, regions, settings, ASEG)
         started = time.perf_counter()
-        codes = qc.region_map(analysis.labels, analysis.cluster_regions, analysis.region_names)
-        sheet = qc.montage(
-            picture_source, codes, analysis.region_names, regions.codes, ASEG.names,
-            scan.scan_id, {"white_matter": 1},
-        )  # fmt: skip
+        sheet = qc.scan_montage(scan, analysis, picture_source, regions.codes, ASEG.names)
         path = qc.write_png(root / "out", scan.scan_id, sheet)
         in_finish = time.perf_counter() - started
         results.append((scan.scan_id, scan.site, in_preprocess, in_finish, path.stat().st_size))

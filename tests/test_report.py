@@ -54,17 +54,7 @@ def picture(image, parcellation, mask, affine) -> np.ndarray:
     scan = Scan("s1", (("t1w", Path("t1.nii.gz")),), site="siteA")
     regions = Regions(ASEG.index_map(parcellation), None)
     analysis = analyse_mask(mask, affine, scan, regions, ClusterSettings(min_voxels=1), ASEG)
-    regions_of_pvs = qc.region_map(analysis.labels, analysis.cluster_regions, analysis.region_names)
-    counts = {"white_matter": 1, "basal_ganglia": 1}
-    sheet = qc.montage(
-        qc.qc_image(image, affine),
-        regions_of_pvs,
-        analysis.region_names,
-        regions.codes,
-        ASEG.names,
-        "s1",
-        counts,
-    )
+    sheet = qc.scan_montage(scan, analysis, qc.qc_image(image, affine), regions.codes, ASEG.names)
     return np.asarray(sheet)
 
 
@@ -110,9 +100,11 @@ def test_a_scan_without_pvs_or_parcellation_still_gets_a_picture(tmp_path: Path)
     assert path == tmp_path / "qc" / "empty.png"
     pixels = np.asarray(Image.open(path))
     assert not (pixels[qc.HEADER_HEIGHT :] >= qc.GREYS).any()
-    # Coronal panels are drawn at their physical aspect: 48 slices of 3 mm are 144 mm
-    # tall against 40 mm wide, so a coronal panel is much narrower than an axial one.
     assert list(tmp_path.joinpath("qc").iterdir()) == [path]
+    # Panels are drawn at their physical aspect, 180 px tall: the two axial slices are
+    # 40 x 44 mm (164 px wide each), the coronal one 40 mm x 48 slices of 3 mm (50 px).
+    drawn_columns = (pixels[qc.HEADER_HEIGHT : -20] != 0).any(axis=0).sum()
+    assert drawn_columns == 164 + 164 + 50
 
 
 def made_up_regions(values: dict[str, list[float]]) -> pd.DataFrame:
