@@ -3,7 +3,9 @@ images, and the headless browser."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -43,3 +45,18 @@ def chromium() -> str:
     if path is None:
         pytest.fail("headless Chromium is needed (Debian package `chromium`; .ci/run installs it)")
     return path
+
+
+def headless(url: str, *extra: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on `url` (e.g. --dump-dom, --screenshot=...): scripts get 4 s
+    of virtual time; console messages go to stderr."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    flags += ["--enable-logging=stderr", "--v=0", "--virtual-time-budget=4000"]
+    command = [chromium(), *flags, *extra, url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def shown(html: str, element_id: str) -> str | None:
+    """The text inside the element with this id (None when there is none)."""
+    match = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', html)
+    return match.group(1) if match else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ from urllib.parse import urlparse
 import cloudpickle
 import pytest
 from distributed import Client
-from helpers import absolute_manifest, chromium, with_nan_scan
+from helpers import absolute_manifest, headless, shown, with_nan_scan
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pingu_dask import dashboard, stages, tables
@@ -214,19 +213,6 @@ def preprocess_failing_once(scan, pipeline):
     return stages.preprocess(scan, pipeline)
 
 
-def render(url: str, *extra: str) -> str:
-    """The page's DOM after its scripts ran (headless Chromium)."""
-    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--virtual-time-budget=4000", *extra, url]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    return result.stdout
-
-
-def shown(dom: str, element_id: str) -> str | None:
-    match = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', dom)
-    return match.group(1) if match else None
-
-
 class PagePoller(threading.Thread):
     """Renders the page again and again while the run goes on."""
 
@@ -238,11 +224,11 @@ class PagePoller(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            dom = render(self.url, "--dump-dom")
+            dom = headless(self.url, "--dump-dom").stdout
             self.doms.append(dom)
             done = shown(dom, "count-done")
             if not self.screenshot.exists() and done and done.isdigit() and int(done) >= 3:
-                render(self.url, f"--screenshot={self.screenshot}", "--window-size=1280,1100")
+                headless(self.url, f"--screenshot={self.screenshot}", "--window-size=1280,1100")
             time.sleep(0.5)
 
 
@@ -279,9 +265,9 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
         finally:
             poller.stop.set()
             poller.join()
-        final_dom = render(page, "--dump-dom")
+        final_dom = headless(page, "--dump-dom").stdout
         final_png = root / "pingu-dashboard-final.png"
-        render(page, f"--screenshot={final_png}", "--window-size=1280,1100")
+        headless(page, f"--screenshot={final_png}", "--window-size=1280,1100")
         status = json.loads(get(page + "/status.json"))
         metrics = get(page.removesuffix("/pingu") + "/metrics").decode()
     yield {

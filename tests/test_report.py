@@ -13,14 +13,13 @@ from __future__ import annotations
 import html
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import absolute_manifest, chromium, with_nan_scan
+from helpers import absolute_manifest, headless, shown, with_nan_scan
 from PIL import Image
 
 from pingu_dask import ledger, qc, report, store, tables
@@ -142,12 +141,6 @@ def test_robust_outliers_per_site() -> None:
 # -- a real run's report --------------------------------------------------------------
 
 
-def browse(url: str, *extra: str) -> subprocess.CompletedProcess:
-    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--enable-logging=stderr", "--v=0", *extra, url]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def reported_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("reported")
@@ -172,10 +165,6 @@ def cells(text: str, table_id: str) -> list[list[str]]:
         found = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
         rows.append([html.unescape(re.sub(r"<[^>]+>", "", cell)).strip() for cell in found])
     return rows
-
-
-def shown(text: str, element_id: str) -> str:
-    return re.search(rf'id="{element_id}">([^<]*)<', text).group(1)
 
 
 def test_report_totals_and_failures_match_the_ledger(reported_run) -> None:
@@ -237,13 +226,13 @@ def test_report_pictures_exist_and_the_page_renders_in_chromium(reported_run) ->
         path = (index.parent / source).resolve()
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "qc" / "bad_nan.png").exists()
-    rendered = browse(index.as_uri(), "--dump-dom", "--virtual-time-budget=3000")
+    rendered = headless(index.as_uri(), "--dump-dom")
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     assert "pingu-dask report" in rendered.stdout and 'id="gallery"' in rendered.stdout
     console = [line for line in rendered.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
     screenshot = reported_run["root"] / "pingu-report.png"
-    shot = browse(index.as_uri(), f"--screenshot={screenshot}", "--window-size=1300,2400")
+    shot = headless(index.as_uri(), f"--screenshot={screenshot}", "--window-size=1300,2400")
     assert shot.returncode == 0 and screenshot.read_bytes()[:4] == b"\x89PNG"
 
 
