@@ -31,7 +31,6 @@ models from a source you trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pingu_dask import __version__
-from pingu_dask.model import ModelError
+from pingu_dask.model import ModelError, sha256_of_files, unpack_zip
 
 SUPPORTED_TRAINERS = ("nnUNetTrainerV2",)
 SUPPORTED_CONFIGURATIONS = ("3d_fullres", "3d_lowres")
@@ -97,8 +96,6 @@ def import_v1_model(source: Path, out: Path, channel_names: tuple[str, ...] | No
     if source.is_file():
         if not zipfile.is_zipfile(source):
             raise ModelError(f"{source} is a file but not a zip")
-        from pingu_dask.model import unpack_zip
-
         source = unpack_zip(source)
     v1 = find_v1_model(source)
     _check_supported(v1)
@@ -124,11 +121,7 @@ def _convert(v1, plans, stage, staging: Path, source: Path, channel_names) -> No
     for fold in v1.folds:
         checkpoint = _load_checkpoint(v1.folder / f"fold_{fold}" / V1_CHECKPOINT)
         info = _load_pickle(v1.folder / f"fold_{fold}" / f"{V1_CHECKPOINT}.pkl")
-        if info.get("name") not in SUPPORTED_TRAINERS:
-            raise ModelError(
-                f"fold_{fold}: trainer {info.get('name')!r} is not supported (only "
-                f"{', '.join(SUPPORTED_TRAINERS)}: other trainers may build another network)"
-            )
+        _check_trainer(info.get("name"), f"fold_{fold}")
         weights = checkpoint["state_dict"]
         found = read_architecture(weights, stage)
         if architecture is not None and found != architecture:
@@ -147,12 +140,16 @@ def _convert(v1, plans, stage, staging: Path, source: Path, channel_names) -> No
     (staging / "imported_from_v1.json").write_text(json.dumps(_provenance(source, v1), indent=1))
 
 
-def _check_supported(v1: V1Model) -> None:
-    if v1.trainer not in SUPPORTED_TRAINERS:
+def _check_trainer(name: str | None, where: str) -> None:
+    if name not in SUPPORTED_TRAINERS:
         raise ModelError(
-            f"{v1.folder}: trainer {v1.trainer!r} is not supported (only "
+            f"{where}: trainer {name!r} is not supported (only "
             f"{', '.join(SUPPORTED_TRAINERS)}: other trainers may build another network)"
         )
+
+
+def _check_supported(v1: V1Model) -> None:
+    _check_trainer(v1.trainer, str(v1.folder))
     if v1.configuration not in SUPPORTED_CONFIGURATIONS:
         raise ModelError(
             f"{v1.folder}: configuration {v1.configuration!r} is not supported (only "
@@ -470,9 +467,7 @@ def _save_v2_checkpoint(path: Path, network, v1_checkpoint: dict, architecture) 
 
 
 def _provenance(source: Path, v1: V1Model) -> dict:
-    digest = hashlib.sha256()
-    for fold in v1.folds:
-        digest.update((v1.folder / f"fold_{fold}" / V1_CHECKPOINT).read_bytes())
+    checkpoints = [v1.folder / f"fold_{fold}" / V1_CHECKPOINT for fold in v1.folds]
     return {
         "imported_by": f"pingu-dask {__version__}",
         "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -482,7 +477,7 @@ def _provenance(source: Path, v1: V1Model) -> dict:
         "v1_plans": v1.plans_identifier,
         "task": v1.task,
         "folds": list(v1.folds),
-        "v1_checkpoints_sha256": digest.hexdigest(),
+        "v1_checkpoints_sha256": sha256_of_files(checkpoints),
     }
 
 

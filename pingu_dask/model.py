@@ -119,7 +119,7 @@ def _is_model_folder(path: Path) -> bool:
 
 def unpack_zip(zip_path: Path) -> Path:
     """Unpack a model zip into the cache once (keyed by its hash) and return the folder."""
-    digest = _sha256_of_files([zip_path])[:16]
+    digest = sha256_of_files([zip_path])[:16]
     target = cache_dir() / "models" / digest
     if target.exists():
         return target
@@ -163,7 +163,7 @@ def _describe(folder: Path, folds: tuple[str, ...] | None, checkpoint: str) -> M
         checkpoint=checkpoint,
         channel_names=channel_names,
         labels=labels,
-        fingerprint=_sha256_of_files(files),
+        fingerprint=sha256_of_files(files),
         configuration=_configuration_of(folder),
     )
 
@@ -174,7 +174,7 @@ def _configuration_of(folder: Path) -> str:
     return parts[2] if len(parts) == 3 else "3d_fullres"
 
 
-def _sha256_of_files(paths: list[Path]) -> str:
+def sha256_of_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
