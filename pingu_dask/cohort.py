@@ -49,7 +49,11 @@ class RunOutcome:
     invalid: int = 0
     seconds: float = 0.0
     dashboard: str | None = None  # Dask's dashboard
-    page: str | None = None  # this run's page (/pingu)
+
+    @property
+    def page(self) -> str | None:
+        """This run's page (/pingu), beside Dask's dashboard."""
+        return dashboard.page_link(self.dashboard)
 
     @property
     def ok(self) -> bool:
@@ -118,7 +122,6 @@ def run_cohort(
         try:
             with _client(request, len(plan.todo)) as client:
                 outcome.dashboard = client.dashboard_link
-                outcome.page = dashboard.page_link(client.dashboard_link)
                 if on_start:
                     on_start(outcome, plan)
                 outcome.records = segment_cohort(
