@@ -53,17 +53,19 @@ def distributions(
         squeeze=False,
     )
     flagged = set(zip(outliers.get("scan_id", []), outliers.get("region", []), strict=False))
-    sites = sorted(regions["site"].fillna("-").unique())
+    frame = regions.assign(site=regions["site"].fillna("-"))
+    frame["outlier"] = [pair in flagged for pair in zip(frame.scan_id, frame.region, strict=True)]
+    sites = sorted(frame["site"].unique())
     for row, measure in enumerate(measures):
         for column, region in enumerate(region_names):
             axis = axes[row][column]
-            subset = regions[regions["region"] == region]
-            values = [subset[subset["site"].fillna("-") == s][measure].to_numpy() for s in sites]
+            groups = dict(tuple(frame[frame["region"] == region].groupby("site")))
+            per_site = [groups.get(site, frame.iloc[:0]) for site in sites]
+            values = [group[measure].to_numpy() for group in per_site]
             axis.boxplot(values, showfliers=False, widths=0.6)
-            for position, (site, data) in enumerate(zip(sites, values, strict=True), start=1):
-                ids = subset[subset["site"].fillna("-") == site]["scan_id"].to_numpy()
+            for position, (group, data) in enumerate(zip(per_site, values, strict=True), start=1):
                 jitter = np.random.default_rng(position).uniform(-0.15, 0.15, len(data))
-                red = np.array([(i, region) in flagged for i in ids], dtype=bool)
+                red = group["outlier"].to_numpy(dtype=bool)
                 axis.scatter(position + jitter[~red], data[~red], s=14, alpha=0.6, color="#444")
                 axis.scatter(position + jitter[red], data[red], s=30, color="#cf222e", zorder=3)
             axis.set_xticks(range(1, len(sites) + 1), sites, rotation=30, ha="right")
