@@ -94,6 +94,18 @@ def segment_cohort(
         store.describe_nifti_dataset(pipeline.out)
     retries = int(setting("retries")) if retries is None else retries
     run_id = run_id or uuid.uuid4().hex[:12]
+    token = uuid.uuid4().hex[:8]  # this run's task keys: (f"{stage}-{token}", index, attempt)
+    feed = None
+    if watch:
+        monitor = dashboard.RunMonitor(
+            token,
+            run_id,
+            len(scans),
+            done_before=done_before,
+            out=str(pipeline.out),
+            model=pipeline.model.name,
+        )
+        feed = dashboard.RunFeed(client, monitor)
     with tables.TableWriter(pipeline.out) as writer:
         if extra_ledger_rows:
             writer.add({}, ledger_rows=extra_ledger_rows)
@@ -107,16 +119,9 @@ def segment_cohort(
             on_progress,
             keep_details,
             stage_functions,
+            token,
+            feed,
         )
-        monitor = dashboard.RunMonitor(
-            loop.token,
-            run_id,
-            len(scans),
-            done_before=done_before,
-            out=str(pipeline.out),
-            model=pipeline.model.name,
-        )
-        loop.feed = dashboard.RunFeed(client, monitor) if watch else None
         return loop.run(scans, window)
 
 
@@ -133,8 +138,8 @@ class _Loop:
     on_progress: Callable[[Progress], None] | None
     keep_details: bool
     functions: StageFunctions
-    token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    feed: dashboard.RunFeed | None = None  # the run's dashboard, if watched
+    token: str
+    feed: dashboard.RunFeed | None  # the run's dashboard, if watched
 
     def __post_init__(self) -> None:
         self.fingerprint = self.pipeline.fingerprint()
