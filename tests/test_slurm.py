@@ -148,11 +148,7 @@ def test_slurm_and_pbs_job_scripts() -> None:
         prologue=("module load cuda/12.4", "source /opt/pingu/venv/bin/activate"),
         max_jobs=3,
     )
-    slurm_cluster = jobqueue_cluster("slurm", options, scans_left=100)
-    try:
-        script = slurm_cluster.job_script()
-    finally:
-        slurm_cluster.close()
+    script = job_script("slurm", options)
     for line in (
         "#SBATCH -p gpu",
         "#SBATCH -A lab42",
@@ -167,11 +163,7 @@ def test_slurm_and_pbs_job_scripts() -> None:
     assert "--nworkers 2" in script and "--lifetime 12660s --lifetime-stagger 300s" in script
 
     # No PBS server is installable here: the generated script is checked as text only.
-    pbs_cluster = jobqueue_cluster("pbs", options, scans_left=100)
-    try:
-        script = pbs_cluster.job_script()
-    finally:
-        pbs_cluster.close()
+    script = job_script("pbs", options)
     for line in (
         "#PBS -q gpu",
         "#PBS -A lab42",
@@ -181,6 +173,15 @@ def test_slurm_and_pbs_job_scripts() -> None:
     ):
         assert line in script, (line, script)
     assert "-m pingu_dask.worker" in script and "--resources GPU=1" in script
+
+
+def job_script(kind: str, options: JobOptions) -> str:
+    """The worker job script a batch cluster would submit (nothing is submitted)."""
+    cluster = jobqueue_cluster(kind, options, scans_left=100)
+    try:
+        return cluster.job_script()
+    finally:
+        cluster.close()
 
 
 def test_dry_run_prints_the_job_script_and_queues_nothing() -> None:
