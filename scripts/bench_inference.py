@@ -27,16 +27,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import git_revision, machine, write_section
 
 from pingu_dask.cluster import local_cluster
-from pingu_dask.config import InferenceSettings, available_cores
+from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
+from pingu_dask.imaging import voxel_volume
 from pingu_dask.manifest import load_manifest
 from pingu_dask.model import resolve_model
+from pingu_dask.postprocess import clean_mask
 from pingu_dask.runner import segment_cohort
+from pingu_dask.stages import Pipeline
 from pingu_dask.synth import generate_cohort
 
 NNUNET_PREDICT = str(Path(sys.executable).parent / "nnUNetv2_predict")
 
 
+class GpuSampler:
+    """Mean GPU utilisation (%) while a run goes on, from `nvidia-smi` every 0.5 s.
+
+    Only used with a CUDA device; `mean` stays None where nvidia-smi is missing.
+    """
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.process: subprocess.Popen | None = None
+        self.mean: float | None = None
+
+    def __enter__(self) -> GpuSampler:
+        query = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"]
+        if self.active:
+            try:
+                self.process = subprocess.Popen(
+                    ["nvidia-smi", *query], stdout=subprocess.PIPE, text=True
+                )
+            except OSError:
+                self.process = None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        output, _ = self.process.communicate()
+        values = [float(v) for v in output.split() if v.strip().isdigit()]
+        self.mean = float(np.mean(values)) if values else None
+
+
 def run_dask(manifest: Path, out: Path, settings: InferenceSettings, workers: int) -> tuple:
+    """Seconds, records and mean GPU utilisation (None on CPU) of one pingu-dask run."""
     from distributed import Client
 
     model = resolve_model("demo")
@@ -44,11 +79,12 @@ def run_dask(manifest: Path, out: Path, settings: InferenceSettings, workers: in
     cluster = local_cluster(n_workers=workers, torch_threads=settings.torch_threads)
     with cluster, Client(cluster) as client:
         client.run(lambda: None)  # workers up before the clock starts, as for a long run
-        started = time.perf_counter()
-        records = segment_cohort(client, scans, model, settings, out)
-        seconds = time.perf_counter() - started
+        with GpuSampler(settings.device.startswith("cuda")) as gpu:
+            started = time.perf_counter()
+            records = segment_cohort(client, scans, Pipeline(model, settings, out))
+            seconds = time.perf_counter() - started
     assert all(r["status"] == "ok" for r in records), records
-    return seconds, records
+    return seconds, records, gpu.mean
 
 
 def nnunet_command(inputs: Path, output: Path, args: argparse.Namespace) -> list[str]:
@@ -86,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = resolve_model("demo")
-    rows, stage_rows, notes = [], [], []
+    rows, stage_rows, busy_rows, notes = [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         records = generate_cohort(scratch / "cohort", args.scans, sites="iso1mm", seed=4242, jobs=2)
@@ -109,7 +145,7 @@ def main() -> None:
         for workers in args.workers:
             threads = max(1, available_cores() // workers)
             settings = InferenceSettings(tta=args.tta, device=args.device, torch_threads=threads)
-            seconds, dask_records = run_dask(
+            seconds, dask_records, gpu_busy = run_dask(
                 manifest, scratch / f"dask{workers}", settings, workers
             )
             dask_runs[workers] = (seconds, dask_records)
@@ -117,6 +153,10 @@ def main() -> None:
             for stage in ("preprocess", "predict", "finish"):
                 per_scan = np.mean([r["seconds"][stage] for r in dask_records])
                 stage_rows.append((f"{workers} worker(s)", stage, per_scan))
+            # Share of the run's wall time the inference slots spent in predict.
+            slots_busy = sum(r["seconds"]["predict"] for r in dask_records) / (seconds * workers)
+            gpu = "n/a (cpu)" if gpu_busy is None else f"{gpu_busy:.0f} %"
+            busy_rows.append((f"{workers} worker(s)", slots_busy, gpu))
 
         started = time.perf_counter()
         subprocess.run(
@@ -151,9 +191,11 @@ def main() -> None:
         best_workers = min(dask_runs, key=lambda w: dask_runs[w][0])
         agreement = []
         for record in dask_runs[best_workers][1]:
-            ours = np.asarray(nib.load(record["mask"]).dataobj)
-            theirs = np.asarray(
-                nib.load(scratch / "folder" / f"{record['scan_id']}.nii.gz").dataobj
+            ours = np.asarray(nib.load(record["nifti"]).dataobj)
+            # Ours went through the cluster-size filter; put theirs through the same one.
+            image = nib.load(scratch / "folder" / f"{record['scan_id']}.nii.gz")
+            theirs = clean_mask(
+                np.asarray(image.dataobj), voxel_volume(image.affine), ClusterSettings()
             )
             agreement.append(float((ours == theirs).mean()))
         notes.append(
@@ -186,6 +228,13 @@ def main() -> None:
         "| run | stage | seconds/scan |",
         "|---|---|---:|",
         *[f"| {run} | {stage} | {seconds:.2f} |" for run, stage, seconds in stage_rows],
+        "",
+        "Inference slots busy (predict seconds / (wall seconds x workers)) and the GPU's own"
+        " utilisation (nvidia-smi, every 0.5 s):",
+        "",
+        "| run | slots busy | GPU utilisation |",
+        "|---|---:|---:|",
+        *[f"| {run} | {busy:.0%} | {gpu} |" for run, busy, gpu in busy_rows],
         "",
         *notes,
     ]

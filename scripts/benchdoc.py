@@ -2,7 +2,8 @@
 
 Each benchmark script owns the text between `<!-- NAME:start -->` and `<!-- NAME:end -->`;
 running it again replaces just that text, so figures from different scripts (and
-machines) live side by side in one page.
+machines) live side by side in one page. PINGU_BENCHMARKS_DOC names another file to
+write instead (the tests run every script small and must not touch the real figures).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def git_revision() -> str:
 
 def write_section(name: str, body: str) -> Path:
     """Replace (or append) the section `name` of docs/benchmarks.md with `body`."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else HEADER
+    doc = Path(os.environ.get("PINGU_BENCHMARKS_DOC") or DOC)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    text = doc.read_text() if doc.exists() else HEADER
     block = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
     marker = re.escape(name)
     pattern = re.compile(rf"<!-- {marker}:start -->.*?<!-- {marker}:end -->", re.S)
@@ -56,5 +58,5 @@ def write_section(name: str, body: str) -> Path:
         text = pattern.sub(lambda _: block, text)
     else:
         text = f"{text.rstrip()}\n\n{block}\n"
-    DOC.write_text(text)
-    return DOC
+    doc.write_text(text)
+    return doc
