@@ -66,7 +66,7 @@ class GpuSampler:
             return
         self.process.terminate()
         output, _ = self.process.communicate()
-        values = [float(v) for v in output.split() if v.strip().isdigit()]
+        values = [float(v) for v in output.split() if v.isdigit()]
         self.mean = float(np.mean(values)) if values else None
 
 
@@ -155,7 +155,10 @@ def main() -> None:
                 stage_rows.append((f"{workers} worker(s)", stage, per_scan))
             # Share of the run's wall time the inference slots spent in predict.
             slots_busy = sum(r["seconds"]["predict"] for r in dask_records) / (seconds * workers)
-            gpu = "n/a (cpu)" if gpu_busy is None else f"{gpu_busy:.0f} %"
+            if gpu_busy is not None:
+                gpu = f"{gpu_busy:.0f} %"
+            else:
+                gpu = "n/a (no nvidia-smi)" if args.device.startswith("cuda") else "n/a (cpu)"
             busy_rows.append((f"{workers} worker(s)", slots_busy, gpu))
 
         started = time.perf_counter()

@@ -65,7 +65,9 @@ def section(text: str, name: str) -> str:
     return match[1]
 
 
-@pytest.mark.parametrize(("script", "arguments", "name", "expected"), CASES, ids=lambda c: c)
+@pytest.mark.parametrize(
+    ("script", "arguments", "name", "expected"), CASES, ids=[case[0] for case in CASES]
+)
 def test_benchmark_script_writes_its_section(
     script: str, arguments: list[str], name: str, expected: list[str], tmp_path: Path
 ) -> None:
