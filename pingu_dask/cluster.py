@@ -13,13 +13,15 @@ lab's existing file keeps working; our options only override it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 
 import dask.config
-from distributed import LocalCluster
+from distributed import Adaptive, LocalCluster
 
 from pingu_dask.config import available_cores, setting
 
@@ -37,18 +39,31 @@ def tuned_environment(threads: int) -> None:
       setting any glibc malloc tunable turns off the dynamic mmap threshold, so every
       large torch buffer is mmapped and page-faulted afresh. Measured on the demo model
       (one 1 mm scan, 2 threads): 18.9 s per prediction with it, 8.7 s without;
-    - distributed.scheduler.allowed-failures from our config (0: a worker death fails
-      the scan's task at once, so that the runner retries it and the ledger shows it).
+    - DASK_PINGU__WORKER_THREADS = `threads`, so that the worker sizes torch from its
+      own share of its machine or job (config.worker_threads), not from the driver's;
+    - distributed.scheduler.allowed-failures from our config, for a scheduler started in
+      this process (see scheduler_settings).
+
+    Nannies read the environment when they are created; it is set in this process's
+    config (not in a context) because LocalCluster and `dask worker` create them later.
     """
     environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     environment.pop("MALLOC_TRIM_THRESHOLD_", None)
     environment.update({name: str(threads) for name in THREAD_VARIABLES})
-    dask.config.set(
-        {
-            "distributed.nanny.pre-spawn-environ": environment,
-            "distributed.scheduler.allowed-failures": int(setting("allowed-failures")),
-        }
-    )
+    environment["DASK_PINGU__WORKER_THREADS"] = str(threads)
+    dask.config.set({"distributed.nanny.pre-spawn-environ": environment, **scheduler_settings()})
+
+
+def scheduler_settings() -> dict:
+    """Dask config for every scheduler pingu-dask starts (local or batch).
+
+    allowed-failures 0 (our config): a worker lost while running a scan's task (killed,
+    pre-empted, `scancel`) fails that task at once, so the driver sees it, writes it in
+    the ledger and retries it itself; Dask would otherwise rerun it up to 3 times behind
+    the ledger's back. Workers that leave gracefully (their --lifetime) hand their
+    tasks back without a failure.
+    """
+    return {"distributed.scheduler.allowed-failures": int(setting("allowed-failures"))}
 
 
 def local_cluster(
@@ -132,17 +147,11 @@ def _option(kind: str, options: JobOptions, key: str):
     return dask.config.get(f"jobqueue.{section}.{key}", default=None)
 
 
-def jobqueue_cluster(
-    kind: str,
-    options: JobOptions,
-    scans_left: int | None = None,
-    dashboard_address: str | None = None,
-):
+def jobqueue_cluster(kind: str, options: JobOptions, dashboard_address: str | None = None):
     """A SLURMCluster or PBSCluster whose workers each hold one inference slot.
 
-    Adapts between options.min_jobs and options.max_jobs (no more jobs than the scans
-    left need). The scheduler runs here, in the driver; its web server binds as
-    local_cluster's does.
+    No job is asked for yet: scale_from_work does that. The scheduler runs here, in
+    the driver, with scheduler_settings(); its web server binds as local_cluster's does.
     """
     import sys
 
@@ -190,17 +199,106 @@ def jobqueue_cluster(
         account=options.account,
         log_directory=options.log_directory,
     )
-    if kind == "slurm":
-        if gpus:
-            directives.append(f"--gres=gpu:{gpus}")
-        cluster = SLURMCluster(job_extra_directives=directives, **arguments)
-    else:
+    with dask.config.set(scheduler_settings()):  # read when the scheduler starts
+        if kind == "slurm":
+            if gpus:
+                directives.append(f"--gres=gpu:{gpus}")
+            return SLURMCluster(job_extra_directives=directives, **arguments)
         if gpus:
             mem = re.sub(r"\s+", "", str(memory))
             arguments["resource_spec"] = f"select=1:ncpus={cores}:mem={mem}:ngpus={gpus}"
-        cluster = PBSCluster(job_extra_directives=directives, **arguments)
-    maximum = options.max_jobs
-    if scans_left is not None:
-        maximum = max(options.min_jobs, min(maximum, math.ceil(scans_left / processes) or 1))
-    cluster.adapt(minimum_jobs=options.min_jobs, maximum_jobs=maximum)
-    return cluster
+        return PBSCluster(job_extra_directives=directives, **arguments)
+
+
+# --- how many workers to plan for --------------------------------------------------
+
+
+class Capacity:
+    """How many workers (inference slots) the runner's window of scans plans for.
+
+    The runner calls workers(scans_left) before it submits: with a fixed cluster that
+    is its size; with batch jobs it is also what the driver asks the batch system for.
+    """
+
+    def workers(self, scans_left: int) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class FixedCapacity(Capacity):
+    """A cluster of known size (local worker processes)."""
+
+    size: int
+
+    def workers(self, scans_left: int) -> int:
+        return self.size
+
+
+class PresentWorkers(Capacity):
+    """A scheduler someone else runs (tcp://): plan for the workers it has now.
+
+    The count is asked of the scheduler at most once per `every` seconds (the runner
+    asks before each submission; a full scheduler_info() per scan would dominate a
+    fast run).
+    """
+
+    def __init__(self, client, every: float = 2.0) -> None:
+        self.client = client
+        self.every = every
+        self._count = 1
+        self._asked = -math.inf
+
+    def workers(self, scans_left: int) -> int:
+        now = time.monotonic()
+        if now - self._asked >= self.every:
+            self._count = max(1, len(self.client.nthreads()))
+            self._asked = now
+        return self._count
+
+
+class JobCapacity(Capacity):
+    """Batch jobs sized from the work left, not from the workers present.
+
+    Dask's own adaptive target counts runnable tasks per worker thread; the runner
+    keeps only a few scans per worker in flight, so that target never grows past the
+    workers already there (issue 15: one job for a whole run). Here the target is
+    what the scans left can use, one inference slot each: min(max, scans left), never
+    below min. The adaptive loop (ScaleFromWork, in the scheduler's event loop) reads
+    `wanted`; the runner's window follows it, so a job that starts finds work at once.
+    Jobs are released (gracefully: workers_to_close picks idle workers) as the queue
+    drains.
+    """
+
+    def __init__(self, minimum_workers: int, maximum_workers: int) -> None:
+        self.minimum = minimum_workers
+        self.maximum = max(1, maximum_workers)
+        self.wanted = self.maximum
+
+    def workers(self, scans_left: int) -> int:
+        self.wanted = max(self.minimum, min(self.maximum, scans_left))
+        return max(1, self.wanted)
+
+
+class ScaleFromWork(Adaptive):
+    """Dask's adaptive scaler with the target taken from a JobCapacity."""
+
+    def __init__(self, *args, capacity: JobCapacity, **kwargs) -> None:
+        self.capacity = capacity
+        super().__init__(*args, **kwargs)
+
+    async def target(self) -> int:
+        return self.capacity.wanted
+
+
+def scale_from_work(cluster, options: JobOptions, scans_left: int) -> JobCapacity:
+    """Start asking for jobs for `scans_left` scans, between min_jobs and max_jobs."""
+    processes = cluster._dummy_job.worker_processes  # worker processes per job
+    capacity = JobCapacity(options.min_jobs * processes, options.max_jobs * processes)
+    capacity.workers(scans_left)
+    cluster.adapt(
+        Adaptive=functools.partial(ScaleFromWork, capacity=capacity),
+        minimum_jobs=options.min_jobs,
+        maximum_jobs=options.max_jobs,
+        interval=setting("scale-interval"),
+    )
+    return capacity

@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distributed import Client
+
 from pingu_dask import dashboard, ledger, store, tables
-from pingu_dask.cluster import BATCH_SYSTEMS, JobOptions
+from pingu_dask.cluster import BATCH_SYSTEMS, Capacity, FixedCapacity, JobOptions, PresentWorkers
 from pingu_dask.lock import OutputLock
 from pingu_dask.manifest import ManifestReport
-from pingu_dask.runner import Progress, manifest_info, provenance, segment_cohort
+from pingu_dask.runner import Progress, RunStopped, manifest_info, provenance, segment_cohort
 from pingu_dask.stages import Pipeline
 
 KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok records shrink to id + status
@@ -38,6 +40,7 @@ class RunRequest:
     force: bool = False
     jobs: JobOptions = field(default_factory=JobOptions)  # for cluster slurm / pbs
     dashboard_address: str | None = None  # None: config pingu.dashboard-address
+    scan_timeout: float | None = None  # seconds; None: config pingu.scan-timeout
 
 
 @dataclass
@@ -49,6 +52,7 @@ class RunOutcome:
     invalid: int = 0
     seconds: float = 0.0
     dashboard: str | None = None  # Dask's dashboard
+    stopped: str | None = None  # why the circuit breaker stopped the run, if it did
 
     @property
     def page(self) -> str | None:
@@ -57,7 +61,11 @@ class RunOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.invalid == 0 and all(r["status"] == ledger.OK for r in self.records)
+        return (
+            not self.stopped
+            and self.invalid == 0
+            and all(r["status"] == ledger.OK for r in self.records)
+        )
 
 
 def check_settings(out: Path, pipeline: Pipeline, force: bool) -> None:
@@ -120,21 +128,26 @@ def run_cohort(
         store.write_json(out / store.RUN_JSON, run_info)
         started = time.perf_counter()
         try:
-            with _client(request, len(plan.todo)) as client:
+            with _client(request, len(plan.todo)) as (client, capacity):
                 outcome.dashboard = client.dashboard_link
                 if on_start:
                     on_start(outcome, plan)
-                outcome.records = segment_cohort(
-                    client,
-                    plan.todo,
-                    pipeline,
-                    retries=request.retries,
-                    on_progress=on_progress,
-                    run_id=outcome.run_id,
-                    extra_ledger_rows=invalid,
-                    keep_details=len(plan.todo) <= KEEP_DETAILS_UP_TO,
-                    done_before=len(plan.done),
-                )
+                try:
+                    outcome.records = segment_cohort(
+                        client,
+                        plan.todo,
+                        pipeline,
+                        retries=request.retries,
+                        on_progress=on_progress,
+                        run_id=outcome.run_id,
+                        extra_ledger_rows=invalid,
+                        keep_details=len(plan.todo) <= KEEP_DETAILS_UP_TO,
+                        done_before=len(plan.done),
+                        capacity=capacity,
+                        scan_timeout=request.scan_timeout,
+                    )
+                except RunStopped as stopped:
+                    outcome.records, outcome.stopped = stopped.records, str(stopped)
         finally:
             outcome.seconds = time.perf_counter() - started
             run_info["runs"][-1]["finished"] = _now()
@@ -148,22 +161,20 @@ def _now() -> str:
 
 
 @contextmanager
-def _client(request: RunRequest, scans_left: int):
-    from distributed import Client
-
-    from pingu_dask.cluster import jobqueue_cluster, local_cluster
+def _client(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, Capacity]]:
+    """A client on the cluster the request names, and how many workers to plan for."""
+    from pingu_dask.cluster import jobqueue_cluster, local_cluster, scale_from_work
 
     if request.cluster in BATCH_SYSTEMS:
-        # Workers arrive as their jobs start; the runner's window grows with them.
-        cluster = jobqueue_cluster(
-            request.cluster, request.jobs, scans_left, request.dashboard_address
-        )
+        # Jobs are asked for from the scans left (scale_from_work), and released as
+        # the queue drains; closing the cluster cancels the jobs still there.
+        cluster = jobqueue_cluster(request.cluster, request.jobs, request.dashboard_address)
         with cluster, Client(cluster) as client:
-            yield client
+            yield client, scale_from_work(cluster, request.jobs, scans_left)
         return
     if request.cluster != "local":
         with Client(request.cluster) as client:
-            yield client
+            yield client, PresentWorkers(client)
         return
     cluster = local_cluster(
         n_workers=request.workers,
@@ -171,4 +182,4 @@ def _client(request: RunRequest, scans_left: int):
         dashboard_address=request.dashboard_address,
     )
     with cluster, Client(cluster) as client:
-        yield client
+        yield client, FixedCapacity(request.workers)

@@ -32,7 +32,14 @@ DEFAULTS = {
         "flush-every-scans": 50,  # the driver writes table parts this often...
         "flush-every-seconds": 10.0,  # ...or after this long, whichever comes first
         "retries": 2,
-        "allowed-failures": 0,
+        "allowed-failures": 0,  # Dask's own reruns off: every retry is the driver's
+        # An attempt that takes longer than this (from when a worker starts on it) is
+        # cancelled, recorded as a transient TimeoutError and retried; None: no limit.
+        "scan-timeout": 1800.0,
+        # Stop a run when the first attempts of this many scans in a row fail with the
+        # same error type (on 2+ workers where there are 2+); 0: never stop.
+        "circuit-breaker-scans": 10,
+        "scale-interval": "2s",  # how often batch jobs are resized to the work left
         "worker-threads": None,  # batch jobs: cores per worker process (set by the job)
         # The scheduler's web server (Dask dashboard, /pingu, /metrics): localhost only
         # unless asked; a taken port falls back to a free one (the run prints the link).
@@ -136,6 +143,17 @@ class ClusterSettings:
         """The size rule in voxels for one scan: the stricter of the voxel and mm³ rules."""
         by_volume = math.ceil(self.min_volume_mm3 / voxel_volume_mm3 - 1e-9)
         return max(self.min_voxels, by_volume, 1)
+
+
+def worker_threads() -> int:
+    """Threads one worker process may use for torch and numpy work.
+
+    pingu.worker-threads is set where the worker is started: by local_cluster (cores of
+    this machine / local workers) and by a batch job's script (cores of that job /
+    worker processes), so a worker in an 8-core job uses 8 threads whatever the
+    driver's own job has. Without it (a scheduler started by hand): all cores here.
+    """
+    return int(setting("worker-threads") or available_cores())
 
 
 def available_cores() -> int:

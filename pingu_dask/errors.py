@@ -1,52 +1,126 @@
 """What can go wrong with a scan, and whether trying again can help.
 
-Input errors (a corrupt or truncated file, NaN voxels, an empty image, a parcellation
-that misses the image, ...) fail a scan at once: the same input gives the same error.
-Everything else (a worker that died, out of memory, an I/O hiccup on a network file
-system) is worth another attempt. Stages wrap what they raise in a StageFailure that
-carries the stage, the worker and this verdict, so the driver's ledger can say where
-and why without guessing from a traceback.
+Every error a scan's attempt raises gets one of three verdicts:
+
+- **input**: the scan's own files cannot be used (a corrupt or truncated file, NaN
+  voxels, an empty image, a parcellation that misses the image, ...). The same input
+  gives the same error, so the scan fails at once; other scans are not affected.
+- **transient**: the attempt was unlucky: its worker was lost (killed, pre-empted, out
+  of memory), an I/O call on a network file system failed, memory ran out, or the
+  attempt passed the per-scan time limit. Another attempt, maybe on another worker,
+  can succeed, so the driver retries it (up to `--retries`).
+- **repeats**: everything else: a model that cannot be loaded, a shape mismatch, a
+  programming error (TypeError, KeyError, ...). Retrying would give the same error on
+  every worker, so the scan fails at once with the message kept; when the first
+  attempts of many scans fail like this, the runner's circuit breaker stops the run.
+
+Stages wrap what they raise in a StageFailure that carries the stage, the worker and
+the verdict, so that the driver's ledger can say where and why without guessing from
+a traceback.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
+from typing import NamedTuple
 
 from pingu_dask.imaging import ImageError
 from pingu_dask.regions import RegionError
 
 
-class InputError(ValueError):
+class PinguError(Exception):
+    """Root of pingu-dask's own errors."""
+
+
+class InputError(PinguError, ValueError):
     """A scan's input cannot be used; the message names the file and the problem."""
+
+
+class ModelError(PinguError, ValueError):
+    """A model that cannot be used; the message says what is wrong and what to pass."""
 
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ImageError, RegionError, InputError)
 
 
+class Verdict(StrEnum):
+    """Whether another attempt at a scan can help (see the module docstring)."""
+
+    INPUT = "input"
+    TRANSIENT = "transient"
+    REPEATS = "repeats"
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Errors another attempt can get past. OSError covers I/O, broken connections
+    (distributed's CommClosedError) and TimeoutError; torch's OutOfMemoryError is a
+    RuntimeError and is recognised by name, so that torch is not imported here."""
+    from distributed.scheduler import KilledWorker
+
+    return (OSError, MemoryError, KilledWorker)
+
+
+def verdict_of(error: BaseException) -> Verdict:
+    """The verdict for an error raised by a scan's attempt (or by Dask about it)."""
+    if isinstance(error, StageFailure):
+        return error.verdict
+    if isinstance(error, INPUT_ERRORS):
+        return Verdict.INPUT
+    if isinstance(error, _transient_types()):
+        return Verdict.TRANSIENT
+    if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
+        return Verdict.TRANSIENT  # torch.OutOfMemoryError, "CUDA error: out of memory"
+    return Verdict.REPEATS
+
+
 class StageFailure(Exception):
-    """An error inside a stage, with where it happened and whether to retry."""
+    """An error inside a stage, with where it happened and the verdict on retrying."""
 
     def __init__(
-        self, stage: str, worker: str, error_type: str, message: str, retryable: bool
+        self, stage: str, worker: str, error_type: str, message: str, verdict: Verdict
     ) -> None:
-        super().__init__(stage, worker, error_type, message, retryable)
+        super().__init__(stage, worker, error_type, message, verdict)
         self.stage = stage
         self.worker = worker
         self.error_type = error_type
         self.message = message
-        self.retryable = retryable
+        self.verdict = Verdict(verdict)
+
+    @property
+    def retryable(self) -> bool:
+        return self.verdict is Verdict.TRANSIENT
 
     def __str__(self) -> str:
         return f"{self.error_type} in {self.stage}: {self.message}"
 
 
-def describe(error: BaseException) -> tuple[str, str, bool, str | None]:
-    """(error type, message, retryable, worker) for any error a scan's future raised."""
+class ErrorReport(NamedTuple):
+    """What the ledger records about a failed attempt."""
+
+    error_type: str
+    message: str
+    retryable: bool
+    worker: str | None
+    verdict: Verdict = Verdict.REPEATS
+
+
+def describe(error: BaseException) -> ErrorReport:
+    """The report for any error a scan's future raised."""
     if isinstance(error, StageFailure):
-        return error.error_type, f"{error.stage}: {error.message}", error.retryable, error.worker
+        return ErrorReport(
+            error.error_type,
+            f"{error.stage}: {error.message}",
+            error.retryable,
+            error.worker,
+            error.verdict,
+        )
+    verdict = verdict_of(error)
     name = type(error).__name__
     if name == "KilledWorker":
+        last = getattr(error, "last_worker", None)
         message = (
-            "the worker process died while working on this scan (killed, or out of memory); "
-            f"Dask says: {error}"
+            "the worker process died while working on this scan (killed, pre-empted, "
+            f"or out of memory); Dask says: {error}"
         )
-        return name, message, True, None
-    return name, str(error) or name, not isinstance(error, INPUT_ERRORS), None
+        return ErrorReport(name, message, True, getattr(last, "address", None), verdict)
+    return ErrorReport(name, str(error) or name, verdict is Verdict.TRANSIENT, None, verdict)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from pingu_dask import store, tables
+from pingu_dask.errors import ErrorReport, Verdict
 from pingu_dask.manifest import Problem, Scan
 
 OK, FAILED, INVALID = "ok", "failed", "invalid"
@@ -35,14 +36,14 @@ def attempt_row(
     started: datetime,
     *,
     record: dict | None = None,
-    error: tuple[str, str, bool, str | None] | None = None,
+    error: ErrorReport | None = None,
     input_fingerprint: str | None = None,
     pipeline_fingerprint: str | None = None,
 ) -> dict:
     """One ledger row. `record` is a finished scan's record; `error` is errors.describe()."""
     seconds = (record or {}).get("seconds", {})
     workers = (record or {}).get("workers", {})
-    error_type, message, retryable, worker = error or (None, None, None, None)
+    error_type, message, retryable, worker = error[:4] if error else (None,) * 4
     return {
         "scan_id": scan_id,
         "site": site,
@@ -73,7 +74,7 @@ def invalid_rows(problems: Sequence[Problem], run_id: str) -> list[dict]:
     for row, found in by_row.items():
         scan_id = next((p.scan_id for p in found if p.scan_id), "") or f"(row {row})"
         message = "; ".join(str(p) for p in found)
-        error = ("ManifestError", message, False, None)
+        error = ErrorReport("ManifestError", message, False, None, Verdict.INPUT)
         rows.append(attempt_row(scan_id, None, INVALID, 0, run_id, started, error=error))
     return rows
 

@@ -28,13 +28,10 @@ from importlib import resources
 from pathlib import Path
 
 from pingu_dask.config import InferenceSettings, cache_dir
+from pingu_dask.errors import ModelError
 
 DEMO_NAME = "demo"
 CHECKPOINT_SUFFIX = ".pth"
-
-
-class ModelError(ValueError):
-    """A model that cannot be used; the message says what is wrong and what to pass."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +221,24 @@ def worker_slot(name: object) -> int:
     return int(match[1]) if match else 0
 
 
+def _load_checkpoint(path: Path) -> dict:
+    """One fold's checkpoint (a torch pickle: code; see the README's warning).
+
+    A file that torch cannot read (truncated, not a checkpoint, from an incompatible
+    torch) is a ModelError, which repeats on every worker and every scan, so the runner
+    does not retry it and its circuit breaker can stop the run. An OSError (a network
+    file system hiccup) stays what it is: transient, worth another attempt.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, MemoryError):
+        raise
+    except Exception as error:
+        raise ModelError(f"cannot load the checkpoint {path}: {error}") from error
+
+
 def load_predictor(model: Model, settings: InferenceSettings, slot: int = 0):
     """An initialised nnUNetPredictor for `model` (weights of every fold, network built)."""
     import torch
@@ -233,10 +248,7 @@ def load_predictor(model: Model, settings: InferenceSettings, slot: int = 0):
 
     device = torch.device(resolve_device(settings.device, slot))
     checkpoints = [
-        torch.load(
-            model.folder / f"fold_{fold}" / model.checkpoint, map_location="cpu", weights_only=False
-        )
-        for fold in model.folds
+        _load_checkpoint(model.folder / f"fold_{fold}" / model.checkpoint) for fold in model.folds
     ]
     first = checkpoints[0]
     plans_manager = PlansManager(json.loads((model.folder / "plans.json").read_text()))

@@ -1,16 +1,26 @@
 """Feed a cohort's scans through the three stages on a Dask client, dependably.
 
-- A bounded window of scans is in flight at once (a few per worker), never the whole
-  manifest as one graph: the scheduler stays small at 100,000 scans, and tasks that
-  ask for a resource (predict) bypass the scheduler's own queuing, so the client
-  throttles. Task keys are tuples (stage-token, index, attempt): a bare scan id as a
-  key could collide with a string argument and be substituted by Dask.
-- Every attempt becomes a ledger row. Errors that a retry can help with (a worker
-  that died, out of memory, I/O) are retried up to `retries` times; input errors
-  fail at once (errors.py). One scan's failure never stops the others.
-- Table rows and ledger rows are written by the driver in flushes (tables.py), so a
-  crash loses at most the unflushed tail, which a rerun simply redoes.
-- Ctrl-C cancels what is in flight, flushes what finished, and re-raises.
+- A bounded window of scans is in flight at once (a few per worker the run plans for,
+  see cluster.Capacity), never the whole manifest as one graph: the scheduler stays
+  small at 100,000 scans, and tasks that ask for a resource (predict) bypass the
+  scheduler's own queuing, so the client throttles. With batch jobs the window follows
+  the workers asked for, not those present, so that a job that starts finds work.
+  Task keys are tuples (stage-token, index, attempt): a bare scan id as a key could
+  collide with a string argument and be substituted by Dask.
+- Every attempt becomes a ledger row. Transient errors (a lost worker, out of memory,
+  I/O, the per-scan time limit) are retried up to `retries` times; errors that would
+  repeat (bad input, a model that cannot load, a programming error) fail at once
+  (errors.py). One scan's failure never stops the others, but when the first attempts
+  of many scans in a row fail the same way (CircuitBreaker), the run stops submitting,
+  lets what is in flight finish, and raises RunStopped: the cause is not in the scans.
+- An attempt that runs longer than `scan_timeout` seconds (counted from when a worker
+  first holds one of its tasks) is cancelled, recorded as a transient TimeoutError and
+  retried; the worker it hung on is restarted, because a stuck thread cannot be
+  stopped and would hold the worker's inference slot forever.
+- Table rows and ledger rows are written by the driver in flushes (tables.py), also
+  while it waits, so a crash loses at most the unflushed tail, which a rerun redoes.
+- Ctrl-C (or SIGTERM/SIGHUP, turned into KeyboardInterrupt by the CLI) cancels what is
+  in flight, flushes what finished, and re-raises.
 - A scheduler plugin (dashboard.py) watches the run's task keys; the driver only tells
   it the verdicts (failed for good, or retried), which it alone decides.
 """
@@ -18,30 +28,37 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
+import queue
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
-from distributed import Client, as_completed
+from distributed import Client, Future
 
 from pingu_dask import __version__, dashboard, ledger, stages, store, tables
-from pingu_dask.cluster import INFERENCE_RESOURCE
+from pingu_dask.cluster import INFERENCE_RESOURCE, Capacity, PresentWorkers
 from pingu_dask.config import setting
-from pingu_dask.errors import describe
+from pingu_dask.errors import ErrorReport, Verdict, describe
 from pingu_dask.manifest import Scan
 
 SCANS_IN_FLIGHT_PER_WORKER = 3  #: one preprocessing, one predicting, one finishing
+RETRY = "retry"  #: an attempt's record status when another attempt follows
+TICK_SECONDS = 1.0  #: the longest the loop waits without flushing or checking time limits
+
+logger = logging.getLogger(__name__)
 
 
 class StageFunctions(NamedTuple):
-    """The three per-scan task functions. The real ones run nnU-Net; benchmarks of the
-    runner itself (scripts/bench_scale.py) pass a no-op stand-in, named as such."""
+    """The three per-scan task functions. The real ones run nnU-Net; benchmarks and
+    tests of the runner itself pass stand-ins, named as such."""
 
     preprocess: Callable
     predict: Callable
@@ -62,6 +79,72 @@ class Progress:
     in_flight: int = 0
     started: float = field(default_factory=time.monotonic)
     last: dict | None = None  # the latest finished scan's record, or failed ledger row
+    stopping: str | None = None  # why the run stopped submitting (circuit breaker)
+
+
+class RunStopped(RuntimeError):
+    """The circuit breaker stopped the run; `records` are the scans that were settled.
+
+    Everything written stays valid: scans not started have no ledger row and are done
+    by the next run, like those whose last attempt failed.
+    """
+
+    def __init__(self, message: str, records: list[dict]) -> None:
+        super().__init__(message)
+        self.records = records
+
+
+class CircuitBreaker:
+    """Notices a run whose scans all fail the same way (a broken model, a broken image
+    of the software, a missing GPU driver), which would otherwise fail 100,000 scans
+    one by one.
+
+    It trips when the first attempts of `threshold` different scans in a row fail with
+    the same error type on at least 2 workers (or on every worker seen, when fewer have
+    worked). Input errors neither count nor break the streak: they belong to one scan.
+    A success, or a first attempt failing otherwise, starts the count again. Retries
+    are not counted: they are the same scan again.
+    """
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.streak: list[ErrorReport] = []
+        self.workers_seen: set[str] = set()
+
+    def succeeded(self, worker: str | None) -> None:
+        if worker:
+            self.workers_seen.add(worker)
+        self.streak.clear()
+
+    def failed(self, attempt: int, report: ErrorReport) -> str | None:
+        """Record a failed attempt; the reason to stop, once the breaker trips."""
+        if report.worker:
+            self.workers_seen.add(report.worker)
+        if attempt != 1 or report.verdict is Verdict.INPUT or self.threshold <= 0:
+            return None
+        if self.streak and self.streak[-1].error_type != report.error_type:
+            self.streak.clear()
+        self.streak.append(report)
+        workers = {r.worker for r in self.streak if r.worker}
+        needed = min(2, max(1, len(self.workers_seen)))
+        if len(self.streak) >= self.threshold and len(workers) >= needed:
+            return (
+                f"stopped: the first attempts of {len(self.streak)} scans in a row failed "
+                f"with {report.error_type} on {len(workers)} worker(s): {report.message}"
+            )
+        return None
+
+
+@dataclass(kw_only=True)
+class _Attempt:
+    """One attempt at one scan, while it is in flight."""
+
+    index: int
+    scan: Scan
+    attempt: int
+    started: datetime
+    futures: list[Future]
+    running_since: float | None = None  # when a worker was first seen holding a task
 
 
 def segment_cohort(
@@ -77,6 +160,9 @@ def segment_cohort(
     stage_functions: StageFunctions = NNUNET_STAGES,
     done_before: int = 0,
     watch: bool = True,
+    capacity: Capacity | None = None,
+    scan_timeout: float | None = None,
+    breaker_scans: int | None = None,
 ) -> list[dict]:
     """Segment every scan and write its outputs; return one small record per scan.
 
@@ -86,13 +172,20 @@ def segment_cohort(
     successful scan's record shrinks to its id and status (large cohorts: the driver's
     memory stays flat; everything else is in the tables). With `watch`, the run's
     page (/pingu) and pingu_* metrics appear on the scheduler's web server;
-    `done_before` (scans done in earlier runs) is shown there.
+    `done_before` (scans done in earlier runs) is shown there. `capacity` says how
+    many workers to plan the window for (default: those present); `window` fixes it.
+    `scan_timeout` (seconds) and `breaker_scans` default to the pingu config
+    (scan-timeout, circuit-breaker-scans). Raises RunStopped when the breaker trips.
     """
     store.prepare_output(pipeline.out)
     names = store.nifti_names(scans) if pipeline.write_nifti else {}
     if pipeline.write_nifti:
         store.describe_nifti_dataset(pipeline.out)
     retries = int(setting("retries")) if retries is None else retries
+    if scan_timeout is None:
+        scan_timeout = setting("scan-timeout")
+    if breaker_scans is None:
+        breaker_scans = int(setting("circuit-breaker-scans"))
     run_id = run_id or uuid.uuid4().hex[:12]
     token = uuid.uuid4().hex[:8]  # this run's task keys: (f"{stage}-{token}", index, attempt)
     feed = None
@@ -110,24 +203,28 @@ def segment_cohort(
         if extra_ledger_rows:
             writer.add({}, ledger_rows=extra_ledger_rows)
         loop = _Loop(
-            client,
-            pipeline,
-            names,
-            writer,
-            retries,
-            run_id,
-            on_progress,
-            keep_details,
-            stage_functions,
-            token,
-            feed,
+            client=client,
+            pipeline=pipeline,
+            names=names,
+            writer=writer,
+            retries=retries,
+            run_id=run_id,
+            on_progress=on_progress,
+            keep_details=keep_details,
+            functions=stage_functions,
+            token=token,
+            feed=feed,
+            capacity=capacity or PresentWorkers(client),
+            window=window,
+            scan_timeout=float(scan_timeout) if scan_timeout else None,
+            breaker=CircuitBreaker(breaker_scans),
         )
-        return loop.run(scans, window)
+        return loop.run(scans)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Loop:
-    """The driver's loop: submit, collect, record, retry; one instance per run."""
+    """The driver's loop: submit, collect, record, retry, time out; one per run."""
 
     client: Client
     pipeline: stages.Pipeline
@@ -140,67 +237,75 @@ class _Loop:
     functions: StageFunctions
     token: str
     feed: dashboard.RunFeed | None  # the run's dashboard, if watched
+    capacity: Capacity
+    window: int | None  # fixed number of scans in flight, or None: from capacity
+    scan_timeout: float | None
+    breaker: CircuitBreaker
 
     def __post_init__(self) -> None:
         self.fingerprint = self.pipeline.fingerprint()
+        self.queue: deque[tuple[int, Scan, int]] = deque()
+        self.submitted: dict = {}  # finish key -> _Attempt
+        self.ready: queue.Queue[Future] = queue.Queue()  # finished futures, from callbacks
+        self.records: list[dict] = []
+        self.stopping: str | None = None
+        self._last_time_check = time.monotonic()
 
-    def run(self, scans: Sequence[Scan], window: int | None) -> list[dict]:
-        fixed_window = window
+    def run(self, scans: Sequence[Scan]) -> list[dict]:
         progress = Progress(total=len(scans))
-        queue: deque[tuple[int, Scan, int]] = deque((i, s, 1) for i, s in enumerate(scans))
-        in_flight = as_completed()
-        submitted: dict = {}  # finish key -> (index, scan, attempt, started, all futures)
-        records: list[dict] = []
-
-        def window_size() -> int:
-            # Workers may come and go (batch jobs start, reach their lifetime): the
-            # window follows the workers present, at least one worker's worth.
-            if fixed_window:
-                return fixed_window
-            workers = len(self.client.scheduler_info()["workers"])
-            return SCANS_IN_FLIGHT_PER_WORKER * max(1, workers)
-
-        def submit_next() -> None:
-            while queue and len(submitted) < window_size():
-                index, scan, attempt = queue.popleft()
-                futures = self._submit(index, scan, attempt)
-                submitted[futures[-1].key] = (index, scan, attempt, ledger.now(), futures)
-                in_flight.add(futures[-1])
-
-        submit_next()
-        progress.in_flight = len(submitted)
+        self.queue.extend((i, s, 1) for i, s in enumerate(scans))
+        self._submit_next()
+        progress.in_flight = len(self.submitted)
         try:
-            for future in in_flight:
-                index, scan, attempt, started, futures = submitted.pop(future.key)
-                record = self._collect(future, scan, attempt, started)
-                for each in futures:
-                    each.release()
-                progress.last = record
-                if self.feed and record["status"] != ledger.OK:
-                    self.feed.failed(index, record, scan.site, final=record["status"] != "retry")
-                if record["status"] == "retry":
-                    queue.appendleft((index, scan, attempt + 1))
-                    progress.retried += 1
-                else:
-                    if record["status"] == ledger.OK and not self.keep_details:
-                        record = {"scan_id": record["scan_id"], "status": record["status"]}
-                    records.append(record)
-                    progress.done += record["status"] == ledger.OK
-                    progress.failed += record["status"] != ledger.OK
-                submit_next()
-                progress.in_flight = len(submitted)
-                if self.on_progress:
+            while self.submitted:
+                try:
+                    future = self.ready.get(timeout=TICK_SECONDS)
+                except queue.Empty:
+                    future = None
+                settled = 0
+                if future is not None and future.key in self.submitted:
+                    self._settle(self.submitted.pop(future.key), future, progress)
+                    settled += 1
+                settled += self._time_out_hung_attempts(progress)
+                self.writer.flush_if_due()  # also while nothing finishes
+                self._submit_next()
+                progress.in_flight = len(self.submitted)
+                progress.stopping = self.stopping
+                if settled and self.on_progress:
                     self.on_progress(progress)
         except BaseException:  # Ctrl-C (KeyboardInterrupt) or a driver error
-            self.client.cancel([f for *_, futures in submitted.values() for f in futures])
+            self._cancel(list(self.submitted.values()))
             if self.feed:
                 self.feed.ended("interrupted")
             raise
         if self.feed:
-            self.feed.ended("finished")
-        return records
+            self.feed.ended("stopped" if self.stopping else "finished")
+        if self.stopping:
+            raise RunStopped(self.stopping, self.records)
+        return self.records
 
-    def _submit(self, index: int, scan: Scan, attempt: int) -> list:
+    # --- submitting ---------------------------------------------------------------
+
+    def _window_size(self) -> int:
+        if self.window:
+            return self.window
+        scans_left = len(self.queue) + len(self.submitted)
+        return SCANS_IN_FLIGHT_PER_WORKER * self.capacity.workers(scans_left)
+
+    def _submit_next(self) -> None:
+        if self.stopping:
+            self.capacity.workers(len(self.submitted))  # release jobs no longer needed
+            return
+        limit = self._window_size()
+        while self.queue and len(self.submitted) < limit:
+            index, scan, attempt = self.queue.popleft()
+            futures = self._submit(index, scan, attempt)
+            self.submitted[futures[-1].key] = _Attempt(
+                index=index, scan=scan, attempt=attempt, started=ledger.now(), futures=futures
+            )
+            futures[-1].add_done_callback(self.ready.put)
+
+    def _submit(self, index: int, scan: Scan, attempt: int) -> list[Future]:
         client, pipeline, token, functions = self.client, self.pipeline, self.token, self.functions
         prepared = client.submit(
             functions.preprocess, scan, pipeline, key=(f"preprocess-{token}", index, attempt)
@@ -222,54 +327,147 @@ class _Loop:
         )
         return [prepared, predicted, finished]
 
-    def _collect(self, future, scan: Scan, attempt: int, started) -> dict:
-        """The attempt's record (status ok, failed, or retry) and its ledger row.
+    def _cancel(self, attempts: Sequence[_Attempt]) -> None:
+        futures = [f for attempt in attempts for f in attempt.futures]
+        if futures:
+            self.client.cancel(futures)
 
-        The input fingerprint comes from the worker that read the files (no file
-        system calls here: this runs once per scan on the driver).
-        """
-        common = dict(pipeline_fingerprint=self.fingerprint)
+    # --- settling -----------------------------------------------------------------
+
+    def _settle(self, attempt: _Attempt, future: Future, progress: Progress) -> None:
+        """Record a finished attempt (ok, failed, or to be retried) and release it."""
         try:
-            record = future.result()
+            result = future.result()
         except Exception as error:
-            described = describe(error)
-            error_type, message, retryable, worker = described
-            final = not retryable or attempt > self.retries
-            row = ledger.attempt_row(
-                scan.scan_id,
-                scan.site,
-                ledger.FAILED,
-                attempt,
-                self.run_id,
-                started,
-                error=described,
-                **common,
+            record = self._failed(attempt, describe(error))
+        else:
+            record = self._succeeded(attempt, result)
+        for each in attempt.futures:
+            each.release()
+        self._count(attempt, record, progress)
+
+    def _count(self, attempt: _Attempt, record: dict, progress: Progress) -> None:
+        progress.last = record
+        if self.feed and record["status"] != ledger.OK:
+            self.feed.failed(
+                attempt.index, record, attempt.scan.site, final=record["status"] != RETRY
             )
-            self.writer.add({}, ledger_rows=[row])
-            status = ledger.FAILED if final else "retry"
-            return {
-                "scan_id": scan.scan_id,
-                "status": status,
-                "error_type": error_type,
-                "message": message,
-                "attempt": attempt,
-                "worker": worker,
-            }
+        if record["status"] == RETRY:
+            self.queue.appendleft((attempt.index, attempt.scan, attempt.attempt + 1))
+            progress.retried += 1
+            return
+        if record["status"] == ledger.OK and not self.keep_details:
+            record = {"scan_id": record["scan_id"], "status": record["status"]}
+        self.records.append(record)
+        progress.done += record["status"] == ledger.OK
+        progress.failed += record["status"] != ledger.OK
+
+    def _failed(self, attempt: _Attempt, report: ErrorReport) -> dict:
+        """The failed attempt's ledger row and record (status failed, or retry)."""
+        scan = attempt.scan
+        final = not report.retryable or attempt.attempt > self.retries or bool(self.stopping)
+        row = ledger.attempt_row(
+            scan.scan_id,
+            scan.site,
+            ledger.FAILED,
+            attempt.attempt,
+            self.run_id,
+            attempt.started,
+            error=report,
+            pipeline_fingerprint=self.fingerprint,
+        )
+        self.writer.add({}, ledger_rows=[row])
+        reason = self.breaker.failed(attempt.attempt, report)
+        if reason and not self.stopping:
+            self.stopping = reason
+            self.queue.clear()  # not started: no ledger row, done by the next run
+        return {
+            "scan_id": scan.scan_id,
+            "status": ledger.FAILED if final else RETRY,
+            "error_type": report.error_type,
+            "message": report.message,
+            "attempt": attempt.attempt,
+            "worker": report.worker,
+        }
+
+    def _succeeded(self, attempt: _Attempt, record: dict) -> dict:
+        """The ok attempt's ledger row and tables (the input fingerprint comes from the
+        worker that read the files: no file system calls here, once per scan)."""
+        scan = attempt.scan
         row = ledger.attempt_row(
             scan.scan_id,
             scan.site,
             ledger.OK,
-            attempt,
+            attempt.attempt,
             self.run_id,
-            started,
+            attempt.started,
             record=record,
             input_fingerprint=record.get("input_fingerprint"),
-            **common,
+            pipeline_fingerprint=self.fingerprint,
         )
         scan_tables = record.pop("tables", {})
         self.writer.add(scan_tables, ledger_rows=[row])
-        record["attempt"] = attempt
+        self.breaker.succeeded(record.get("workers", {}).get("predict"))
+        record["attempt"] = attempt.attempt
         return record
+
+    # --- time limits --------------------------------------------------------------
+
+    def _time_out_hung_attempts(self, progress: Progress) -> int:
+        """Cancel, record and retry attempts past the per-scan time limit.
+
+        Where each attempt's tasks are is asked of the scheduler (one call for the
+        whole window), at most every few seconds: the clock of an attempt starts when
+        a worker is first seen holding one of its tasks, so scans waiting for batch
+        jobs to start are not timed out.
+        """
+        if not self.scan_timeout or not self.submitted:
+            return 0
+        now = time.monotonic()
+        if now - self._last_time_check < min(5.0, self.scan_timeout / 4):
+            return 0
+        self._last_time_check = now
+        where = {key: worker for worker, keys in self.client.processing().items() for key in keys}
+        expired: list[tuple[_Attempt, str | None]] = []
+        for attempt in self.submitted.values():
+            holder = next((where[f.key] for f in attempt.futures if f.key in where), None)
+            if attempt.running_since is None:
+                if holder is not None:
+                    attempt.running_since = now
+                continue
+            if now - attempt.running_since > self.scan_timeout:
+                expired.append((attempt, holder))
+        for attempt, holder in expired:
+            self.submitted.pop(attempt.futures[-1].key, None)
+            self._cancel([attempt])
+            stage = next(
+                (f.key[0].split("-")[0] for f in attempt.futures if where.get(f.key)), "a stage"
+            )
+            report = ErrorReport(
+                "TimeoutError",
+                f"{stage}: no result after {self.scan_timeout:.0f} s (--scan-timeout) on "
+                f"{holder or 'a worker'}; cancelled, and the worker restarted",
+                True,
+                holder,
+                Verdict.TRANSIENT,
+            )
+            record = self._failed(attempt, report)
+            for each in attempt.futures:
+                each.release()
+            self._count(attempt, record, progress)
+        self._restart({holder for _, holder in expired if holder})
+        return len(expired)
+
+    def _restart(self, workers: set[str]) -> None:
+        """Restart workers whose task hung: a Python thread cannot be stopped, and a
+        stuck one keeps its worker's inference slot. Other scans in flight there are
+        handed back by the scheduler and run again."""
+        if not workers:
+            return
+        try:
+            self.client.restart_workers(sorted(workers), raise_for_error=False)
+        except Exception as error:  # e.g. workers without a nanny (tcp:// clusters)
+            logger.warning("could not restart hung worker(s) %s: %s", sorted(workers), error)
 
 
 def manifest_info(manifest: Path | None) -> dict | None:

@@ -31,8 +31,8 @@ import numpy as np
 
 from pingu_dask import qc, store
 from pingu_dask.analyse import Regions, analyse_mask, input_fingerprint, scan_regions
-from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
-from pingu_dask.errors import INPUT_ERRORS, InputError, StageFailure
+from pingu_dask.config import ClusterSettings, InferenceSettings, worker_threads
+from pingu_dask.errors import InputError, StageFailure, verdict_of
 from pingu_dask.imaging import ImageInfo, check_image_data, load_volume, save_nifti
 from pingu_dask.manifest import Scan, channel_grid_mismatch
 from pingu_dask.model import Model, load_predictor, worker_slot
@@ -109,10 +109,16 @@ def _worker_name() -> str:
     return worker.address if worker else "local"
 
 
+def _torch_threads(settings: InferenceSettings) -> int:
+    """Torch threads for this worker: the user's number, else the worker's own share of
+    its machine or batch job (pingu.worker-threads, set where the worker was started)."""
+    return settings.torch_threads or worker_threads()
+
+
 def _set_torch_threads(settings: InferenceSettings) -> None:
     import torch
 
-    threads = settings.torch_threads or available_cores()
+    threads = _torch_threads(settings)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
@@ -176,7 +182,7 @@ class Predicted:
 def stage(name: str) -> Callable[[F], F]:
     """Wrap a stage so that any error reaches the driver as a StageFailure.
 
-    It records the stage, the worker and whether a retry can help (see errors.py).
+    It records the stage, the worker and the verdict on retrying (see errors.py).
     """
 
     def wrap(function: F) -> F:
@@ -185,9 +191,8 @@ def stage(name: str) -> Callable[[F], F]:
             try:
                 return function(*args, **kwargs)
             except Exception as error:
-                retryable = not isinstance(error, INPUT_ERRORS)
                 raise StageFailure(
-                    name, _worker_name(), type(error).__name__, str(error), retryable
+                    name, _worker_name(), type(error).__name__, str(error), verdict_of(error)
                 ) from error
 
         return run  # type: ignore[return-value]
@@ -268,7 +273,7 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         plan.label_manager,
         item.properties,
         return_probabilities=False,
-        num_threads_torch=pipeline.inference.torch_threads or available_cores(),
+        num_threads_torch=_torch_threads(pipeline.inference),
     )
     source = item.source
     info = source.info

@@ -16,10 +16,11 @@ def main() -> None:
     from distributed.cli.dask_worker import main as dask_worker
 
     from pingu_dask.cluster import tuned_environment
-    from pingu_dask.config import available_cores, setting
+    from pingu_dask.config import worker_threads
 
-    # The job script is the one place that knows the cores per worker process.
-    tuned_environment(int(setting("worker-threads") or available_cores()))
+    # The job script is the one place that knows the cores per worker process: it sets
+    # pingu.worker-threads, and each worker sizes torch from it (not the driver's cores).
+    tuned_environment(worker_threads())
     sys.argv[0] = "dask-worker"
     dask_worker()
 

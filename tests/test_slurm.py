@@ -177,7 +177,7 @@ def test_slurm_and_pbs_job_scripts() -> None:
 
 def job_script(kind: str, options: JobOptions) -> str:
     """The worker job script a batch cluster would submit (nothing is submitted)."""
-    cluster = jobqueue_cluster(kind, options, scans_left=100)
+    cluster = jobqueue_cluster(kind, options)
     try:
         return cluster.job_script()
     finally:

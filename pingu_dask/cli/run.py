@@ -28,7 +28,7 @@ from pingu_dask.cli.progress import (
 from pingu_dask.cli.report import print_report_path
 from pingu_dask.cluster import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
 from pingu_dask.cohort import RunOutcome, RunRefused, RunRequest
-from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
+from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.ledger import ResumePlan
 from pingu_dask.lock import LockedError
 from pingu_dask.manifest import load_manifest
@@ -37,6 +37,7 @@ from pingu_dask.regions import RegionTable
 from pingu_dask.stages import Pipeline
 from pingu_dask.synth import generate_cohort
 
+STOPPED_EXIT_CODE = 3  # the circuit breaker stopped the run (1: some scans failed)
 BIDS_MANIFEST = "manifest_bids.csv"  # in OUT, for a BIDS dataset given as MANIFEST
 MODEL_CHOICES = (
     "choose a model with --model: a trained nnU-Net v2 model folder "
@@ -91,7 +92,16 @@ MODEL_CHOICES = (
     "--torch-threads",
     type=click.IntRange(min=1),
     default=None,
-    help="Torch threads per worker (default: cores / workers).",
+    help="Torch threads per worker (default: the worker's cores: this machine's / --workers "
+    "locally, its job's / --processes in batch jobs).",
+)
+@click.option(
+    "--scan-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds one attempt at a scan may take once a worker has started on it (default "
+    "1800); past it the attempt is cancelled, its worker restarted, and the scan retried. "
+    "0: no limit.",
 )
 @click.option(
     "--retries",
@@ -141,6 +151,7 @@ def run(
     workers: int,
     torch_threads: int | None,
     retries: int | None,
+    scan_timeout: float | None,
     dashboard_address: str | None,
     force: bool,
     skip_invalid: bool,
@@ -176,7 +187,7 @@ def run(
         tta=tta,
         step_size=step_size,
         device=device,
-        torch_threads=torch_threads or max(1, available_cores() // workers),
+        torch_threads=torch_threads,
     )
     options = RunOptions(
         clusters=cluster_settings(connectivity, min_cluster_voxels, min_cluster_mm3, exclude),
@@ -186,6 +197,7 @@ def run(
         cluster=cluster,
         workers=workers,
         retries=retries,
+        scan_timeout=scan_timeout,
         force=force,
         skip_invalid=skip_invalid,
         jobs=jobs,
@@ -206,6 +218,7 @@ class RunOptions:
     cluster: str = "local"
     workers: int = 1
     retries: int | None = None
+    scan_timeout: float | None = None
     force: bool = False
     skip_invalid: bool = False
     jobs: JobOptions | None = None
@@ -257,6 +270,7 @@ def run_cohort(
         options.force,
         options.jobs or JobOptions(),
         options.dashboard_address,
+        scan_timeout=options.scan_timeout,
     )
     bar = ProgressBar()
 
@@ -301,6 +315,13 @@ def run_cohort(
         + (f"; {outcome.done_before} were done before" if outcome.done_before else "")
     )
     print_status(Path(out))
+    if outcome.stopped:
+        console.print(f"[red]{outcome.stopped}[/red]", soft_wrap=True)
+        console.print(
+            "[red]the run was stopped: fix the cause, then run the same command again to "
+            "resume (finished scans are kept)[/red]"
+        )
+        raise SystemExit(STOPPED_EXIT_CODE)
     return outcome
 
 
@@ -316,9 +337,7 @@ def demo(out: Path, n_scans: int, seed: int, workers: int) -> None:
     cohort = out / "cohort"
     records = generate_cohort(cohort, n_scans, seed=seed)
     print_cohort(cohort, records, time.perf_counter() - started)
-    settings = InferenceSettings.from_config(
-        tta=False, torch_threads=max(1, available_cores() // workers)
-    )
+    settings = InferenceSettings.from_config(tta=False)
     console.print("demo model, test-time augmentation off (CPU-friendly), QC pictures on")
     outcome = run_cohort(
         cohort / "manifest.csv", out, "demo", settings, RunOptions(workers=workers, qc=True)

@@ -1,0 +1,89 @@
+"""Test-only stand-in stages for the runner's fault tests: **not a model**.
+
+They do no imaging: `preprocess` and `predict` pass the scan id on, `finish` returns a
+real record with a real regions row (as the nnU-Net stages do), so the runner's window,
+retries, time limits, circuit breaker and Parquet flushes run for real, on a real
+LocalCluster, in seconds. Behaviour is steered by files in the folder above the
+pipeline's OUT (the test writes them), so the stand-ins stay plain picklable functions.
+Tests ship this module to the workers by value (cloudpickle.register_pickle_by_value).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pingu_dask import tables
+from pingu_dask.errors import ModelError
+from pingu_dask.manifest import Scan
+from pingu_dask.stages import Pipeline, stage
+
+
+def _control(pipeline: Pipeline, name: str) -> Path:
+    return Path(pipeline.out).parent / name
+
+
+def _listed(pipeline: Pipeline, name: str, scan_id: str) -> bool:
+    path = _control(pipeline, name)
+    return path.exists() and scan_id in path.read_text().split()
+
+
+def _first_attempt(pipeline: Pipeline, what: str, scan_id: str) -> bool:
+    """True once per (what, scan): the marker is made atomically (O_EXCL)."""
+    marker = _control(pipeline, f".{what}-{scan_id}")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _worker() -> str:
+    from distributed import get_worker
+
+    return get_worker().address
+
+
+@stage("preprocess")
+def preprocess(scan: Scan, pipeline: Pipeline) -> str:
+    return scan.scan_id
+
+
+@stage("predict")
+def predict(scan_id: str, pipeline: Pipeline) -> dict:
+    """Steered by control files: `sleep` (seconds per scan), `broken-model` (every scan
+    fails as a checkpoint that cannot load would), `io-once` (listed scans fail their
+    first attempt with an I/O error), `type-error` (listed scans: a programming error),
+    `hang-once` (listed scans hang on their first attempt: a stand-in for a stuck read)."""
+    if _control(pipeline, "broken-model").exists():
+        raise ModelError("cannot load the checkpoint fold_0/checkpoint_final.pth: bad zip")
+    if _listed(pipeline, "io-once", scan_id) and _first_attempt(pipeline, "io", scan_id):
+        raise OSError(f"injected I/O error reading {scan_id}")
+    if _listed(pipeline, "type-error", scan_id):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+    if _listed(pipeline, "hang-once", scan_id) and _first_attempt(pipeline, "hang", scan_id):
+        time.sleep(300)
+    if _control(pipeline, "sleep").exists():
+        time.sleep(float(_control(pipeline, "sleep").read_text()))
+    return {"scan_id": scan_id, "worker": _worker()}
+
+
+@stage("finish")
+def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
+    """`hold`: listed scans wait (up to 60 s) until the file `release` exists."""
+    if _listed(pipeline, "hold", scan.scan_id):
+        deadline = time.monotonic() + 60
+        while not _control(pipeline, "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0, "n_voxels": 0}
+    return {
+        "scan_id": scan.scan_id,
+        "status": "ok",
+        "n_clusters": 0,
+        "volume_mm3": 0.0,
+        "seconds": {"preprocess": 0.0, "predict": 0.0, "finish": 0.0},
+        "workers": {"predict": predicted["worker"], "finish": _worker()},
+        "input_fingerprint": None,
+        "tables": {"regions": tables.to_table("regions", [row])},
+    }

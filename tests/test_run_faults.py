@@ -1,0 +1,202 @@
+"""The runner's fault handling on a real LocalCluster with stand-in stages (fast tier).
+
+tests/standins.py holds the stand-ins (test-only, not a model): real Dask workers,
+real ledger and Parquet files, no inference, so each test takes seconds. What is
+tested: transient errors retried and seen in the ledger, repeating errors failed at
+once, the circuit breaker, the per-scan time limit, flushes while the driver waits,
+and batch-style scaling from the work left (ScaleFromWork on a LocalCluster).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from distributed import Client, LocalCluster
+
+import standins
+from pingu_dask import tables
+from pingu_dask.cluster import (
+    INFERENCE_RESOURCE,
+    JobCapacity,
+    ScaleFromWork,
+    local_cluster,
+    scheduler_settings,
+)
+from pingu_dask.config import InferenceSettings
+from pingu_dask.manifest import Scan
+from pingu_dask.model import resolve_model
+from pingu_dask.runner import RunStopped, StageFunctions, segment_cohort
+from pingu_dask.stages import Pipeline
+
+STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
+
+
+@pytest.fixture(scope="module")
+def client():
+    cloudpickle.register_pickle_by_value(sys.modules["standins"])
+    with (
+        local_cluster(n_workers=2, threads_per_worker=3, torch_threads=1,
+                      dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        yield client
+
+
+def make_scans(n: int, folder: Path) -> list[Scan]:
+    image = folder / "unused_T1w.nii.gz"  # the stand-ins never read it
+    return [Scan(f"sub-{i:03d}", (("t1w", image),), site="site-a") for i in range(n)]
+
+
+def pipeline_in(folder: Path) -> Pipeline:
+    settings = InferenceSettings(tta=False, device="cpu")
+    return Pipeline(resolve_model("demo"), settings, folder / "out", write_nifti=False)
+
+
+def ledger_of(pipeline: Pipeline):
+    return tables.read_table(pipeline.out, "ledger").sort_values(["scan_id", "attempt"])
+
+
+def test_transient_errors_are_retried_and_repeating_ones_fail_at_once(
+    client: Client, tmp_path: Path
+) -> None:
+    scans, pipeline = make_scans(6, tmp_path), pipeline_in(tmp_path)
+    (tmp_path / "io-once").write_text("sub-001 sub-004")
+    (tmp_path / "type-error").write_text("sub-002")
+    records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False)
+    status = {r["scan_id"]: r["status"] for r in records}
+    assert status == {s.scan_id: "failed" if s.scan_id == "sub-002" else "ok" for s in scans}
+    ledger = ledger_of(pipeline)
+    for scan_id in ("sub-001", "sub-004"):
+        rows = ledger[ledger.scan_id == scan_id]
+        assert rows.attempt.tolist() == [1, 2] and rows.status.tolist() == ["failed", "ok"]
+        assert rows.error_type.iloc[0] == "OSError" and rows.retryable.iloc[0]
+    broken = ledger[ledger.scan_id == "sub-002"]
+    assert len(broken) == 1 and not broken.retryable.iloc[0]  # not retried
+    assert broken.error_type.iloc[0] == "TypeError"
+    assert "unsupported operand" in broken.message.iloc[0]  # the message is kept
+    regions = tables.read_table(pipeline.out, "regions")
+    assert sorted(regions.scan_id) == sorted(s.scan_id for s in scans if s.scan_id != "sub-002")
+
+
+def test_the_circuit_breaker_stops_a_run_whose_every_scan_fails_alike(
+    client: Client, tmp_path: Path
+) -> None:
+    scans, pipeline = make_scans(40, tmp_path), pipeline_in(tmp_path)
+    (tmp_path / "broken-model").write_text("")
+    with pytest.raises(RunStopped) as stopped:
+        segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
+                       window=4, breaker_scans=10)  # fmt: skip
+    message = str(stopped.value)
+    assert "first attempts of 10 scans in a row failed with ModelError on 2 worker(s)" in message
+    assert "cannot load the checkpoint" in message
+    ledger = ledger_of(pipeline)
+    # Stopped after 10 scans, plus what was in flight (window 4): not scan by scan.
+    assert 10 <= len(ledger) <= 10 + 4
+    assert set(ledger.status) == {"failed"} and not ledger.retryable.any()
+    assert (ledger.attempt == 1).all() and ledger.scan_id.is_unique
+    assert len(set(ledger.worker)) == 2
+    assert len(stopped.value.records) == len(ledger)  # the rest: no row, done next run
+
+
+def test_the_breaker_does_not_trip_on_scattered_failures(client: Client, tmp_path: Path) -> None:
+    scans, pipeline = make_scans(24, tmp_path), pipeline_in(tmp_path)
+    (tmp_path / "type-error").write_text(" ".join(s.scan_id for s in scans[::2]))
+    records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
+                             window=2, breaker_scans=3)  # fmt: skip
+    assert len(records) == 24  # every second scan fails: never 3 first attempts in a row
+    assert sum(r["status"] == "failed" for r in records) == 12
+
+
+def test_a_hanging_stage_is_timed_out_and_retried(client: Client, tmp_path: Path) -> None:
+    scans, pipeline = make_scans(4, tmp_path), pipeline_in(tmp_path)
+    (tmp_path / "hang-once").write_text("sub-002")  # its first predict sleeps 300 s
+    started = time.monotonic()
+    records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
+                             scan_timeout=3)  # fmt: skip
+    assert time.monotonic() - started < 120  # not the 300 s of the hang
+    assert all(r["status"] == "ok" for r in records) and len(records) == 4
+    ledger = ledger_of(pipeline)
+    hung = ledger[ledger.scan_id == "sub-002"]
+    assert hung.attempt.tolist() == [1, 2] and hung.status.tolist() == ["failed", "ok"]
+    first = hung.iloc[0]
+    assert first.error_type == "TimeoutError" and first.retryable
+    assert "predict: no result after 3 s" in first.message
+    assert (ledger.groupby("scan_id").status.last() == "ok").all()
+    assert len(tables.read_table(pipeline.out, "regions")) == 4  # each scan exactly once
+
+
+def test_finished_scans_are_flushed_while_the_driver_waits(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASK_PINGU__FLUSH_EVERY_SECONDS", "0.5")
+    import dask.config
+
+    dask.config.refresh()
+    scans, pipeline = make_scans(3, tmp_path), pipeline_in(tmp_path)
+    (tmp_path / "hold").write_text("sub-002")
+    done: list = []
+    runner = threading.Thread(
+        target=lambda: done.append(
+            segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False)
+        )
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        seen = set()
+        while time.monotonic() < deadline and len(seen) < 2:
+            seen = set(tables.read_table(pipeline.out, "ledger").scan_id)
+            time.sleep(0.1)
+        # Two scans are on disk while the third is still held: the time-based flush
+        # fired with no scan finishing in between.
+        assert seen == {"sub-000", "sub-001"}
+        assert runner.is_alive()
+    finally:
+        (tmp_path / "release").write_text("")
+        runner.join(60)
+    dask.config.refresh()
+    assert len(done[0]) == 3 and set(tables.read_table(pipeline.out, "ledger").scan_id) == {
+        "sub-000", "sub-001", "sub-002"
+    }  # fmt: skip
+
+
+def test_job_capacity_follows_the_scans_left() -> None:
+    capacity = JobCapacity(minimum_workers=0, maximum_workers=3)
+    assert [capacity.workers(n) for n in (8, 3, 2, 1)] == [3, 3, 2, 1]
+    capacity.workers(0)
+    assert capacity.wanted == 0  # drained: every job can go
+    assert JobCapacity(minimum_workers=2, maximum_workers=3).workers(0) == 2  # min kept
+
+
+def test_scaling_from_the_work_grows_to_the_maximum_and_releases_workers(tmp_path: Path) -> None:
+    """Batch-style scaling on a LocalCluster: no worker at the start, up to 3 asked for
+    from the 9 scans left (Dask's own target would stay at one worker), back to none."""
+    cloudpickle.register_pickle_by_value(sys.modules["standins"])
+    scans, pipeline = make_scans(9, tmp_path), pipeline_in(tmp_path)
+    (tmp_path / "sleep").write_text("1.0")
+    capacity = JobCapacity(minimum_workers=0, maximum_workers=3)
+    capacity.workers(len(scans))
+    import dask.config
+
+    with dask.config.set(scheduler_settings()):
+        cluster = LocalCluster(n_workers=0, threads_per_worker=4, processes=True,
+                               resources={INFERENCE_RESOURCE: 1}, dashboard_address=":0")  # fmt: skip
+    with cluster, Client(cluster) as client:
+        cluster.adapt(Adaptive=functools.partial(ScaleFromWork, capacity=capacity),
+                      minimum=0, maximum=3, interval="200ms", wait_count=2)  # fmt: skip
+        records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS,
+                                 watch=False, capacity=capacity)  # fmt: skip
+        assert all(r["status"] == "ok" for r in records) and len(records) == 9
+        workers = set(tables.read_table(pipeline.out, "ledger").worker)
+        assert len(workers) == 3  # every worker asked for got work
+        assert capacity.wanted == 0
+        deadline = time.monotonic() + 30
+        while client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not client.scheduler_info()["workers"]  # released as the queue drained
