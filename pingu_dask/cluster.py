@@ -264,19 +264,30 @@ class JobCapacity(Capacity):
     workers already there (issue 15: one job for a whole run). Here the target is
     what the scans left can use, one inference slot each: min(max, scans left), never
     below min. The adaptive loop (ScaleFromWork, in the scheduler's event loop) reads
-    `wanted`; the runner's window follows it, so a job that starts finds work at once.
-    Jobs are released (gracefully: workers_to_close picks idle workers) as the queue
-    drains.
+    `wanted`; jobs are released (gracefully: workers_to_close picks idle workers) as
+    the queue drains.
+
+    The runner's window follows the workers that have arrived (`present`, asked at most
+    once a second), capped by `wanted`. Measured on the SLURM testbed: a window sized
+    for all the jobs asked for put every scan on the first worker to register (its 8
+    threads took every preprocess task, and predict followed the data), while the
+    second job sat idle; sized by the workers present, a job that starts gets scans
+    at the runner's next tick (<= 1 s) and the scheduler places them on it, the
+    least busy worker.
     """
 
-    def __init__(self, minimum_workers: int, maximum_workers: int) -> None:
+    def __init__(
+        self, minimum_workers: int, maximum_workers: int, present: Capacity | None = None
+    ) -> None:
         self.minimum = minimum_workers
         self.maximum = max(1, maximum_workers)
         self.wanted = self.maximum
+        self.present = present
 
     def workers(self, scans_left: int) -> int:
         self.wanted = max(self.minimum, min(self.maximum, scans_left))
-        return max(1, self.wanted)
+        arrived = self.present.workers(scans_left) if self.present else self.wanted
+        return max(1, min(self.wanted, arrived))
 
 
 class ScaleFromWork(Adaptive):
@@ -290,10 +301,14 @@ class ScaleFromWork(Adaptive):
         return self.capacity.wanted
 
 
-def scale_from_work(cluster, options: JobOptions, scans_left: int) -> JobCapacity:
+def scale_from_work(cluster, client, options: JobOptions, scans_left: int) -> JobCapacity:
     """Start asking for jobs for `scans_left` scans, between min_jobs and max_jobs."""
     processes = cluster._dummy_job.worker_processes  # worker processes per job
-    capacity = JobCapacity(options.min_jobs * processes, options.max_jobs * processes)
+    capacity = JobCapacity(
+        options.min_jobs * processes,
+        options.max_jobs * processes,
+        present=PresentWorkers(client, every=1.0),
+    )
     capacity.workers(scans_left)
     cluster.adapt(
         Adaptive=functools.partial(ScaleFromWork, capacity=capacity),

@@ -170,7 +170,7 @@ def _client(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, Capa
         # the queue drains; closing the cluster cancels the jobs still there.
         cluster = jobqueue_cluster(request.cluster, request.jobs, request.dashboard_address)
         with cluster, Client(cluster) as client:
-            yield client, scale_from_work(cluster, request.jobs, scans_left)
+            yield client, scale_from_work(cluster, client, request.jobs, scans_left)
         return
     if request.cluster != "local":
         with Client(request.cluster) as client:

@@ -5,14 +5,21 @@
 #   scripts/slurm_testbed.sh stop    stop the daemons by PID
 #   scripts/slurm_testbed.sh status  sinfo
 #
-# munged, slurmctld and slurmd run on 127.0.0.1; the node advertises one fake GPU
-# (gres.conf: File=/dev/null) so that --gres=gpu:1 directives are really scheduled.
-# State, logs and PID files live in $SLURM_TESTBED_DIR (default /tmp/pingu-slurm).
+# munged, slurmctld and slurmd run on 127.0.0.1. The node is made to look like a GPU
+# node: $SLURM_TESTBED_CPUS CPUs (default 16, more than this machine has, through
+# SlurmdParameters=config_overrides) and $SLURM_TESTBED_GPUS fake GPUs (default 4:
+# character devices /dev/fakegpuN, like /dev/null), so that --cpus-per-task and
+# --gres=gpu:N directives are really scheduled and several 8-core GPU jobs fit at once.
+# KillWait is SLURM's default (30 s): what a driver has between SIGTERM and SIGKILL.
+# A changed configuration restarts the daemons. State, logs and PID files live in
+# $SLURM_TESTBED_DIR (default /tmp/pingu-slurm).
 set -euo pipefail
 
 STATE="${SLURM_TESTBED_DIR:-/tmp/pingu-slurm}"
 CONF_DIR=/etc/slurm
 HOST="$(hostname -s)"
+CPUS="${SLURM_TESTBED_CPUS:-16}"
+GPUS="${SLURM_TESTBED_GPUS:-4}"
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
@@ -33,10 +40,13 @@ install() {
 
 configure() {
     mkdir -p "$STATE"/{spool,state,log} "$CONF_DIR" /run/munge /var/log/munge /var/lib/munge
-    local cpus memory
-    cpus="$(nproc)"
+    local memory last
     memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
-    cat > "$CONF_DIR/slurm.conf" <<CONF
+    last=$(( GPUS - 1 ))
+    for i in $(seq 0 "$last"); do
+        [ -e "/dev/fakegpu$i" ] || mknod "/dev/fakegpu$i" c 1 3
+    done
+    cat > "$STATE/slurm.conf.new" <<CONF
 # Written by pingu-dask's scripts/slurm_testbed.sh: a one-node test cluster.
 ClusterName=pingu-test
 SlurmctldHost=${HOST}(127.0.0.1)
@@ -62,13 +72,24 @@ SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 SlurmctldTimeout=30
 SlurmdTimeout=30
+SlurmdParameters=config_overrides
 InactiveLimit=0
-KillWait=5
+KillWait=30
 MinJobAge=300
-NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory} Gres=gpu:1 State=UNKNOWN
+JobRequeue=1
+NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${memory} Gres=gpu:${GPUS} State=UNKNOWN
 PartitionName=gpu Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP
 CONF
-    echo "Name=gpu File=/dev/null" > "$CONF_DIR/gres.conf"
+    echo "Name=gpu File=/dev/fakegpu[0-${last}]" > "$STATE/gres.conf.new"
+    CHANGED=0
+    for name in slurm.conf gres.conf; do
+        if ! cmp -s "$STATE/$name.new" "$CONF_DIR/$name"; then
+            mv "$STATE/$name.new" "$CONF_DIR/$name"
+            CHANGED=1
+        else
+            rm -f "$STATE/$name.new"
+        fi
+    done
     if [ ! -s /etc/munge/munge.key ]; then
         mkdir -p /etc/munge
         dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
@@ -89,12 +110,16 @@ start() {
             /usr/sbin/munged --force
         fi
     fi
+    if [ "$CHANGED" = 1 ] && pgrep -x slurmctld >/dev/null; then
+        echo "slurm_testbed: configuration changed, restarting slurmctld and slurmd"
+        stop_daemons
+    fi
     pgrep -x slurmctld >/dev/null || slurmctld
     pgrep -x slurmd >/dev/null || slurmd
     for _ in $(seq 1 60); do
         if sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
             scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
-            echo "slurm_testbed: up ($HOST, $(nproc) CPUs, gres gpu:1)"
+            echo "slurm_testbed: up ($HOST, $CPUS CPUs advertised on $(nproc) real, gres gpu:$GPUS)"
             sinfo
             return
         fi
@@ -107,12 +132,21 @@ start() {
     exit 1
 }
 
-stop() {
+stop_daemons() {
     for name in slurmd slurmctld; do
         if [ -f "$STATE/$name.pid" ]; then
             kill "$(cat "$STATE/$name.pid")" 2>/dev/null || true
         fi
+        pkill -x "$name" 2>/dev/null || true
     done
+    for _ in $(seq 1 30); do
+        pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || return 0
+        sleep 0.5
+    done
+}
+
+stop() {
+    stop_daemons
     pkill -x munged 2>/dev/null || true
     echo "slurm_testbed: stopped"
 }

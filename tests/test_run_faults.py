@@ -17,13 +17,14 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import standins
 from distributed import Client, LocalCluster
 
-import standins
 from pingu_dask import tables
 from pingu_dask.cluster import (
     INFERENCE_RESOURCE,
     JobCapacity,
+    PresentWorkers,
     ScaleFromWork,
     local_cluster,
     scheduler_settings,
@@ -185,9 +186,15 @@ def test_scaling_from_the_work_grows_to_the_maximum_and_releases_workers(tmp_pat
     import dask.config
 
     with dask.config.set(scheduler_settings()):
-        cluster = LocalCluster(n_workers=0, threads_per_worker=4, processes=True,
-                               resources={INFERENCE_RESOURCE: 1}, dashboard_address=":0")  # fmt: skip
+        cluster = LocalCluster(
+            n_workers=0,
+            threads_per_worker=4,
+            processes=True,
+            resources={INFERENCE_RESOURCE: 1},
+            dashboard_address=":0",
+        )
     with cluster, Client(cluster) as client:
+        capacity.present = PresentWorkers(client, every=0.2)  # as scale_from_work does
         cluster.adapt(Adaptive=functools.partial(ScaleFromWork, capacity=capacity),
                       minimum=0, maximum=3, interval="200ms", wait_count=2)  # fmt: skip
         records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS,

@@ -54,10 +54,10 @@ def cohort6(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "absolute.csv"
 
 
-def start_run(manifest: Path, out: Path, logs: Path) -> subprocess.Popen:
+def start_run(manifest: Path, out: Path, logs: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "pingu_dask.cli", "run", str(manifest), "--out", str(out)]
     return subprocess.Popen(
-        [*command, *SLURM_OPTIONS, "--log-dir", str(logs)],
+        [*command, *SLURM_OPTIONS, "--log-dir", str(logs), *extra],
         env=dict(os.environ, DASK_PINGU__FLUSH_EVERY_SCANS="1", COLUMNS="200"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -105,6 +105,55 @@ def test_a_cohort_runs_on_slurm_worker_jobs(slurm, cohort6: Path, tmp_path: Path
     worker_logs = "".join(p.read_text() for p in logs.glob("*.err"))
     for worker in set(ledger.worker.dropna()):
         assert worker in worker_logs
+
+
+def running_worker_jobs() -> set[str]:
+    listing = subprocess.run(
+        ["squeue", "-h", "-n", "dask-worker", "-t", "RUNNING", "-o", "%i"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return set(listing.split())
+
+
+def worker_jobs(logs: Path) -> dict[str, int]:
+    """Worker address -> SLURM job id, from the jobs' logs (dask-worker-ID.err)."""
+    found = {}
+    for path in logs.glob("*.err"):
+        job = int(re.search(r"-(\d+)\.err$", path.name)[1])
+        for address in re.findall(r"Start worker at:\s+(\S+)", path.read_text()):
+            found[address] = job
+    return found
+
+
+@pytest.mark.slurm
+def test_jobs_are_asked_for_from_the_work_left_and_released(
+    slurm, cohort6: Path, tmp_path: Path
+) -> None:
+    """The shape of deploy/slurm/run_cohort.sbatch on a node that looks like a GPU node
+    (16 CPUs, 4 GPUs): 8-core jobs, --min-jobs 0 --max-jobs 3. Two jobs fit at once;
+    Dask's own adaptive target kept this at one job for the whole run."""
+    manifest = pd.read_csv(cohort6)
+    eight = pd.concat([manifest, manifest.head(2).assign(scan_id=["sub-901", "sub-902"])])
+    eight.to_csv(tmp_path / "eight.csv", index=False)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    scaled = ["--cores", "8", "--min-jobs", "0", "--max-jobs", "3", "--torch-threads", "1"]
+    process = start_run(tmp_path / "eight.csv", out, logs, *scaled)
+    most = 0
+    while process.poll() is None:
+        most = max(most, len(running_worker_jobs()))
+        time.sleep(0.5)
+    output = finish(process)
+    assert process.returncode == 0, output
+    assert most >= 2, f"at most {most} worker job(s) ran at once"
+    deadline = time.monotonic() + 60
+    while running_worker_jobs() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not running_worker_jobs()  # every job ended with the run
+    ledger = tables.read_table(out, "ledger")
+    assert (ledger.status == "ok").sum() == 8
+    jobs = worker_jobs(logs)
+    assert len({jobs[worker] for worker in ledger.worker}) >= 2  # work reached 2+ jobs
 
 
 @pytest.mark.slurm
