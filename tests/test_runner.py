@@ -342,3 +342,29 @@ def test_run_joins_an_existing_scheduler(cohort20: Path, tmp_path: Path) -> None
         assert (status["counts"]["done"], status["run"]["status"]) == (2, "finished")
     assert list(loads.values()) == [{resolve_model("demo").fingerprint: 1}]
     assert len(whole_brain_rows(out)) == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(
+    cohort20: Path, tmp_path: Path, signum: int
+) -> None:
+    """What SLURM does at the walltime or on scancel (SIGTERM to the job's processes):
+    the driver cancels, flushes, releases OUT/.lock and exits 128 + signum; the same
+    command then resumes without anyone deleting anything."""
+    manifest = tmp_path / "four.csv"
+    absolute_manifest(cohort20, manifest, rows=4)
+    out = tmp_path / "out"
+    stopped = run_command(manifest, out)
+    wait_for_ok_rows(stopped, out, 1)
+    os.killpg(stopped.pid, signum)
+    output, _ = stopped.communicate(timeout=120)
+    assert stopped.returncode == 128 + signum, output
+    assert signal.Signals(signum).name in output and "resume" in output
+    assert read_lock(out) is None  # released: a resubmitted driver is not refused
+    kept = ok_scans(out)
+    assert len(kept) >= 1
+    resumed = run_command(manifest, out)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert ok_scans(out) == {f"sub-{i:03d}" for i in range(1, 5)}
+    assert set(whole_brain_rows(out)) == {1}  # every scan exactly once

@@ -34,6 +34,7 @@ from pingu_dask.lock import LockedError
 from pingu_dask.manifest import load_manifest
 from pingu_dask.model import ModelError, resolve_model
 from pingu_dask.regions import RegionTable
+from pingu_dask.signals import Stopped, stop_on_signals
 from pingu_dask.stages import Pipeline
 from pingu_dask.synth import generate_cohort
 
@@ -292,17 +293,19 @@ def run_cohort(
         bar.start(len(plan.todo))
 
     try:
-        outcome = cohort.run_cohort(request, on_start=on_start, on_progress=bar.update)
+        with stop_on_signals():  # SIGTERM (scancel, walltime), SIGHUP: as Ctrl-C
+            outcome = cohort.run_cohort(request, on_start=on_start, on_progress=bar.update)
     except (LockedError, RunRefused) as error:
         console.print(f"[red]{error}[/red]", soft_wrap=True)
         raise SystemExit(1) from error
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         bar.stop()  # before the message, so that the bar does not redraw over it
+        why = interrupt.name if isinstance(interrupt, Stopped) else "interrupted"
         console.print(
-            "[yellow]interrupted: in-flight scans cancelled, finished ones saved; "
+            f"[yellow]{why}: in-flight scans cancelled, finished ones saved; "
             "run the same command again to resume[/yellow]"
         )
-        raise SystemExit(130) from None
+        raise SystemExit(interrupt.exit_code if isinstance(interrupt, Stopped) else 130) from None
     finally:
         bar.stop()
     if len(outcome.records) <= PER_SCAN_LINES_UP_TO:
