@@ -53,6 +53,7 @@ class RunOutcome:
     seconds: float = 0.0
     dashboard: str | None = None  # Dask's dashboard
     stopped: str | None = None  # why the circuit breaker stopped the run, if it did
+    took_over_lock: dict | None = None  # the holder of a stale OUT/.lock replaced, if any
 
     @property
     def page(self) -> str | None:
@@ -109,7 +110,8 @@ def run_cohort(
     out = Path(pipeline.out)
     out.mkdir(parents=True, exist_ok=True)
     outcome = RunOutcome(run_id=uuid.uuid4().hex[:12])
-    with OutputLock(out):
+    with OutputLock(out) as lock:
+        outcome.took_over_lock = lock.took_over
         check_settings(out, pipeline, request.force)
         tables.remove_orphan_parts(out)
         plan = ledger.plan_resume(out, request.report.scans, pipeline.fingerprint())

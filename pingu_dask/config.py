@@ -31,6 +31,7 @@ DEFAULTS = {
         "regions": "synthseg",
         "flush-every-scans": 50,  # the driver writes table parts this often...
         "flush-every-seconds": 10.0,  # ...or after this long, whichever comes first
+        "compact-above-parts": 8,  # merge table parts at run start/end above this many; None: off
         "retries": 2,
         "allowed-failures": 0,  # Dask's own reruns off: every retry is the driver's
         # An attempt that takes longer than this (from when a worker starts on it) is
@@ -45,6 +46,9 @@ DEFAULTS = {
         # unless asked; a taken port falls back to a free one (the run prints the link).
         "dashboard-address": "127.0.0.1:8787",
         "throughput-window-seconds": 300.0,  # the dashboard's sliding window
+        "lock-heartbeat-seconds": 30.0,  # OUT/.lock: how often its holder says it is alive
+        "lock-stale-seconds": 300.0,  # ...and how long after its last heartbeat it is stale
+        "stop-grace-seconds": 120.0,  # SIGTERM/SIGHUP/Ctrl-C: clean-up time before a hard exit
     }
 }
 dask.config.update_defaults(DEFAULTS)

@@ -30,7 +30,7 @@ from pingu_dask.cli import main
 from pingu_dask.cluster import local_cluster
 from pingu_dask.cohort import RunRefused, check_settings
 from pingu_dask.config import ClusterSettings, InferenceSettings
-from pingu_dask.lock import LockedError, OutputLock, read_lock
+from pingu_dask.lock import read_lock
 from pingu_dask.manifest import load_manifest
 from pingu_dask.model import resolve_model
 from pingu_dask.runner import segment_cohort
@@ -272,36 +272,6 @@ def test_broken_inputs_each_get_a_clear_row_and_good_scans_finish(
     text = " ".join(status.output.split())
     assert "4 done, 5 failed, 7 invalid manifest rows" in text
     assert "ImageError" in text and "RegionError" in text and "ManifestError" in text
-
-
-def test_a_second_concurrent_run_is_refused_and_a_stale_lock_taken_over(
-    cohort20: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "out"
-    manifest = tmp_path / "one.csv"
-    absolute_manifest(cohort20, manifest, rows=1)
-    with OutputLock(out):
-        result = CliRunner().invoke(main, ["run", str(manifest), "--out", str(out), *FAST_OPTIONS])
-        assert result.exit_code == 1
-        text = " ".join(result.output.split())
-        assert f"is in use by another run: pid {os.getpid()}" in text
-        with pytest.raises(LockedError):
-            OutputLock(out).acquire()
-    assert not (out / ".lock").exists()
-
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    holder = dict(pid=int(gone.stdout), host=os.uname().nodename, started="earlier", command="x")
-    (out / ".lock").write_text(json.dumps(holder))
-    lock = OutputLock(out)
-    lock.acquire()
-    assert lock.took_over["pid"] == int(gone.stdout)
-    assert read_lock(out)["pid"] == os.getpid()
-    lock.release()
 
 
 def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ is not there they fail and say why, rather than skip.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -171,8 +172,140 @@ def test_a_cancelled_worker_job_does_not_stop_the_run(slurm, cohort6: Path, tmp_
     assert process.returncode == 0, output
     ledger = tables.read_table(out, "ledger")
     assert set(ledger[ledger.status == "ok"].scan_id) == {f"sub-{i:03d}" for i in range(1, 7)}
-    assert len(job_ids(logs) - first_jobs) >= 1  # adapt started a new worker job
+    assert len(job_ids(logs) - first_jobs) >= 1  # a new worker job was asked for
     assert len(tables.read_table(out, "regions").query("region == 'whole_brain'")) == 6
+    # The scans lost with the job are the driver's retries, in the ledger (Dask's own
+    # silent reruns are off): a failed KilledWorker attempt, then an ok one.
+    lost = ledger[ledger.status == "failed"]
+    assert len(lost) >= 1 and set(lost.error_type) == {"KilledWorker"}, ledger
+    for scan_id in lost.scan_id:
+        attempts = ledger[ledger.scan_id == scan_id].sort_values("attempt")
+        assert attempts.attempt.tolist()[-1] >= 2 and attempts.status.tolist()[-1] == "ok"
+
+
+DRIVER_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "slurm" / "run_cohort.sbatch"
+DRIVER_OPTIONS = (
+    "--no-tta --step-size 1.0 --device cpu --cores 2 --memory 4GB --walltime 00:20:00 "
+    "--max-jobs 2 --torch-threads 1"
+)  # small worker jobs on the testbed; they win over the script's own (later options win)
+
+
+@pytest.fixture(scope="module")
+def cohort9(cohort6: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """9 scans (cohort6 and 3 of them again, under other ids): to stop runs mid-way."""
+    manifest = pd.read_csv(cohort6)
+    again = manifest.head(3).assign(scan_id=[f"sub-{i:03d}" for i in range(101, 104)])
+    path = tmp_path_factory.mktemp("cohort9") / "nine.csv"
+    pd.concat([manifest, again]).to_csv(path, index=False)
+    return path
+
+
+def submit_driver(manifest: Path, out: Path, folder: Path) -> int:
+    """sbatch deploy/slurm/run_cohort.sbatch as a user would, from `folder`; the job id."""
+    (folder / "logs").mkdir(exist_ok=True)  # SLURM opens the job's output file there first
+    environment = dict(
+        os.environ,
+        SBATCH_PARTITION="gpu",  # the testbed's one partition, over the script's `cpu`
+        PINGU_VENV=sys.prefix,
+        PINGU_RUN_OPTIONS=DRIVER_OPTIONS,
+        DASK_PINGU__FLUSH_EVERY_SCANS="1",
+        COLUMNS="200",
+    )
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", str(DRIVER_SCRIPT), str(manifest), str(out), "demo"],
+        cwd=folder,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(submitted.stdout.strip().split(";")[0])
+
+
+def job_state(job_id: int) -> str:
+    """PENDING, RUNNING, ... or '' once SLURM has forgotten the job."""
+    found = re.search(r"JobState=(\S+)", job_record(job_id))
+    return found[1] if found else ""
+
+
+def wait_until(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.5)
+
+
+def ok_count(out: Path) -> int:
+    return int((tables.read_table(out, "ledger").status == "ok").sum())
+
+
+def driver_log(folder: Path, job_id: int) -> str:
+    path = folder / "logs" / f"pingu-driver-{job_id}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def ended(job_id: int) -> bool:
+    return job_state(job_id) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
+
+
+@pytest.mark.slurm
+def test_a_driver_job_is_resubmitted_stopped_and_resumed_without_a_person(
+    slurm, cohort9: Path, tmp_path: Path
+) -> None:
+    """deploy/slurm/run_cohort.sbatch end to end: near its walltime (USR1, as
+    --signal=B:USR1@600 sends it) the job queues its successor and stops; the successor
+    resumes; `scancel` of that one stops its driver by SIGTERM, which releases OUT/.lock;
+    a SIGKILLed driver's lock from another node, stale by its heartbeat, does not stop
+    the next job from finishing the cohort."""
+    out = tmp_path / "out"
+    first = submit_driver(cohort9, out, tmp_path)
+    wait_until(lambda: ok_count(out) >= 1 or ended(first), "the first driver's first scan")
+    assert not ended(first), driver_log(tmp_path, first)
+
+    # The walltime is near: SLURM signals the batch shell.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(first)], check=True)
+    wait_until(lambda: ended(first), "the first driver job to end", 120)
+    log = driver_log(tmp_path, first)
+    assert "queueing the successor" in log and "driver exited with 143" in log, log
+    successor = int(re.search(r"Submitted batch job (\d+)", log)[1])
+    done_by_first = ok_count(out)
+    assert done_by_first < 9, log
+
+    # The successor resumes; a person cancels it mid-way (SIGTERM to the driver).
+    wait_until(lambda: ok_count(out) > done_by_first or ended(successor), "the successor")
+    assert not ended(successor), driver_log(tmp_path, successor)
+    log = driver_log(tmp_path, successor)
+    assert f"resuming: {done_by_first} scans done earlier are skipped" in log, log
+    assert "took over a stale lock" not in log  # the first driver released it
+    subprocess.run(["scancel", str(successor)], check=True)
+    wait_until(lambda: ended(successor), "the cancelled driver job to end", 120)
+    log = driver_log(tmp_path, successor)
+    assert "interrupted by SIGTERM" in log, log
+    assert not (out / ".lock").exists(), log  # released on SIGTERM
+    done_by_second = ok_count(out)
+    assert done_by_second < 9, log
+
+    # As if a driver had been SIGKILLed on another node: its lock stays, its heartbeat
+    # stops. Past the stale time the next job takes it over and finishes the cohort.
+    stale = {
+        "host": "gpu-node-17",
+        "pid": 4242,
+        "started": "2026-01-01T00:00:00+00:00",
+        "heartbeat": "2026-01-01T00:05:00+00:00",
+        "command": "pingu-dask run",
+    }
+    (out / ".lock").write_text(json.dumps(stale))
+    last = submit_driver(cohort9, out, tmp_path)
+    wait_until(lambda: ended(last), "the last driver job to finish the cohort", 600)
+    log = driver_log(tmp_path, last)
+    assert "took over a stale lock of pid 4242 on gpu-node-17" in log, log
+    assert f"resuming: {done_by_second} scans done earlier are skipped" in log, log
+    assert "driver exited with 0" in log, log
+    assert not (out / ".lock").exists()
+    regions = tables.read_table(out, "regions").query("region == 'whole_brain'")
+    assert sorted(regions.scan_id) == sorted(pd.read_csv(cohort9).scan_id)  # each once
+    wait_until(lambda: not running_worker_jobs(), "the worker jobs to end", 90)
 
 
 def test_lifetime_is_safely_below_the_walltime() -> None:

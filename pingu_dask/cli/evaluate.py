@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
@@ -16,8 +18,10 @@ from pingu_dask.cli.common import (
     print_report,
     region_table,
 )
+from pingu_dask.lock import LockedError, OutputLock
 from pingu_dask.manifest import Scan, load_manifest
 from pingu_dask.regions import RegionTable
+from pingu_dask.signals import Stopped, exit_code, stop_on_signals
 
 
 @click.command()
@@ -59,40 +63,66 @@ def evaluate(
     and cluster precision / recall / F1; a per-site summary is printed.
     """
     is_run = (source / store.MASKS).is_dir()
-    run_info = store.read_run_json(source) if is_run else None
-    base = dict(run_info["clusters"]) if run_info else None
-    settings = cluster_settings(connectivity, min_cluster_voxels, min_cluster_mm3, exclude, base)
-    if run_info and regions_spec is None:  # the run's own table
-        table = RegionTable.from_mapping(
-            run_info["regions"]["table"], run_info["regions"]["regions"]
+    with _writing_into(source, is_run):
+        run_info = store.read_run_json(source) if is_run else None
+        base = dict(run_info["clusters"]) if run_info else None
+        settings = cluster_settings(
+            connectivity, min_cluster_voxels, min_cluster_mm3, exclude, base
         )
-    else:
-        table = region_table(regions_spec)
-    report = load_manifest(manifest, channels=())
-    if not report.ok:
-        print_report(report)
-    scans = [scan for scan in report.scans if scan.reference is not None]
-    if not scans:
-        raise click.UsageError(f"{manifest}: no scan has a `reference` mask to evaluate against")
-    sources, missing = _mask_sources(source, is_run, scans)
-    for scan_id in missing:
-        console.print(f"[yellow]no mask for scan {scan_id!r} in {source}[/yellow]")
-    rows, failures = _evaluate_on_dask(sources, settings, table, workers)
-    for scan_id, message in failures:
-        console.print(f"[red]scan {scan_id!r}:[/red] {message}", soft_wrap=True)
-    if not rows:
-        raise SystemExit(1)
-    evaluation = pa.concat_tables(rows)
-    if is_run:
-        tables.replace_table(source, "evaluation", evaluation)
-        console.print(f"evaluation table: {source / tables.TABLES / 'evaluation'}")
-    if save:
-        import pyarrow.parquet as pq
+        if run_info and regions_spec is None:  # the run's own table
+            table = RegionTable.from_mapping(
+                run_info["regions"]["table"], run_info["regions"]["regions"]
+            )
+        else:
+            table = region_table(regions_spec)
+        report = load_manifest(manifest, channels=())
+        if not report.ok:
+            print_report(report)
+        scans = [scan for scan in report.scans if scan.reference is not None]
+        if not scans:
+            raise click.UsageError(
+                f"{manifest}: no scan has a `reference` mask to evaluate against"
+            )
+        sources, missing = _mask_sources(source, is_run, scans)
+        for scan_id in missing:
+            console.print(f"[yellow]no mask for scan {scan_id!r} in {source}[/yellow]")
+        rows, failures = _evaluate_on_dask(sources, settings, table, workers)
+        for scan_id, message in failures:
+            console.print(f"[red]scan {scan_id!r}:[/red] {message}", soft_wrap=True)
+        if not rows:
+            raise SystemExit(1)
+        evaluation = pa.concat_tables(rows)
+        if is_run:
+            tables.replace_table(source, "evaluation", evaluation)
+            console.print(f"evaluation table: {source / tables.TABLES / 'evaluation'}")
+        if save:
+            import pyarrow.parquet as pq
 
-        pq.write_table(evaluation, save)
-        console.print(f"evaluation table: {save}")
-    print_evaluation(evaluation.to_pandas(), f"Evaluation of {source} ({len(rows)} scans)")
-    raise SystemExit(0 if not failures and not missing else 1)
+            pq.write_table(evaluation, save)
+            console.print(f"evaluation table: {save}")
+        print_evaluation(evaluation.to_pandas(), f"Evaluation of {source} ({len(rows)} scans)")
+        raise SystemExit(0 if not failures and not missing else 1)
+
+
+@contextmanager
+def _writing_into(source: Path, is_run: bool) -> Iterator[None]:
+    """Hold a run's OUT/.lock while evaluating it, since the result replaces
+    OUT/tables/evaluation: a run writing there meanwhile would lose its parts. Exits 1
+    saying who holds it; SIGTERM / SIGHUP / Ctrl-C release it and exit 128 + signum."""
+    with ExitStack() as held:
+        if is_run:
+            try:
+                held.enter_context(OutputLock(source))
+            except LockedError as error:
+                console.print(f"[red]cannot evaluate now: {error}[/red]", soft_wrap=True)
+                raise SystemExit(1) from error
+        try:
+            with stop_on_signals():
+                yield
+        except KeyboardInterrupt as interrupt:
+            by = f" by {interrupt.name}" if isinstance(interrupt, Stopped) else ""
+            console.print(f"[yellow]interrupted{by}: the evaluation was stopped[/yellow]")
+            raise SystemExit(exit_code(interrupt)) from None
 
 
 def _mask_sources(

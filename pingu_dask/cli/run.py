@@ -34,7 +34,7 @@ from pingu_dask.lock import LockedError
 from pingu_dask.manifest import load_manifest
 from pingu_dask.model import ModelError, resolve_model
 from pingu_dask.regions import RegionTable
-from pingu_dask.signals import Stopped, stop_on_signals
+from pingu_dask.signals import Stopped, exit_code, stop_on_signals
 from pingu_dask.stages import Pipeline
 from pingu_dask.synth import generate_cohort
 
@@ -285,6 +285,13 @@ def run_cohort(
         console.print(f"{where}; Dask dashboard: {outcome.dashboard}")
         if outcome.page:
             console.print(f"this run's page: {outcome.page} (metrics: /metrics)")
+        if outcome.took_over_lock:
+            gone = outcome.took_over_lock
+            console.print(
+                f"[yellow]took over a stale lock of pid {gone.get('pid')} on {gone.get('host')} "
+                f"(started {gone.get('started')}): that run is gone[/yellow]",
+                soft_wrap=True,
+            )
         if plan.done or plan.redo:
             console.print(
                 f"resuming: {len(plan.done)} scans done earlier are skipped, "
@@ -300,12 +307,12 @@ def run_cohort(
         raise SystemExit(1) from error
     except KeyboardInterrupt as interrupt:
         bar.stop()  # before the message, so that the bar does not redraw over it
-        why = interrupt.name if isinstance(interrupt, Stopped) else "interrupted"
+        by = f" by {interrupt.name}" if isinstance(interrupt, Stopped) else ""
         console.print(
-            f"[yellow]{why}: in-flight scans cancelled, finished ones saved; "
+            f"[yellow]interrupted{by}: in-flight scans cancelled, finished ones saved; "
             "run the same command again to resume[/yellow]"
         )
-        raise SystemExit(interrupt.exit_code if isinstance(interrupt, Stopped) else 130) from None
+        raise SystemExit(exit_code(interrupt)) from None
     finally:
         bar.stop()
     if len(outcome.records) <= PER_SCAN_LINES_UP_TO:
