@@ -41,6 +41,7 @@ class RunRequest:
     jobs: JobOptions = field(default_factory=JobOptions)  # for cluster slurm / pbs
     dashboard_address: str | None = None  # None: config pingu.dashboard-address
     scan_timeout: float | None = None  # seconds; None: config pingu.scan-timeout
+    allow_version_change: bool = False  # resume OUT made with other tool/library versions
 
 
 @dataclass
@@ -69,14 +70,28 @@ class RunOutcome:
         )
 
 
-def check_settings(out: Path, pipeline: Pipeline, force: bool) -> None:
-    """Refuse to mix outputs of different models or settings in one OUT (unless force)."""
+# The versions whose change can change a mask: a resumed OUT would mix their outputs.
+VERSIONED = ("pingu-dask", "nnunetv2", "torch")
+
+
+def check_settings(
+    out: Path, pipeline: Pipeline, force: bool, allow_version_change: bool = False
+) -> None:
+    """Refuse to mix outputs of different models, settings or versions in one OUT
+    (unless forced, or, for versions only, allowed)."""
     previous = store.read_run_json(out)
     if previous is None:
         return
     if force:
         store.reset_output(out)
         return
+    changed = version_changes(previous, current_versions())
+    if changed and not allow_version_change:
+        raise RunRefused(
+            f"{out} was written with other versions ({'; '.join(changed)}): resuming "
+            "would mix masks made by both. Use --allow-version-change to resume anyway "
+            "(each run's versions are kept in run.json), another --out, or --force."
+        )
     if previous.get("pipeline_fingerprint") != pipeline.fingerprint():
         mine = provenance(pipeline, None, 0)
         differences = [
@@ -89,6 +104,36 @@ def check_settings(out: Path, pipeline: Pipeline, force: bool) -> None:
             f"(different: {', '.join(differences) or 'pipeline fingerprint'}). "
             "Use another --out, or --force to delete those results and start afresh."
         )
+
+
+def current_versions() -> dict[str, str | None]:
+    """pingu-dask's, nnunetv2's and torch's versions in this process."""
+    from importlib import metadata
+
+    from pingu_dask import __version__
+
+    versions: dict[str, str | None] = {"pingu-dask": __version__}
+    for package in VERSIONED[1:]:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def version_changes(previous_run: dict, now: dict[str, str | None]) -> list[str]:
+    """'torch 2.13.0 -> 2.14.1' for each versioned package that differs from the
+    latest run recorded in run.json (its `runs[-1].versions`, else the first run's)."""
+    runs = previous_run.get("runs") or [{}]
+    before = runs[-1].get("versions") or {
+        "pingu-dask": previous_run.get("version"),
+        **{k: (previous_run.get("libraries") or {}).get(k) for k in VERSIONED[1:]},
+    }
+    return [
+        f"{name} {before.get(name)} -> {now.get(name)}"
+        for name in VERSIONED
+        if name in before and before.get(name) != now.get(name)
+    ]
 
 
 def _comparable(section, key: str):
@@ -112,8 +157,9 @@ def run_cohort(
     outcome = RunOutcome(run_id=uuid.uuid4().hex[:12])
     with OutputLock(out) as lock:
         outcome.took_over_lock = lock.took_over
-        check_settings(out, pipeline, request.force)
+        check_settings(out, pipeline, request.force, request.allow_version_change)
         tables.remove_orphan_parts(out)
+        store.remove_partial_masks(out)
         plan = ledger.plan_resume(out, request.report.scans, pipeline.fingerprint())
         tables.drop_scans(out, plan.redo)
         outcome.done_before, outcome.redone = len(plan.done), len(plan.redo)
@@ -125,8 +171,15 @@ def run_cohort(
         run_info["n_scans"] = len(request.report.scans)
         run_info["manifest"] = manifest_info(request.report.path)
         run_info.setdefault("runs", []).append(
-            {"run_id": outcome.run_id, "started": _now(), "finished": None, "to_do": len(plan.todo)}
+            {
+                "run_id": outcome.run_id,
+                "started": _now(),
+                "finished": None,
+                "to_do": len(plan.todo),
+                "versions": current_versions(),
+            }
         )
+        ledger.write_manifest_scans(out, [scan.scan_id for scan in request.report.scans])
         store.write_json(out / store.RUN_JSON, run_info)
         started = time.perf_counter()
         try:

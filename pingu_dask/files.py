@@ -9,6 +9,7 @@ or the new one. Readers of table folders skip names starting with '.'.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +19,14 @@ from pathlib import Path
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path to write `path` to; renamed onto `path` if the block succeeds,
     removed if it fails. It ends with the final name, so writers that choose the format
-    by the extension (.nii.gz) do the right thing."""
+    by the extension (.nii.gz) do the right thing.
+
+    The temporary name is unique to this call (pid and a random uuid), not just to the
+    process: two attempts of one task in one worker (threads), or a retry beside a
+    straggler on a shared file system, would otherwise write into the same temporary
+    file and rename each other's half-written bytes into place."""
     path = Path(path)
-    temporary = path.with_name(f".{os.getpid()}.partial.{path.name}")
+    temporary = path.with_name(f".{os.getpid()}.{uuid.uuid4().hex}.partial.{path.name}")
     try:
         yield temporary
         os.replace(temporary, path)

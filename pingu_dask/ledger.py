@@ -21,6 +21,30 @@ from pingu_dask.errors import ErrorReport, Verdict
 from pingu_dask.manifest import Problem, Scan
 
 OK, FAILED, INVALID = "ok", "failed", "invalid"
+# The scan ids of the manifest the latest run was given: `status` counts these only, so
+# that scans of an earlier, larger manifest in the same OUT are not "pending" forever.
+MANIFEST_SCANS = "manifest_scans.parquet"
+
+
+def write_manifest_scans(out: Path, scan_ids: Sequence[str]) -> None:
+    """Record the latest run's manifest scan ids in OUT/manifest_scans.parquet (atomic)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pingu_dask.files import atomic_path
+
+    with atomic_path(Path(out) / MANIFEST_SCANS) as temporary:
+        pq.write_table(pa.table({"scan_id": pa.array(scan_ids, pa.string())}), temporary)
+
+
+def manifest_scans(out: Path) -> set[str] | None:
+    """The latest run's manifest scan ids, or None for an OUT written before they were kept."""
+    import pyarrow.parquet as pq
+
+    path = Path(out) / MANIFEST_SCANS
+    if not path.exists():
+        return None
+    return set(pq.read_table(path)["scan_id"].to_pylist())
 
 
 def now() -> datetime:
@@ -143,12 +167,20 @@ class LedgerSummary:
     failures: pd.DataFrame  # latest failed / invalid rows
     scans_per_minute: float | None
     last_finished: datetime | None
+    other_scans: int = 0  # scans in the ledger that the latest manifest no longer names
 
 
 def summarise_ledger(out: Path, ledger: pd.DataFrame | None = None) -> LedgerSummary:
-    """Counts by the latest attempt per scan, plus the latest run's invalid manifest rows."""
+    """Counts by the latest attempt per scan of the latest run's manifest, plus that
+    run's invalid manifest rows; `other_scans` counts the scans of earlier manifests."""
     ledger = tables.read_table(out, "ledger") if ledger is None else ledger
     latest = latest_attempts(out, ledger)
+    current = manifest_scans(out)
+    other_scans = 0
+    if current is not None:
+        mine = latest.scan_id.isin(current)
+        other_scans = int((~mine).sum())
+        latest = latest[mine]
     latest_run = ledger.sort_values("finished")["run_id"].iloc[-1] if len(ledger) else None
     invalid = ledger[(ledger.status == INVALID) & (ledger.run_id == latest_run)]
     counts = latest["status"].value_counts().to_dict() if len(latest) else {}
@@ -164,4 +196,4 @@ def summarise_ledger(out: Path, ledger: pd.DataFrame | None = None) -> LedgerSum
     attempts = ledger[ledger.status != INVALID]
     retried = int((attempts.attempt > 1).sum())
     last = ledger["finished"].max() if len(ledger) else None
-    return LedgerSummary(counts, len(attempts), retried, failures, rate, last)
+    return LedgerSummary(counts, len(attempts), retried, failures, rate, last, other_scans)

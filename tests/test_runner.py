@@ -290,6 +290,92 @@ def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:
     assert not (tmp_path / store.RUN_JSON).exists() and not (tmp_path / store.MASKS).exists()
 
 
+def test_other_versions_are_refused_on_resume_unless_allowed(
+    cohort20: Path, tmp_path: Path
+) -> None:
+    from pingu_dask import store
+    from pingu_dask.cohort import current_versions
+    from pingu_dask.runner import provenance
+
+    pipeline = Pipeline(resolve_model("demo"), FAST, tmp_path)
+    store.prepare_output(tmp_path)
+    run_info = provenance(pipeline, None, 1)
+    run_info["runs"] = [{"run_id": "earlier", "versions": current_versions()}]
+    store.write_json(tmp_path / store.RUN_JSON, run_info)
+    check_settings(tmp_path, pipeline, force=False)  # the same versions: fine
+
+    run_info["runs"][-1]["versions"].update({"torch": "2.0.0", "nnunetv2": "2.5"})
+    store.write_json(tmp_path / store.RUN_JSON, run_info)
+    with pytest.raises(RunRefused) as refused:
+        check_settings(tmp_path, pipeline, force=False)
+    now = current_versions()
+    assert f"nnunetv2 2.5 -> {now['nnunetv2']}; torch 2.0.0 -> {now['torch']}" in str(refused.value)
+    check_settings(tmp_path, pipeline, force=False, allow_version_change=True)
+    assert (tmp_path / store.RUN_JSON).exists()  # allowed: nothing deleted
+
+    # The CLI refuses before any work, naming the option.
+    manifest = tmp_path / "one.csv"
+    absolute_manifest(cohort20, manifest, rows=1)
+    result = CliRunner().invoke(main, ["run", str(manifest), "--out", str(tmp_path), *FAST_OPTIONS])
+    assert result.exit_code == 1
+    assert "--allow-version-change" in " ".join(result.output.split())
+    assert tables.read_table(tmp_path, "ledger").empty
+
+
+def test_status_counts_the_scans_of_the_latest_manifest(tmp_path: Path) -> None:
+    """An OUT first run with 5 scans, then with a manifest of 3 of them and 1 new one."""
+    from pingu_dask import ledger, store
+
+    started = ledger.now()
+    with tables.TableWriter(tmp_path) as writer:
+        for i in range(1, 6):
+            row = ledger.attempt_row(f"sub-{i}", "a", ledger.OK, 1, "first", started)
+            writer.add({}, [row])
+    store.write_json(tmp_path / store.RUN_JSON, {"n_scans": 4})
+    ledger.write_manifest_scans(tmp_path, ["sub-1", "sub-2", "sub-3", "sub-9"])
+    result = CliRunner().invoke(main, ["status", str(tmp_path)])
+    text = " ".join(result.output.split())
+    assert "3 done, 0 failed, 0 invalid manifest rows, 1 not done yet (of 4 scans)" in text
+    assert "2 scans of earlier manifests not counted" in text
+    assert result.exit_code == 1  # not all done
+
+
+def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
+    cohort20: Path, tmp_path: Path
+) -> None:
+    """A real model whose checkpoint is corrupt: every worker fails to load it (a
+    ModelError, which would repeat: not retried). After 4 scans (the breaker's setting
+    here) the run stops, says why in one line and exits 3, instead of failing 20 scans."""
+    import shutil
+
+    from pingu_dask.model import demo_model_folder
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(demo_model_folder(), broken)
+    for checkpoint in broken.glob("fold_*/checkpoint_final.pth"):
+        checkpoint.write_bytes(b"not a torch checkpoint" * 100)
+    manifest = tmp_path / "twenty.csv"
+    absolute_manifest(cohort20, manifest, rows=20)
+    out = tmp_path / "out"
+    options = [o if o != "demo" else str(broken) for o in FAST_OPTIONS]
+    process = subprocess.run(
+        [sys.executable, "-m", "pingu_dask.cli", "run", str(manifest), "--out", str(out),
+         *options, "--workers", "2"],
+        env=dict(os.environ, DASK_PINGU__CIRCUIT_BREAKER_SCANS="4", COLUMNS="200"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    output = process.stdout + process.stderr
+    assert process.returncode == 3, output
+    line = "stopped: the first attempts of 4 scans in a row failed with ModelError on 2 worker(s)"
+    assert line in " ".join(output.split()) and "cannot load the checkpoint" in output, output
+    ledger = tables.read_table(out, "ledger")
+    assert set(ledger.status) == {"failed"} and set(ledger.error_type) == {"ModelError"}
+    assert set(ledger.attempt) == {1}  # a model that cannot load is not retried
+    assert 4 <= ledger.scan_id.nunique() < 20  # stopped early; the rest left to do
+    assert ledger.worker.nunique() == 2
+    assert not (out / ".lock").exists()
+
+
 def test_run_joins_an_existing_scheduler(cohort20: Path, tmp_path: Path) -> None:
     from pingu_dask import stages
 

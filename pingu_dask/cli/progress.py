@@ -128,6 +128,8 @@ def print_status(out: Path, evaluation: bool = True) -> bool:
     if expected is not None:
         pending = max(0, expected - ok - failed)
         line += f", {pending} not done yet (of {expected} scans)"
+    if summary.other_scans:
+        line += f"; {summary.other_scans} scans of earlier manifests not counted"
     console.print(line)
     if holder and not holder["stale"]:
         console.print(

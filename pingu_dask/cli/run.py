@@ -120,6 +120,12 @@ MODEL_CHOICES = (
 )
 @click.option("--force", is_flag=True, help="Delete earlier results in OUT and start afresh.")
 @click.option(
+    "--allow-version-change",
+    is_flag=True,
+    help="Resume OUT although it was written with another pingu-dask, nnunetv2 or torch "
+    "version (refused otherwise: masks made by both would be mixed).",
+)
+@click.option(
     "--skip-invalid",
     is_flag=True,
     help="Run the valid rows of a manifest with problems (the others get ledger rows).",
@@ -155,6 +161,7 @@ def run(
     scan_timeout: float | None,
     dashboard_address: str | None,
     force: bool,
+    allow_version_change: bool,
     skip_invalid: bool,
     regions_spec: str | None,
     connectivity: str | None,
@@ -200,6 +207,7 @@ def run(
         retries=retries,
         scan_timeout=scan_timeout,
         force=force,
+        allow_version_change=allow_version_change,
         skip_invalid=skip_invalid,
         jobs=jobs,
         dashboard_address=dashboard_address,
@@ -221,6 +229,7 @@ class RunOptions:
     retries: int | None = None
     scan_timeout: float | None = None
     force: bool = False
+    allow_version_change: bool = False
     skip_invalid: bool = False
     jobs: JobOptions | None = None
     dashboard_address: str | None = None
@@ -272,6 +281,7 @@ def run_cohort(
         options.jobs or JobOptions(),
         options.dashboard_address,
         scan_timeout=options.scan_timeout,
+        allow_version_change=options.allow_version_change,
     )
     bar = ProgressBar()
 
