@@ -46,6 +46,7 @@ lint: setup
 # and those tests fail saying why.
 test: setup lint
 	-scripts/install_chromium.sh
+	-scripts/install_test_data.sh
 	-scripts/slurm_testbed.sh start
 	$(BIN)/pytest
 

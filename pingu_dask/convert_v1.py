@@ -31,6 +31,7 @@ models from a source you trust.
 
 from __future__ import annotations
 
+import ast
 import json
 import pickle
 import re
@@ -158,13 +159,32 @@ def _check_supported(v1: V1Model) -> None:
         )
     postprocessing = v1.folder / "postprocessing.json"
     if postprocessing.is_file():
-        settings = json.loads(postprocessing.read_text())
-        if settings.get("for_which_classes") or settings.get("min_valid_object_sizes"):
+        classes, _ = read_postprocessing(postprocessing)
+        if classes:
             raise ModelError(
                 f"{postprocessing} asks for post-processing (keep the largest component of "
-                f"{settings.get('for_which_classes')}), which this pipeline does not apply: "
+                f"{classes}), which this pipeline does not apply: "
                 "results would differ from v1's; remove the file if that is intended"
             )
+
+
+def read_postprocessing(path: Path) -> tuple[list, dict | None]:
+    """(for_which_classes, min_valid_object_sizes) as v1's load_postprocessing reads them.
+
+    v1's determine_postprocessing stores the sizes as the *string* of a Python literal
+    ("None" when nothing is post-processed, or "{1: 12.0}"), so the raw value is never
+    empty; only the classes say whether anything is removed: v1 applies the sizes only
+    to the classes listed.
+    """
+    settings = json.loads(path.read_text())
+    sizes = settings.get("min_valid_object_sizes")
+    if isinstance(sizes, str):
+        try:
+            sizes = ast.literal_eval(sizes)
+        except (ValueError, SyntaxError) as error:
+            raise ModelError(f"{path}: min_valid_object_sizes {sizes!r} is unreadable") from error
+    classes = settings.get("for_which_classes") or []
+    return list(classes), sizes
 
 
 def _stage(plans: dict, configuration: str) -> dict:
