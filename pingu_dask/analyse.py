@@ -1,8 +1,9 @@
 """One scan's predicted mask -> the numbers a study reports (runs in `finish`).
 
 The steps, each in its own module: the parcellation on the image grid (regions),
-exclusions and the size filter, then connected components (postprocess), region of
-each cluster (regions), measures per cluster and per region (metrics), and, when the
+exclusions and the size filter, then connected components (postprocess), the brain
+rule (clusters mostly outside the parcellation's brain are dropped), region of each
+cluster (regions), measures per cluster and per region (metrics), and, when the
 manifest names a reference mask, agreement with it (evaluate). Kept apart from the
 nnU-Net stages so that it can be tested on hand-made volumes.
 """
@@ -22,10 +23,12 @@ from pingu_dask.config import ClusterSettings
 from pingu_dask.evaluate import evaluate_by_region
 from pingu_dask.imaging import load_volume, voxel_volume
 from pingu_dask.manifest import Scan
-from pingu_dask.postprocess import clean_mask, find_clusters
+from pingu_dask.postprocess import find_clusters
 from pingu_dask.regions import (
     RegionTable,
     assign_clusters,
+    brain_voxels,
+    drop_outside_brain,
     excluded_voxels,
     label_map_on_grid,
     parcellation_on_grid,
@@ -39,6 +42,8 @@ class Regions:
 
     codes: np.ndarray  # uint8 region code per voxel (0 = outside every region)
     excluded: np.ndarray | None  # voxels removed from the mask (e.g. ventricles)
+    # Voxels with any label (the brain rule's mask); None: no rule (hand-made Regions).
+    brain: np.ndarray | None = None
 
 
 def scan_regions(
@@ -52,7 +57,32 @@ def scan_regions(
     if scan.parcellation is None:
         return None
     labels = parcellation_on_grid(scan.parcellation, shape, affine)
-    return Regions(table.index_map(labels), excluded_voxels(labels, settings.exclude_labels))
+    return Regions(
+        table.index_map(labels),
+        excluded_voxels(labels, settings.exclude_labels),
+        brain_voxels(labels) if settings.drops_outside_brain else None,
+    )
+
+
+def keep_inside_brain(
+    cleaned: np.ndarray,
+    labels: np.ndarray,
+    n_clusters: int,
+    regions: Regions | None,
+    settings: ClusterSettings,
+) -> tuple[np.ndarray, np.ndarray, int, int | None]:
+    """The brain rule on labelled clusters: (mask, labels, kept, dropped).
+
+    Dropped clusters leave the mask as well as the tables, so the stored mask and the
+    counts agree. `dropped` is None when the rule did not run (no parcellation, or
+    turned off), so a table can tell "none dropped" from "not checked".
+    """
+    if regions is None or regions.brain is None or not settings.drops_outside_brain:
+        return cleaned, labels, n_clusters, None
+    labels, kept, dropped = drop_outside_brain(
+        labels, n_clusters, regions.brain, settings.max_outside_brain
+    )
+    return (labels > 0 if dropped else cleaned), labels, kept, dropped
 
 
 class MaskAnalysis(NamedTuple):
@@ -79,6 +109,9 @@ def analyse_mask(
     volume = voxel_volume(affine)
     excluded = regions.excluded if regions is not None else None
     cleaned, labels, n_clusters = find_clusters(raw_mask, volume, settings, excluded)
+    cleaned, labels, n_clusters, n_outside = keep_inside_brain(
+        cleaned, labels, n_clusters, regions, settings
+    )
     if regions is None:
         names, codes = region_names(None), np.zeros(n_clusters, dtype=np.intp)
     else:
@@ -90,6 +123,7 @@ def analyse_mask(
     region_rows = metrics.region_summary(
         columns["volume_mm3"], columns["n_voxels"], cluster_regions, report_order
     )
+    region_rows[-1]["n_clusters_outside_brain"] = n_outside  # whole_brain's row only
     identity = tables.scan_columns(scan)
     cluster_columns = {"scan_id": [scan.scan_id] * n_clusters, **columns}
     scan_tables = {
@@ -104,6 +138,7 @@ def analyse_mask(
         "n_clusters": whole["n_clusters"],
         "n_voxels": whole["n_voxels"],
         "volume_mm3": whole["total_volume_mm3"],
+        "clusters_outside_brain": n_outside,
         "tables": scan_tables,
     }
     if scan.reference is not None:
@@ -126,19 +161,22 @@ def evaluate_against_reference(
 ) -> pa.Table:
     """The scan's evaluation rows (per region, whole brain last) against its reference.
 
-    The reference goes through the same exclusions and size filter as the prediction,
-    so both are judged as the same kind of clusters. `mask` is used as given.
+    The reference is ground truth: it is compared as given (resampled onto the mask's
+    grid), as the PINGU paper and nnU-Net's evaluation do. Passing it through the
+    pipeline's filter as well (`settings.filter_reference`) drops the rater's small
+    clusters that the prediction lost to the same filter, which inflates Dice; the
+    rows say which was done (`reference_filtered`). `mask` is used as given.
     """
     if scan.reference is None:
         raise ValueError(f"scan {scan.scan_id!r} has no reference mask")
-    volume = voxel_volume(affine)
-    excluded = regions.excluded if regions is not None else None
-    reference = label_map_on_grid(scan.reference, mask.shape, affine, "reference mask")
-    reference = clean_mask(reference > 0, volume, settings, excluded)
+    reference = label_map_on_grid(scan.reference, mask.shape, affine, "reference mask") > 0
+    if settings.filter_reference:
+        reference = pipeline_filter(reference, affine, regions, settings)
     codes = None if regions is None else regions.codes
     names = region_names(None if regions is None else table)
-    rows = evaluate_by_region(mask, reference, codes, names, settings.connectivity)
-    identity = tables.scan_columns(scan)
+    volume = voxel_volume(affine)
+    rows = evaluate_by_region(mask, reference, codes, names, settings.connectivity, volume)
+    identity = {**tables.scan_columns(scan), "reference_filtered": settings.filter_reference}
     return tables.to_table("evaluation", [{**identity, **row} for row in rows])
 
 
@@ -147,19 +185,30 @@ def evaluate_stored(
 ) -> pa.Table:
     """Evaluate an existing mask: group `scan_id` of OUT/masks.zarr, or a NIfTI file.
 
-    For `pingu-dask evaluate`; runs on Dask workers. The size filter and exclusions
-    are applied to the mask again (a no-op for masks this tool wrote with the same
-    settings), so masks from other tools are judged by the same rules.
+    For `pingu-dask evaluate`; runs on Dask workers. The pipeline's filter is applied
+    to the mask again (a no-op for masks this tool wrote with the same settings), so
+    masks from other tools are judged by the same rules.
     """
     if Path(source).is_dir():
         mask, affine = store.read_mask(source, scan.scan_id)
     else:
         mask, affine = load_volume(source)
     regions = scan_regions(scan, mask.shape, affine, table, settings)
-    volume = voxel_volume(affine)
-    excluded = regions.excluded if regions is not None else None
-    cleaned = clean_mask(mask > 0, volume, settings, excluded)
+    cleaned = pipeline_filter(mask > 0, affine, regions, settings)
     return evaluate_against_reference(cleaned, affine, scan, regions, settings, table)
+
+
+def pipeline_filter(
+    mask: np.ndarray, affine: np.ndarray, regions: Regions | None, settings: ClusterSettings
+) -> np.ndarray:
+    """What analyse_mask keeps of a mask: exclusions, size filter, then the brain rule.
+
+    One function for a stored prediction and for a reference under --filter-reference,
+    so "filtered" means the same as in a run.
+    """
+    excluded = regions.excluded if regions is not None else None
+    cleaned, labels, n_clusters = find_clusters(mask, voxel_volume(affine), settings, excluded)
+    return keep_inside_brain(cleaned, labels, n_clusters, regions, settings)[0]
 
 
 def input_fingerprint(scan: Scan) -> str:

@@ -28,6 +28,12 @@ DEFAULTS = {
         "min-cluster-voxels": 6,
         "min-cluster-mm3": 0.0,
         "exclude-labels": [],
+        # With a parcellation, drop clusters with more than this share of their voxels
+        # outside the brain (label 0), as SHiVAi does; None or 1.0: off.
+        "max-outside-brain": 0.25,
+        # Evaluation: put the reference mask through the size filter and exclusions too
+        # (inflates Dice; papers compare with the reference as given: False).
+        "filter-reference": False,
         "regions": "synthseg",
         "flush-every-scans": 50,  # the driver writes table parts this often...
         "flush-every-seconds": 10.0,  # ...or after this long, whichever comes first
@@ -116,13 +122,23 @@ class ClusterSettings:
     `min_volume_mm3` drops clusters below a physical volume as well (0: off), which
     keeps the rule fair across sites with different voxel sizes. `exclude_labels` are
     parcellation labels whose voxels are removed from the mask before clustering
-    (e.g. lateral ventricles 4, 43); they need a parcellation.
+    (e.g. lateral ventricles 4, 43); they need a parcellation. `max_outside_brain`
+    drops clusters with more than that share of their voxels outside the brain
+    (parcellation label 0; SHiVAi drops those > 25 % outside its brain mask): a
+    prediction on the skull, eyes or neck is not a PVS. It needs a parcellation too;
+    None or 1.0 turns it off and is kept as 1.0, so both give the same fingerprint.
+    `filter_reference` is for evaluation only: whether the reference mask goes through
+    the same exclusions and size filter before it is compared (off: the reference is
+    ground truth as given, as the PINGU paper and nnU-Net compare). It is part of the
+    run's fingerprint, since it changes the evaluation table.
     """
 
     connectivity: int = 26
     min_voxels: int = 6
     min_volume_mm3: float = 0.0
     exclude_labels: tuple[int, ...] = ()
+    max_outside_brain: float | None = 0.25
+    filter_reference: bool = False
 
     @classmethod
     def from_config(cls, **overrides) -> ClusterSettings:
@@ -132,6 +148,8 @@ class ClusterSettings:
             "min_voxels": int(setting("min-cluster-voxels")),
             "min_volume_mm3": float(setting("min-cluster-mm3")),
             "exclude_labels": setting("exclude-labels"),
+            "max_outside_brain": setting("max-outside-brain"),
+            "filter_reference": bool(setting("filter-reference")),
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         base["exclude_labels"] = tuple(sorted({int(label) for label in base["exclude_labels"]}))
@@ -142,6 +160,15 @@ class ClusterSettings:
             raise ValueError(f"connectivity must be 6, 18 or 26, got {self.connectivity}")
         if self.min_voxels < 1 or self.min_volume_mm3 < 0:
             raise ValueError("minimum cluster size must be >= 1 voxel and >= 0 mm³")
+        share = 1.0 if self.max_outside_brain is None else float(self.max_outside_brain)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"max share outside the brain must be in [0, 1], got {share}")
+        object.__setattr__(self, "max_outside_brain", share)  # frozen: normalise once
+
+    @property
+    def drops_outside_brain(self) -> bool:
+        """Whether the brain rule can drop anything (a share of 1.0 never exceeds it)."""
+        return self.max_outside_brain is not None and self.max_outside_brain < 1.0
 
     def min_voxels_for(self, voxel_volume_mm3: float) -> int:
         """The size rule in voxels for one scan: the stricter of the voxel and mm³ rules."""

@@ -5,6 +5,9 @@ by default, or a user table from JSON). The parcellation is brought onto the ima
 through the two affines (nearest neighbour), each cluster goes to the region holding
 most of its voxels, and clusters that sit mostly outside every region, or tie, go to
 `other`. Without a parcellation there is one region, `whole_brain`.
+
+The parcellation also gives the brain mask (every label > 0): clusters lying mostly
+outside it (on the skull, eyes, neck) are dropped before they are counted.
 """
 
 from __future__ import annotations
@@ -86,7 +89,13 @@ def _labels(*spans: int | tuple[int, int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-# FreeSurfer aseg and SynthSeg share label numbers (left, right).
+# FreeSurfer aseg and SynthSeg share label numbers (FreeSurferColorLUT; SynthSeg's
+# "labels table.txt" lists the same numbers). Left, right:
+#   cerebral WM 2, 41; cerebellum WM 7, 46 and cortex 8, 47; thalamus 10, 49;
+#   caudate 11, 50; putamen 12, 51; pallidum 13, 52; hippocampus 17, 53;
+#   accumbens 26, 58; ventral DC 28, 60. Not lateralised: brainstem 16,
+#   WM hypointensities 77 and corpus callosum 251-255 (both aseg only).
+# Neither has a midbrain label: brainstem 16 holds midbrain, pons and medulla.
 ASEG = RegionTable(
     "synthseg",
     (
@@ -98,7 +107,38 @@ ASEG = RegionTable(
         ("cerebellum", _labels(7, 8, 46, 47)),
     ),
 )
-BUILT_IN_TABLES = {"synthseg": ASEG, "aseg": ASEG, "freesurfer": ASEG}
+# The regions PVS studies report per hemisphere (SHiVAi's set), on the same labels as
+# ASEG so that the two add up: left + right (+ unlateralised WM) = the ASEG region.
+# Thalamus stays its own region here as in ASEG (SHiVAi counts it in BG): BG + thalamus
+# gives their definition, while the reverse could not be taken apart.
+ASEG_PVS = RegionTable(
+    "pvs",
+    (
+        ("white_matter_left", _labels(2)),
+        ("white_matter_right", _labels(41)),
+        ("white_matter_unlateralised", _labels(77, (251, 255))),
+        ("basal_ganglia_left", _labels(11, 12, 13, 26)),
+        ("basal_ganglia_right", _labels(50, 51, 52, 58)),
+        ("thalamus_left", _labels(10)),
+        ("thalamus_right", _labels(49)),
+        ("hippocampus_left", _labels(17)),
+        ("hippocampus_right", _labels(53)),
+        ("cerebellum_left", _labels(7, 8)),
+        ("cerebellum_right", _labels(46, 47)),
+        ("ventral_dc_left", _labels(28)),
+        ("ventral_dc_right", _labels(60)),
+        ("brainstem", _labels(16)),
+    ),
+)
+BUILT_IN_TABLES = {
+    "synthseg": ASEG,
+    "aseg": ASEG,
+    "freesurfer": ASEG,
+    "pvs": ASEG_PVS,
+    "synthseg-pvs": ASEG_PVS,
+    "aseg-pvs": ASEG_PVS,
+    "freesurfer-pvs": ASEG_PVS,
+}
 # Label groups that can be named instead of numbers, e.g. to exclude them from masks.
 LABEL_GROUPS = {"lateral_ventricles": _labels(4, 5, 43, 44), "csf": _labels(24)}
 
@@ -122,7 +162,11 @@ def parse_labels(items: list | tuple, where: str) -> tuple[int, ...]:
 
 
 def load_region_table(spec: str | Path) -> RegionTable:
-    """A built-in table by name (synthseg, aseg, freesurfer) or a user table from JSON.
+    """A built-in table by name or a user table from JSON.
+
+    Built in: synthseg = aseg = freesurfer (WM, BG, thalamus, hippocampus, brainstem,
+    cerebellum) and pvs = synthseg-pvs = aseg-pvs = freesurfer-pvs (the same labels
+    per hemisphere, plus ventral DC).
 
     JSON: {"name": "mine", "regions": {"white_matter": [2, 41, "251-255"], ...}}, or
     just the "regions" mapping (the file name becomes the table name).
@@ -210,3 +254,43 @@ def assign_clusters(
 def region_names(table: RegionTable | None) -> tuple[str, ...]:
     """Names by region code: code 0 is `other` (or `whole_brain` without a parcellation)."""
     return (WHOLE_BRAIN,) if table is None else (OTHER, *table.names)
+
+
+def brain_voxels(labels: np.ndarray) -> np.ndarray:
+    """The brain mask of a parcellation on the image grid: every voxel with a label.
+
+    Label 0 is background in aseg and SynthSeg (and outside the parcellation's field of
+    view after resampling). Extracerebral CSF (24, SynthSeg 2) counts as brain: it is
+    inside the skull, and a PVS cluster touching it is not an artefact.
+    """
+    return labels > 0
+
+
+def outside_brain_shares(
+    cluster_labels: np.ndarray, n_clusters: int, brain: np.ndarray
+) -> np.ndarray:
+    """Share (0..1) of the voxels of clusters 1..n that lie outside `brain`."""
+    inside_cluster = cluster_labels > 0
+    ids = cluster_labels[inside_cluster].astype(np.intp)
+    sizes = np.bincount(ids, minlength=n_clusters + 1)[1:]
+    outside = np.bincount(ids[~brain[inside_cluster]], minlength=n_clusters + 1)[1:]
+    return outside / np.maximum(sizes, 1)
+
+
+def drop_outside_brain(
+    cluster_labels: np.ndarray, n_clusters: int, brain: np.ndarray, max_share: float
+) -> tuple[np.ndarray, int, int]:
+    """Remove clusters with more than `max_share` of their voxels outside the brain.
+
+    Returns (cluster labels renumbered 1..kept in their old order, kept, dropped), so
+    the labels read as if the kept clusters had been labelled on their own.
+    "More than": a cluster exactly at the share stays (SHiVAi drops those > 25 %).
+    """
+    dropped = outside_brain_shares(cluster_labels, n_clusters, brain) > max_share
+    n_dropped = int(dropped.sum())
+    if not n_dropped:
+        return cluster_labels, n_clusters, 0
+    renumber = np.zeros(n_clusters + 1, dtype=cluster_labels.dtype)
+    kept = np.flatnonzero(~dropped) + 1
+    renumber[kept] = np.arange(1, len(kept) + 1)
+    return renumber[cluster_labels], len(kept), n_dropped

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pingu_dask import __version__, figures, ledger, store, tables
-from pingu_dask.evaluate import summarise
+from pingu_dask.evaluate import count_agreement, reference_handling, summarise
 from pingu_dask.files import atomic_path
 
 REPORTED_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
@@ -162,6 +162,8 @@ def build_report(out: Path) -> Path:
         "n_outliers": len(outliers),
         "n_outlier_scans": outliers["scan_id"].nunique(),
         "evaluation": evaluation_rows(evaluation, region_names),
+        "agreement": agreement_rows(evaluation, region_names),
+        "reference_handling": reference_handling(evaluation) if not evaluation.empty else "",
         "throughput": figures.throughput(ledger_rows),
         "stage_seconds": stage_seconds(ledger_rows),
         "gallery": items[:GALLERY_FIRST],
@@ -208,6 +210,39 @@ def evaluation_rows(evaluation: pd.DataFrame, region_names: list[str]) -> list[d
                 )
         rows.append(row)
     return rows
+
+
+def agreement_rows(evaluation: pd.DataFrame, region_names: list[str]) -> list[dict] | None:
+    """Per site and region: PVS count and volume per scan, predicted against reference
+    (means, Lin's CCC, Pearson r, Bland-Altman bias and 95 % limits), when references
+    were given. Dice alone hides a model that finds half the PVS it should."""
+    if evaluation.empty:
+        return None
+    table = count_agreement(evaluation, tuple(region_names))
+    rows = []
+    for row in table.itertuples():
+        digits = 0 if row.measure == "volume_mm3" else 1
+        rows.append(
+            {
+                "site": row.site,
+                "region": row.region.replace("_", " "),
+                "measure": "PVS volume mm³" if row.measure == "volume_mm3" else "PVS count",
+                "scans": row.n,
+                "predicted": _figure(row.mean_predicted, digits),
+                "reference": _figure(row.mean_reference, digits),
+                "CCC": _figure(row.ccc, 2),
+                "r": _figure(row.pearson_r, 2),
+                "bias": _figure(row.bias, digits),
+                "95% limits": "-"
+                if pd.isna(row.loa_lower)
+                else f"{row.loa_lower:.{digits}f} to {row.loa_upper:.{digits}f}",
+            }
+        )
+    return rows
+
+
+def _figure(value: float, digits: int) -> str:
+    return "-" if pd.isna(value) else f"{value:.{digits}f}"
 
 
 def stage_seconds(ledger_rows: pd.DataFrame) -> list[dict]:

@@ -52,6 +52,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("n_clusters", pa.int64()),
             ("n_voxels", pa.int64()),
             *_STATISTICS,
+            # whole_brain row: clusters dropped by the brain rule (not counted above);
+            # null where it did not run, and in parts written before it existed.
+            ("n_clusters_outside_brain", pa.int64()),
         ]
     ),
     "clusters": pa.schema(
@@ -80,6 +83,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("n_reference_clusters", pa.int64()),
             ("predicted_voxels", pa.int64()),
             ("reference_voxels", pa.int64()),
+            ("predicted_volume_mm3", pa.float64()),
+            ("reference_volume_mm3", pa.float64()),
+            # True: the reference went through the size filter and exclusions as well
+            # (--filter-reference); False: compared as given; null: written before this
+            # was recorded (such tables filtered the reference).
+            ("reference_filtered", pa.bool_()),
         ]
     ),
     "ledger": pa.schema(

@@ -9,10 +9,11 @@ from collections.abc import Callable
 import click
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pingu_dask.config import ClusterSettings
-from pingu_dask.evaluate import summarise
+from pingu_dask.evaluate import count_agreement, reference_handling, summarise
 from pingu_dask.manifest import ManifestReport
 from pingu_dask.regions import (
     LABEL_GROUPS,
@@ -42,13 +43,15 @@ def option_group(*options: Callable) -> Callable[[Callable], Callable]:
     return apply
 
 
-# --regions, --connectivity, --min-cluster-voxels, --min-cluster-mm3, --exclude
+# --regions, --connectivity, --min-cluster-voxels, --min-cluster-mm3, --exclude,
+# --max-outside-brain
 cluster_options = option_group(
     click.option(
         "--regions",
         "regions_spec",
         default=None,
-        help="Region table: synthseg (default), aseg, or a JSON file "
+        help="Region table: synthseg (default; = aseg), pvs (the same labels per "
+        "hemisphere, plus ventral DC; = synthseg-pvs, aseg-pvs), or a JSON file "
         '({"regions": {"white_matter": [2, 41, "251-255"], ...}}).',
     ),
     click.option(
@@ -74,6 +77,13 @@ cluster_options = option_group(
         default=None,
         help=f"Parcellation labels removed from masks, e.g. '4,43' or {', '.join(LABEL_GROUPS)}.",
     ),
+    click.option(
+        "--max-outside-brain",
+        type=click.FloatRange(min=0, max=1),
+        default=None,
+        help="With a parcellation, drop clusters with more than this share of their "
+        "voxels outside the brain (label 0); default 0.25 (SHiVAi's rule), 1: off.",
+    ),
 )
 
 
@@ -83,6 +93,8 @@ def cluster_settings(
     min_cluster_mm3: float | None,
     exclude: str | None,
     base: dict | None = None,
+    max_outside_brain: float | None = None,
+    filter_reference: bool | None = None,
 ) -> ClusterSettings:
     """ClusterSettings from the options, over `base` (e.g. a run's run.json) or the config."""
     overrides = dict(base or {})
@@ -91,6 +103,8 @@ def cluster_settings(
         "min_voxels": min_cluster_voxels,
         "min_volume_mm3": min_cluster_mm3,
         "exclude_labels": parse_labels(split(exclude), "--exclude") if exclude else None,
+        "max_outside_brain": max_outside_brain,
+        "filter_reference": filter_reference,
     }
     overrides.update({k: v for k, v in given.items() if v is not None})
     try:
@@ -125,21 +139,28 @@ def print_report(report: ManifestReport) -> None:
         console.print(f"[red]problem[/red] {problem}", soft_wrap=True)
 
 
-def print_evaluation(evaluation: pd.DataFrame, title: str) -> None:
-    """The per-site summary of an evaluation table, for WM, BG and the whole brain."""
+def print_evaluation(evaluation: pd.DataFrame, title: str, agreement: bool = False) -> None:
+    """The per-site summary of an evaluation table, for WM, BG and the whole brain;
+    with `agreement`, also how well PVS counts and volumes agree (count_agreement)."""
     present = set(evaluation["region"])
-    print_evaluation_summary(
-        summarise(evaluation, tuple(r for r in SUMMARY_REGIONS if r in present)), title
-    )
+    regions = tuple(r for r in SUMMARY_REGIONS if r in present)
+    handling = reference_handling(evaluation)
+    print_evaluation_summary(summarise(evaluation, regions), title, handling)
+    if agreement:
+        print_count_agreement(count_agreement(evaluation, regions), handling)
 
 
-def print_evaluation_summary(summary: pd.DataFrame, title: str) -> None:
-    """The per-site table of evaluate.summarise: voxel Dice and cluster F1, mean (SD)."""
+def print_evaluation_summary(summary: pd.DataFrame, title: str, handling: str = "") -> None:
+    """The per-site table of evaluate.summarise: voxel Dice and cluster F1, mean (SD).
+
+    `handling` (evaluate.reference_handling) goes into the caption: a Dice against a
+    filtered reference is not comparable with published figures.
+    """
     regions = list(dict.fromkeys(summary.columns.get_level_values(0)[1:]))
     table = Table(
         title=title,
         caption="voxel Dice and cluster F1 (detection, symmetric): mean (SD) over scans; "
-        "WM white matter, BG basal ganglia",
+        "WM white matter, BG basal ganglia" + (f"; {handling}" if handling else ""),
     )
     table.add_column("site", no_wrap=True)
     table.add_column("scans", justify="right")
@@ -161,3 +182,60 @@ def _mean_sd(mean: float, sd: float) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
     return f"{mean:.2f}" + ("" if sd is None or math.isnan(sd) else f" ({sd:.2f})")
+
+
+AGREEMENT_TITLES = {"clusters": "PVS count", "volume_mm3": "PVS volume (mm³)"}
+
+
+def print_count_agreement(agreement: pd.DataFrame, handling: str = "") -> None:
+    """One table per measure (count, volume) of evaluate.count_agreement: per site and
+    region, the means, Lin's CCC, Pearson r and Bland-Altman bias with 95 % limits."""
+    for measure, rows in agreement.groupby("measure", sort=False):
+        table = Table(
+            title=f"Agreement of {AGREEMENT_TITLES.get(measure, measure)} per scan with the "
+            "reference",
+            caption=escape(
+                "CCC: Lin's concordance (population moments); r: Pearson; bias: mean of "
+                "predicted - reference; limits: bias ± 1.96 SD of the differences; "
+                "-: undefined (fewer than 2 scans, or no spread)"
+                + (f"; {handling}" if handling else "")
+            ),
+            pad_edge=False,
+        )
+        table.add_column("site", no_wrap=True)
+        table.add_column("region", no_wrap=True)
+        for name in ("n", "pred", "ref", "CCC", "r", "bias", "95% limits"):
+            table.add_column(name, justify="right", no_wrap=True)
+        sites = rows["site"].tolist()
+        for index, row in enumerate(rows.itertuples()):
+            first_of_site = index == 0 or sites[index - 1] != row.site
+            last_of_site = index + 1 < len(sites) and sites[index + 1] != row.site
+            cells = _agreement_cells(row)
+            cells[0] = cells[0] if first_of_site else ""
+            table.add_row(*cells, end_section=last_of_site)
+        console.print(table)
+
+
+def _agreement_cells(row) -> list[str]:
+    """The printed cells of one count_agreement row (volumes to the mm³)."""
+    digits = 0 if row.measure == "volume_mm3" else 1
+    limits = (
+        "-"
+        if math.isnan(row.loa_lower)
+        else f"{row.loa_lower:.{digits}f}, {row.loa_upper:.{digits}f}"
+    )
+    return [
+        escape(str(row.site)),
+        escape(SHORT_REGION_NAMES.get(row.region, row.region)),
+        str(row.n),
+        _number(row.mean_predicted, digits),
+        _number(row.mean_reference, digits),
+        _number(row.ccc, 2),
+        _number(row.pearson_r, 2),
+        _number(row.bias, digits),
+        limits,
+    ]
+
+
+def _number(value: float, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"

@@ -42,17 +42,26 @@ from pingu_dask.signals import Stopped, exit_code, stop_on_signals
     default=None,
     help="Also write the per scan x region table to this Parquet file.",
 )
+@click.option(
+    "--filter-reference/--reference-as-given",
+    default=None,
+    help="Put the reference masks through the size filter and exclusions too (inflates "
+    "Dice: the rater's small PVS no longer count). Default: as given (pingu.filter-reference"
+    " in Dask's config; for a run's OUT, the run's own choice).",
+)
 @cluster_options
 def evaluate(
     source: Path,
     manifest: Path,
     workers: int,
     save: Path | None,
+    filter_reference: bool | None,
     regions_spec: str | None,
     connectivity: str | None,
     min_cluster_voxels: int | None,
     min_cluster_mm3: float | None,
     exclude: str | None,
+    max_outside_brain: float | None,
 ) -> None:
     """Evaluate the masks in SOURCE against the manifest's reference masks.
 
@@ -60,14 +69,23 @@ def evaluate(
     OUT/tables/evaluation; the run's cluster settings are the default) or a folder of
     NIfTI masks named <scan_id>_desc-pvs_mask.nii.gz, sub-X[_ses-Y]_desc-pvs_mask.nii.gz
     or <scan_id>.nii.gz (nnUNetv2_predict's names). One row per scan x region: voxel Dice
-    and cluster precision / recall / F1; a per-site summary is printed.
+    and cluster precision / recall / F1. The masks go through the size filter and
+    exclusions; the references are compared as given unless --filter-reference. Printed:
+    the per-site summary, and the agreement of PVS counts and volumes per scan (Lin's
+    CCC, Pearson r, Bland-Altman bias and limits) per site and region.
     """
     is_run = (source / store.MASKS).is_dir()
     with _writing_into(source, is_run):
         run_info = store.read_run_json(source) if is_run else None
         base = dict(run_info["clusters"]) if run_info else None
         settings = cluster_settings(
-            connectivity, min_cluster_voxels, min_cluster_mm3, exclude, base
+            connectivity,
+            min_cluster_voxels,
+            min_cluster_mm3,
+            exclude,
+            base,
+            max_outside_brain=max_outside_brain,
+            filter_reference=filter_reference,
         )
         if run_info and regions_spec is None:  # the run's own table
             table = RegionTable.from_mapping(
@@ -100,7 +118,9 @@ def evaluate(
 
             pq.write_table(evaluation, save)
             console.print(f"evaluation table: {save}")
-        print_evaluation(evaluation.to_pandas(), f"Evaluation of {source} ({len(rows)} scans)")
+        print_evaluation(
+            evaluation.to_pandas(), f"Evaluation of {source} ({len(rows)} scans)", agreement=True
+        )
         raise SystemExit(0 if not failures and not missing else 1)
 
 

@@ -120,6 +120,12 @@ MODEL_CHOICES = (
 )
 @click.option("--force", is_flag=True, help="Delete earlier results in OUT and start afresh.")
 @click.option(
+    "--filter-reference/--reference-as-given",
+    default=None,
+    help="Evaluate scans with a `reference` against the reference after the pipeline's "
+    "own filter (inflates Dice) instead of as given (default; pingu.filter-reference).",
+)
+@click.option(
     "--allow-version-change",
     is_flag=True,
     help="Resume OUT although it was written with another pingu-dask, nnunetv2 or torch "
@@ -162,12 +168,14 @@ def run(
     dashboard_address: str | None,
     force: bool,
     allow_version_change: bool,
+    filter_reference: bool | None,
     skip_invalid: bool,
     regions_spec: str | None,
     connectivity: str | None,
     min_cluster_voxels: int | None,
     min_cluster_mm3: float | None,
     exclude: str | None,
+    max_outside_brain: float | None,
     nifti: bool,
     qc: bool,
     dry_run: bool,
@@ -198,7 +206,14 @@ def run(
         torch_threads=torch_threads,
     )
     options = RunOptions(
-        clusters=cluster_settings(connectivity, min_cluster_voxels, min_cluster_mm3, exclude),
+        clusters=cluster_settings(
+            connectivity,
+            min_cluster_voxels,
+            min_cluster_mm3,
+            exclude,
+            max_outside_brain=max_outside_brain,
+            filter_reference=filter_reference,
+        ),
         regions=region_table(regions_spec),
         nifti=nifti,
         qc=qc,
