@@ -162,6 +162,7 @@ def run_cohort(
         store.remove_partial_masks(out)
         plan = ledger.plan_resume(out, request.report.scans, pipeline.fingerprint())
         tables.drop_scans(out, plan.redo)
+        tables.compact_if_fragmented(out)  # a resumed run's tables: few files before adding
         outcome.done_before, outcome.redone = len(plan.done), len(plan.redo)
         invalid = ledger.invalid_rows(request.report.problems, outcome.run_id)
         outcome.invalid = len(invalid)
@@ -203,6 +204,7 @@ def run_cohort(
                     )
                 except RunStopped as stopped:
                     outcome.records, outcome.stopped = stopped.records, str(stopped)
+            tables.compact_if_fragmented(out)  # not after Ctrl-C or an error: next run's start
         finally:
             outcome.seconds = time.perf_counter() - started
             run_info["runs"][-1]["finished"] = _now()

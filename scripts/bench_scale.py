@@ -10,7 +10,10 @@ the Parquet flushes and the resume check are the real ones. Run:
 
     .venv/bin/python scripts/bench_scale.py [--rows 100000] [--run-scans 20000] [--workers 2]
 
-`--run-scans` scans go through the runner (memory is sampled every second); the
+`--run-scans` scans go through the runner (memory is sampled every second), flushing
+the tables after every scan (FLUSH_EVERY_SCANS), as a run of slow scans does (one scan
+per flush-every-seconds or less); the tables are then compacted (tables.compact_tables,
+as run_cohort does at the end of a run) and their files counted before and after. The
 resume check then runs over all `--rows` scans, the missing ones made "done" by
 writing their ledger rows and Zarr group metadata directly.
 """
@@ -18,13 +21,16 @@ writing their ledger rows and Zarr group metadata directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import dask.config
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -77,6 +83,7 @@ def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | Non
 
 
 NOOP_STAGES = StageFunctions(noop_preprocess, noop_predict, noop_finish)
+FLUSH_EVERY_SCANS = 1  # the most parts a run can write: what slow scans lead to
 
 
 class MemorySampler(threading.Thread):
@@ -99,6 +106,56 @@ def timed(function, *args, **kwargs):
     started = time.perf_counter()
     result = function(*args, **kwargs)
     return time.perf_counter() - started, result
+
+
+@contextlib.contextmanager
+def sampled(sampler: MemorySampler):
+    """Sample memory while the block runs."""
+    sampler.start()
+    try:
+        yield sampler
+    finally:
+        sampler.stop.set()
+        sampler.join()
+
+
+def table_files(out: Path) -> str:
+    """Files per table folder, as 'regions / clusters / evaluation / ledger': its parts,
+    and in the ledger's, the commit file of the last compaction."""
+    counts = []
+    for name in tables.SCHEMAS:
+        folder = out / tables.TABLES / name
+        counts.append(sum(p.is_file() for p in folder.iterdir()) if folder.is_dir() else 0)
+    return " / ".join(f"{count:,}" for count in counts)
+
+
+def compaction_rows(out: Path, scans: int) -> list[tuple[str, str]]:
+    """Files per table before and after compacting, its time and memory, and what it
+    saves a reader (the ledger, which every resume check reads)."""
+    names = " / ".join(tables.SCHEMAS)
+    before = table_files(out)
+    seconds_read_before, _ = timed(tables.read_table, out, "ledger")
+    with sampled(MemorySampler()) as sampler:
+        seconds, counts = timed(tables.compact_tables, out)
+    assert all(after <= max(1, scans // 1000) for _, after in counts.values()), counts
+    seconds_read_after, _ = timed(tables.read_table, out, "ledger")
+    rss = np.array([m for _, m in sampler.samples]) / 2**20
+    return [
+        (f"table files after that run ({names})", before),
+        ("compact the tables (tables.compact_tables)", f"{seconds:.1f} s"),
+        (
+            f"table files after compaction (goal: <= 1 per 1,000 scans, {max(1, scans // 1000)})",
+            table_files(out),
+        ),
+        (
+            "read the ledger: before / after compaction",
+            f"{seconds_read_before:.2f} / {seconds_read_after:.2f} s",
+        ),
+        (
+            "driver memory during compaction (RSS: at start / peak)",
+            f"{rss[0]:.0f} / {rss.max():.0f} MiB",
+        ),
+    ]
 
 
 def mark_done(out: Path, scans: list[Scan], pipeline: Pipeline) -> None:
@@ -134,6 +191,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     results: list[tuple[str, str]] = []
+    load_at_start = os.getloadavg()[0]  # the figures mean little on a machine shared meanwhile
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -166,8 +224,8 @@ def main() -> None:
         run_scans = report.scans[: args.run_scans]
         sampler = MemorySampler()
         cluster = local_cluster(n_workers=args.workers, threads_per_worker=3)
-        with cluster, Client(cluster) as client:
-            sampler.start()
+        flushing = {"pingu.flush-every-scans": FLUSH_EVERY_SCANS}
+        with cluster, Client(cluster) as client, dask.config.set(flushing), sampled(sampler):
             seconds, records = timed(
                 segment_cohort,
                 client,
@@ -176,15 +234,13 @@ def main() -> None:
                 keep_details=False,
                 stage_functions=NOOP_STAGES,
             )
-            sampler.stop.set()
-            sampler.join()
         assert sum(r["status"] == "ok" for r in records) == len(run_scans)
         rss = np.array([m for _, m in sampler.samples]) / 2**20
         tenth = max(1, len(rss) // 10)
         results.append(
             (
                 f"run {len(run_scans):,} scans through the runner (no-op stand-in, "
-                f"{args.workers} workers)",
+                f"{args.workers} workers, tables flushed after every scan)",
                 f"{seconds:.0f} s ({len(run_scans) / seconds:.0f} scans/s)",
             )
         )
@@ -195,6 +251,8 @@ def main() -> None:
             )
         )
 
+        results.extend(compaction_rows(out, len(run_scans)))
+
         mark_done(out, report.scans[args.run_scans :], pipeline)
         seconds, plan = timed(ledger.plan_resume, out, report.scans, pipeline.fingerprint())
         assert len(plan.done) == args.rows and not plan.todo, (len(plan.done), len(plan.todo))
@@ -202,6 +260,7 @@ def main() -> None:
         results.append((step, f"{seconds:.1f} s"))
 
     table = "\n".join(f"| {step} | {figure} |" for step, figure in results)
+    load = f"{load_at_start:.1f} / {os.getloadavg()[0]:.1f}"
     command = (
         f"scripts/bench_scale.py --rows {args.rows} --run-scans {args.run_scans} "
         f"--workers {args.workers}"
@@ -210,14 +269,25 @@ def main() -> None:
 
 Machine: {machine()}; revision {git_revision()}.
 Command: `.venv/bin/python {command}`
+Load average (1 min) at start / end: {load} ({os.cpu_count()} cores).
 
 The model is replaced by a **no-op stand-in (test-only, not a model)**: no imaging work,
 but real Dask tasks (three per scan), real tiny Zarr mask groups, real ledger and
-Parquet flushes. Goals: each step < 60 s at 100,000 rows; memory flat, < 1 GiB.
+Parquet flushes. Goals: each step < 60 s at 100,000 rows; memory flat, < 1 GiB; after
+compaction at most 1 file per 1,000 scans per table. The run flushes its tables after
+every scan (pingu.flush-every-scans = {FLUSH_EVERY_SCANS}): the most files a run of
+slow scans can leave (one part per table per flush). It is then compacted as
+run_cohort does at its end. The no-op stand-in writes regions rows only (no clusters,
+no evaluation).
 
 | step | figure |
 |---|---|
 {table}
+
+Table files are counted per folder: parts, plus in the ledger's folder the commit file
+of the last compaction (`_compact-*.json`, which vouches for the compacted parts).
+Compaction streams the small parts in flush order into parts of up to
+{tables.COMPACT_ROWS_PER_PART:,} rows, so its memory does not grow with the table.
 """
     write_section("bench_scale", body)
     print(body)

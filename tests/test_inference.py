@@ -332,6 +332,7 @@ def test_run_command_writes_provenance_and_uses_a_user_region_table(
         "min_volume_mm3": 0.0,
         "exclude_labels": [4, 43],
         "max_outside_brain": 0.25,
+        "filter_reference": False,
     }
     assert run["regions"] == {"table": "deep", "regions": {"deep_grey": [10, 11, 12, 13, 26]}}
     assert run["inference"]["tta"] is False and run["finished"] and run["n_scans"] == 1
