@@ -346,7 +346,18 @@ def test_evaluate_is_refused_while_a_run_holds_the_output(tmp_path: Path) -> Non
 # --- signals ---------------------------------------------------------------------
 
 
-def test_sigterm_raises_stopped_and_repeats_do_not_cut_the_clean_up_short() -> None:
+@pytest.fixture
+def python_sigint():
+    """SIGINT as a plain Python program has it (KeyboardInterrupt): earlier tests in the
+    same process (Dask clusters, click's runner) may have left another handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_raises_stopped_and_repeats_do_not_cut_the_clean_up_short(
+    python_sigint,
+) -> None:
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     cleaned = False
     with pytest.raises(Stopped) as stopped, stop_on_signals():
