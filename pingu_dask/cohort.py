@@ -20,7 +20,14 @@ from pingu_dask import dashboard, ledger, store, tables
 from pingu_dask.cluster import BATCH_SYSTEMS, Capacity, FixedCapacity, JobOptions, PresentWorkers
 from pingu_dask.lock import OutputLock
 from pingu_dask.manifest import ManifestReport
-from pingu_dask.runner import Progress, RunStopped, manifest_info, provenance, segment_cohort
+from pingu_dask.runner import (
+    Progress,
+    RunStopped,
+    manifest_info,
+    package_versions,
+    provenance,
+    segment_cohort,
+)
 from pingu_dask.stages import Pipeline
 
 KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok records shrink to id + status
@@ -108,17 +115,9 @@ def check_settings(
 
 def current_versions() -> dict[str, str | None]:
     """pingu-dask's, nnunetv2's and torch's versions in this process."""
-    from importlib import metadata
-
     from pingu_dask import __version__
 
-    versions: dict[str, str | None] = {"pingu-dask": __version__}
-    for package in VERSIONED[1:]:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+    return {"pingu-dask": __version__, **package_versions(VERSIONED[1:])}
 
 
 def version_changes(previous_run: dict, now: dict[str, str | None]) -> list[str]:

@@ -480,14 +480,23 @@ def manifest_info(manifest: Path | None) -> dict | None:
     }
 
 
-def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -> dict:
-    """What run.json records: tool and library versions, model, settings, manifest."""
-    versions = {}
-    for package in ("nnunetv2", "torch", "dask", "distributed", "zarr", "numpy"):
+LIBRARIES = ("nnunetv2", "torch", "dask", "distributed", "zarr", "numpy")
+
+
+def package_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Installed versions of these packages (None where one is missing)."""
+    versions: dict[str, str | None] = {}
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    return versions
+
+
+def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -> dict:
+    """What run.json records: tool and library versions, model, settings, manifest."""
+    versions = package_versions()
     return {
         "tool": "pingu-dask",
         "version": __version__,
