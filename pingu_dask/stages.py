@@ -1,14 +1,18 @@
-"""The three per-scan stages that run on Dask workers, and the per-worker model cache.
+"""The three per-scan stages that run on Dask workers.
 
-    preprocess (CPU)  read the channels with the model's reader, nnU-Net preprocessing
-    predict    (slot) sliding-window logits with this worker's cached predictor
-    finish     (CPU)  logits -> mask on the original grid, clusters, mask file, record
+    preprocess (CPU)  read and check the channels, the parcellation on the image grid,
+                      nnU-Net's preprocessing of the voxels read
+    predict    (slot) this worker's cached predictor: logits, and the export on the same
+                      device (logits onto the scan's grid, argmax): a uint8 label map
+    finish     (CPU)  label map -> mask on the input grid, clusters, mask file, record
 
-Each is a plain function of small picklable arguments (a Scan, a Model, settings) and
-the previous stage's result, so Dask can place, retry and overlap them: while one scan
-is on the GPU the next is being preprocessed and the last exported. Big arrays (the
-preprocessed volume, the logits) stay in worker memory and move between workers only
-if Dask chooses to; `finish` returns a small dict, the only thing the driver receives.
+Each is a plain function of small picklable arguments (a Scan, a Pipeline) and the
+previous stage's result, so Dask can place, retry and overlap them: while one scan is
+on the GPU the next is being preprocessed and the last finished. The stages only
+orchestrate: nnU-Net is behind pingu_dask.nnunet, the numbers behind analyse. Big
+arrays stay in worker memory and move between workers only if Dask chooses to; what
+crosses from predict to finish is a uint8 map of the head, and `finish` returns a
+small dict, the only thing the driver receives.
 
 Nothing here starts processes: Dask workers are daemonic and cannot have children,
 which is why nnU-Net's own multi-process predict_from_files is not used.
@@ -19,9 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,64 +35,21 @@ from pingu_dask import qc, store
 from pingu_dask.analyse import Regions, analyse_mask, input_fingerprint, scan_regions
 from pingu_dask.config import ClusterSettings, InferenceSettings, worker_threads
 from pingu_dask.errors import InputError, StageFailure, verdict_of
-from pingu_dask.imaging import ImageInfo, check_image_data, load_volume, save_nifti
+from pingu_dask.imaging import ImageInfo, check_image_data, save_nifti
 from pingu_dask.manifest import Scan, channel_grid_mismatch
-from pingu_dask.model import Model, load_predictor, worker_slot
+from pingu_dask.nnunet.case import (
+    CaseGeometry,
+    PreparedCase,
+    predict_case,
+    prepare_case,
+    to_image_order,
+)
+from pingu_dask.nnunet.model import Model
+from pingu_dask.nnunet.plans import model_plan
+from pingu_dask.nnunet.predictor import cached_predictor, uses_gpu, worker_slot
 from pingu_dask.regions import ASEG, RegionTable
 
-# Readers whose arrays are the NIfTI array with the axes reversed (SimpleITK order).
-TRANSPOSING_READERS = {"SimpleITKIO", "NibabelIO"}
-
 F = TypeVar("F", bound=Callable[..., Any])
-_lock = threading.Lock()
-_predictors: dict[tuple[str, InferenceSettings], Any] = {}
-_plans: dict[str, Any] = {}
-_load_counts: Counter[str] = Counter()
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """The light part of a model (no weights): what preprocess and finish need."""
-
-    plans_manager: Any
-    configuration: Any
-    dataset_json: dict
-    label_manager: Any
-
-
-def model_plan(model: Model) -> ModelPlan:
-    """This process's cached ModelPlan for `model`."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    with _lock:
-        if model.fingerprint not in _plans:
-            plans_manager = PlansManager(json.loads((model.folder / "plans.json").read_text()))
-            dataset_json = json.loads((model.folder / "dataset.json").read_text())
-            _plans[model.fingerprint] = ModelPlan(
-                plans_manager,
-                plans_manager.get_configuration(model.configuration),
-                dataset_json,
-                plans_manager.get_label_manager(dataset_json),
-            )
-        return _plans[model.fingerprint]
-
-
-def cached_predictor(model: Model, settings: InferenceSettings):
-    """This process's predictor for (model, settings), loaded on first use only."""
-    key = (model.fingerprint, settings)
-    with _lock:
-        if key not in _predictors:
-            worker = _this_worker()
-            slot = worker_slot(worker.name) if worker else 0
-            _predictors[key] = load_predictor(model, settings, slot)
-            _load_counts[model.fingerprint] += 1
-        return _predictors[key]
-
-
-def load_counts() -> dict[str, int]:
-    """How many times this process loaded each model (by fingerprint). For tests and QA."""
-    with _lock:
-        return dict(_load_counts)
 
 
 def _this_worker():
@@ -162,8 +121,7 @@ class Source:
 @dataclass
 class Preprocessed:
     scan_id: str
-    data: np.ndarray  # (C, Z, Y, X) float32, nnU-Net's preprocessed volume
-    properties: dict
+    case: PreparedCase  # nnU-Net's preprocessed volume and where it lies in the scan
     source: Source
     seconds: float
     worker: str
@@ -172,8 +130,8 @@ class Preprocessed:
 @dataclass
 class Predicted:
     scan_id: str
-    logits: Any  # torch.Tensor (classes, Z, Y, X) on the CPU
-    properties: dict
+    labels: np.ndarray  # uint8 label map of the cropped head, nnU-Net's axes
+    geometry: CaseGeometry
     source: Source
     seconds: dict[str, float]
     workers: dict[str, str]
@@ -202,51 +160,53 @@ def stage(name: str) -> Callable[[F], F]:
 
 @stage("preprocess")
 def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
-    """Check the scan's images, then read them with the model's reader and preprocess.
+    """Check the scan's images, then nnU-Net's preprocessing of the voxels read.
 
     Every channel is read in full first (check_image_data): nnU-Net would accept a
-    truncated file, NaN voxels or an empty image without a word. The parcellation is
-    brought onto the image grid here too, before the GPU stage, so that an unusable
-    one fails the scan without taking an inference slot.
+    truncated file, NaN voxels or an empty image without a word. Those voxels are what
+    nnU-Net preprocesses (no second read). The parcellation is brought onto the image
+    grid here too, before the GPU stage, so that an unusable one fails the scan without
+    taking an inference slot.
     """
     started = time.perf_counter()
     model = pipeline.model
     first = scan.channel(model.channels[0])
-    infos, picture = {}, None
+    infos, voxels, picture = {}, {}, None
     for path in scan.channel_paths:
-        infos[path], data = check_image_data(path)
+        infos[path], voxels[path] = check_image_data(path)
         if path == first and pipeline.qc:
-            picture = qc.qc_image(data, infos[path].affine)
+            picture = qc.qc_image(voxels[path], infos[path].affine)
     if mismatch := channel_grid_mismatch(scan, infos):
         raise InputError(mismatch)
     info = infos[first]
     regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.clusters)
     source = Source(info, regions, input_fingerprint(scan), picture)
-    plan = model_plan(model)
-    preprocessor = plan.configuration.preprocessor_class(verbose=False)
-    files = [str(scan.channel(column)) for column in model.channels]
-    data, _, properties = preprocessor.run_case(
-        files, None, plan.plans_manager, plan.configuration, plan.dataset_json
+    paths = [scan.channel(column) for column in model.channels]
+    case = prepare_case(
+        model_plan(model),
+        [voxels[path] for path in paths],
+        info.spacing[:3],
+        paths,
+        resample_now=not uses_gpu(pipeline.inference.device),
     )
-    data = np.ascontiguousarray(data, dtype=np.float32)
     seconds = time.perf_counter() - started
-    return Preprocessed(scan.scan_id, data, properties, source, seconds, _worker_name())
+    return Preprocessed(scan.scan_id, case, source, seconds, _worker_name())
 
 
 @stage("predict")
 def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
-    """Sliding-window logits on this worker's cached predictor (one at a time per worker)."""
-    import torch
-
+    """The label map from this worker's cached predictor (one scan at a time per worker):
+    resampling, network and export all on the predictor's device."""
     started = time.perf_counter()
-    predictor = cached_predictor(pipeline.model, pipeline.inference)
+    worker = _this_worker()
+    slot = worker_slot(worker.name) if worker else 0
+    predictor = cached_predictor(pipeline.model, pipeline.inference, slot)
     _set_torch_threads(pipeline.inference)
-    data = torch.from_numpy(item.data)
-    logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+    labels = predict_case(predictor, model_plan(pipeline.model), item.case)
     return Predicted(
         item.scan_id,
-        logits,
-        item.properties,
+        labels,
+        item.case.geometry,
         item.source,
         {"preprocess": item.seconds, "predict": time.perf_counter() - started},
         {"preprocess": item.worker, "predict": _worker_name()},
@@ -255,29 +215,15 @@ def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
 
 @stage("finish")
 def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
-    """Logits -> mask on the scan's grid -> clusters, regions, metrics; store the mask.
+    """Label map -> mask on the scan's grid -> clusters, regions, metrics; store the mask.
 
     Returns a small record: counts, timings and the scan's table rows (Arrow tables
     of a few hundred rows at most), which the driver writes.
     """
-    from nnunetv2.inference.export_prediction import (
-        convert_predicted_logits_to_segmentation_with_correct_shape,
-    )
-
     started = time.perf_counter()
-    plan = model_plan(pipeline.model)
-    segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
-        item.logits,
-        plan.plans_manager,
-        plan.configuration,
-        plan.label_manager,
-        item.properties,
-        return_probabilities=False,
-        num_threads_torch=_torch_threads(pipeline.inference),
-    )
     source = item.source
     info = source.info
-    raw = to_image_order(np.asarray(segmentation), plan, item.properties, info.shape[:3])
+    raw = to_image_order(model_plan(pipeline.model), item.labels, item.geometry, info.shape[:3])
     analysis = analyse_mask(
         raw, info.affine, scan, source.regions, pipeline.clusters, pipeline.regions
     )
@@ -300,27 +246,3 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
     result["seconds"] = dict(item.seconds, finish=time.perf_counter() - started)
     result["workers"] = dict(item.workers, finish=_worker_name())
     return result
-
-
-def to_image_order(
-    segmentation: np.ndarray, plan: ModelPlan, properties: dict, shape: tuple[int, ...]
-) -> np.ndarray:
-    """nnU-Net's segmentation array -> the array order of the input NIfTI file.
-
-    SimpleITKIO and NibabelIO hand nnU-Net the NIfTI array with its axes reversed, so
-    reversing them back is exact. Any other reader (e.g. one that reorients) writes
-    the mask with its own writer to a temporary file, which is then read back.
-    """
-    reader = plan.plans_manager.image_reader_writer_class
-    if reader.__name__ in TRANSPOSING_READERS:
-        mask = segmentation.transpose(2, 1, 0)
-    else:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as scratch:
-            path = str(Path(scratch) / "mask.nii.gz")
-            reader().write_seg(segmentation, path, properties)
-            mask, _ = load_volume(path)
-    if mask.shape != tuple(shape):
-        raise ValueError(f"mask shape {mask.shape} does not match the image {tuple(shape)}")
-    return mask

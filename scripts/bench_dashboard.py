@@ -30,7 +30,7 @@ from pingu_dask import dashboard
 from pingu_dask.cluster import local_cluster
 from pingu_dask.config import InferenceSettings
 from pingu_dask.manifest import Scan
-from pingu_dask.model import resolve_model
+from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.runner import segment_cohort
 from pingu_dask.stages import Pipeline
 

@@ -30,7 +30,7 @@ from pingu_dask.cluster import local_cluster
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
 from pingu_dask.imaging import voxel_volume
 from pingu_dask.manifest import load_manifest
-from pingu_dask.model import resolve_model
+from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.postprocess import clean_mask
 from pingu_dask.runner import segment_cohort
 from pingu_dask.stages import Pipeline

@@ -45,7 +45,7 @@ from pingu_dask.analyse import input_fingerprint
 from pingu_dask.cluster import local_cluster
 from pingu_dask.config import InferenceSettings
 from pingu_dask.manifest import Scan, load_manifest
-from pingu_dask.model import resolve_model
+from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.runner import StageFunctions, segment_cohort
 from pingu_dask.stages import Pipeline
 

@@ -199,7 +199,7 @@ def evaluate(work: Path, n_scans: int, train_args: argparse.Namespace) -> str:
     from pingu_dask import stages
     from pingu_dask.config import InferenceSettings
     from pingu_dask.manifest import load_manifest
-    from pingu_dask.model import resolve_model
+    from pingu_dask.nnunet.model import resolve_model
     from pingu_dask.synth import generate_cohort
 
     cohort = work / "eval_cohort"

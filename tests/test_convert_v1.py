@@ -37,8 +37,9 @@ from click.testing import CliRunner
 from pingu_dask import tables
 from pingu_dask.cli import main
 from pingu_dask.config import InferenceSettings
-from pingu_dask.convert_v1 import V1_CHECKPOINT, import_v1_model
-from pingu_dask.model import ModelError, load_predictor, resolve_model
+from pingu_dask.nnunet.convert_v1 import V1_CHECKPOINT, import_v1_model
+from pingu_dask.nnunet.model import ModelError, resolve_model
+from pingu_dask.nnunet.predictor import load_predictor
 
 # PINGU's published run script: nnUNet_predict -tr nnUNetTrainerV2 -m 3d_fullres
 #   -p nnUNetPlansv2.1_trgSp_8x8x8 -t Task101_LabelsSpecificplusWP5FCV (every fold)
@@ -437,7 +438,7 @@ def test_v1_and_v2_preprocess_a_scan_alike_with_the_translated_plans(v1_model, c
 
 
 def test_ct_normalisation_transpose_and_export_settings_are_translated(v1_model) -> None:
-    from pingu_dask.convert_v1 import V1Model, read_architecture, translate_plans
+    from pingu_dask.nnunet.convert_v1 import V1Model, read_architecture, translate_plans
 
     plans = copy.deepcopy(v1_model["plans"])
     plans["normalization_schemes"] = OrderedDict([(0, "CT")])

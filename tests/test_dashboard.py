@@ -29,7 +29,7 @@ from pingu_dask import dashboard, stages, tables
 from pingu_dask.cluster import JobOptions, jobqueue_cluster, local_cluster
 from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.manifest import load_manifest
-from pingu_dask.model import resolve_model
+from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.regions import ASEG
 from pingu_dask.runner import StageFunctions, segment_cohort
 from pingu_dask.synth import generate_cohort

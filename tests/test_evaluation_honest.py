@@ -124,7 +124,7 @@ def test_the_choice_comes_from_the_config_and_the_options() -> None:
 
 def test_the_choice_is_part_of_the_pipeline_fingerprint(tmp_path: Path) -> None:
     from pingu_dask.config import InferenceSettings
-    from pingu_dask.model import resolve_model
+    from pingu_dask.nnunet.model import resolve_model
     from pingu_dask.stages import Pipeline
 
     model, inference = resolve_model("demo"), InferenceSettings(tta=False)

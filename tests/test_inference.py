@@ -27,7 +27,8 @@ from pingu_dask import stages, store, tables
 from pingu_dask.cluster import local_cluster
 from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.manifest import load_manifest
-from pingu_dask.model import ModelError, demo_model_folder, load_predictor, resolve_model
+from pingu_dask.nnunet.model import ModelError, demo_model_folder, resolve_model
+from pingu_dask.nnunet.predictor import load_counts, load_predictor
 from pingu_dask.postprocess import clean_mask
 from pingu_dask.regions import ASEG
 from pingu_dask.runner import segment_cohort
@@ -144,7 +145,7 @@ def dask_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     cluster = local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1)
     with cluster, Client(cluster) as client:
         records = segment_cohort(client, scans, pipeline, window=4)
-        loads = client.run(stages.load_counts)
+        loads = client.run(load_counts)
     return out, model, records, loads
 
 
@@ -346,7 +347,7 @@ def test_run_command_writes_provenance_and_uses_a_user_region_table(
 
 
 def test_each_worker_process_of_a_multi_gpu_job_gets_its_own_gpu() -> None:
-    from pingu_dask.model import pick_cuda_device, worker_slot
+    from pingu_dask.nnunet.predictor import pick_cuda_device, worker_slot
 
     # Pure functions: a GPU itself cannot be tested here (no GPU in CI).
     assert [worker_slot(n) for n in (0, 3, "dask-worker-12345-1", "tcp://1.2.3.4:5")] == [

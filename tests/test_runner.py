@@ -32,7 +32,8 @@ from pingu_dask.cohort import RunRefused, check_settings
 from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.lock import read_lock
 from pingu_dask.manifest import load_manifest
-from pingu_dask.model import resolve_model
+from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.nnunet.predictor import load_counts
 from pingu_dask.runner import segment_cohort
 from pingu_dask.stages import Pipeline
 from pingu_dask.synth import generate_cohort
@@ -348,7 +349,7 @@ def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
     here) the run stops, says why in one line and exits 3, instead of failing 20 scans."""
     import shutil
 
-    from pingu_dask.model import demo_model_folder
+    from pingu_dask.nnunet.model import demo_model_folder
 
     broken = tmp_path / "broken_model"
     shutil.copytree(demo_model_folder(), broken)
@@ -377,7 +378,6 @@ def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
 
 
 def test_run_joins_an_existing_scheduler(cohort20: Path, tmp_path: Path) -> None:
-    from pingu_dask import stages
 
     manifest = tmp_path / "two.csv"
     absolute_manifest(cohort20, manifest, rows=2)
@@ -389,7 +389,7 @@ def test_run_joins_an_existing_scheduler(cohort20: Path, tmp_path: Path) -> None
         assert result.exit_code == 0, result.output
         assert f"scheduler {address}" in result.output
         with Client(cluster) as client:
-            loads = client.run(stages.load_counts)
+            loads = client.run(load_counts)
             page = f"{client.dashboard_link.removesuffix('/status')}/pingu"
         # The run's page stays on a scheduler that outlives the run.
         assert f"this run's page: {page}" in result.output

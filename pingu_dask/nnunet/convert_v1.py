@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pingu_dask import __version__
-from pingu_dask.model import ModelError, sha256_of_files, unpack_zip
+from pingu_dask.nnunet.model import ModelError, sha256_of_files, unpack_zip
 
 SUPPORTED_TRAINERS = ("nnUNetTrainerV2",)
 SUPPORTED_CONFIGURATIONS = ("3d_fullres", "3d_lowres")

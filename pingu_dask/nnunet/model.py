@@ -1,0 +1,171 @@
+"""nnU-Net v2 models on disk: find or unpack one, read what it expects, fingerprint it.
+
+A model is a trained-model folder (`Trainer__Plans__configuration/` with dataset.json,
+plans.json and fold_N/checkpoint) or a zip made by `nnUNetv2_export_model_to_zip`,
+unpacked once into the cache. Nothing here loads weights (predictor.py does) or
+imports nnunetv2: a `Model` is small and picklable, and travels with every task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pingu_dask.config import cache_dir
+from pingu_dask.errors import ModelError
+
+DEMO_NAME = "demo"
+CHECKPOINT_SUFFIX = ".pth"
+
+
+@dataclass(frozen=True)
+class Model:
+    """A located, fingerprinted nnU-Net v2 model. Small and picklable: it travels with tasks."""
+
+    folder: Path
+    folds: tuple[str, ...]
+    checkpoint: str
+    channel_names: tuple[str, ...]  # as in dataset.json, in input order, e.g. ("T1w",)
+    labels: tuple[tuple[str, int], ...]
+    fingerprint: str
+    configuration: str = "3d_fullres"  # from the folder name Trainer__Plans__configuration
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Manifest column names for the input channels: dataset.json names, lower-cased."""
+        return tuple(manifest_column(name) for name in self.channel_names)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+def manifest_column(channel_name: str) -> str:
+    """dataset.json channel name -> manifest column: 'T1w' -> 't1w', 'T2 FLAIR' -> 't2_flair'."""
+    return re.sub(r"[^0-9a-z]+", "_", channel_name.strip().lower()).strip("_")
+
+
+def demo_model_folder() -> Path:
+    """The small model bundled with the package (trained on synthetic data only)."""
+    root = Path(str(resources.files("pingu_dask") / "models" / DEMO_NAME))
+    folders = [p for p in root.iterdir() if (p / "plans.json").exists()] if root.exists() else []
+    if len(folders) != 1:
+        raise ModelError(f"the bundled demo model is missing from {root}")
+    return folders[0]
+
+
+def resolve_model(
+    spec: str | Path, folds: tuple[str, ...] | None = None, checkpoint: str = "checkpoint_final.pth"
+) -> Model:
+    """Find the model named by `spec` ('demo', a model folder, a parent folder, or a zip)."""
+    if str(spec) == DEMO_NAME:
+        folder = demo_model_folder()
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelError(f"model not found: {path}")
+        if path.is_file():
+            if not zipfile.is_zipfile(path):
+                raise ModelError(
+                    f"{path} is a file but not a zip made by nnUNetv2_export_model_to_zip"
+                )
+            path = unpack_zip(path)
+        folder = find_model_folder(path)
+    return _describe(folder, folds, checkpoint)
+
+
+def find_model_folder(path: Path) -> Path:
+    """`path` itself if it is a trained-model folder, else the single one below it."""
+    if _is_model_folder(path):
+        return path
+    found = sorted(p.parent for p in path.rglob("plans.json") if _is_model_folder(p.parent))
+    if not found:
+        raise ModelError(
+            f"{path} is not an nnU-Net v2 model folder: expected dataset.json, plans.json and "
+            "fold_N/ folders (a Trainer__Plans__configuration folder), here or below"
+        )
+    if len(found) > 1:
+        listing = "\n  ".join(str(p) for p in found)
+        raise ModelError(f"{path} holds several models; pass one of:\n  {listing}")
+    return found[0]
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (
+        (path / "plans.json").is_file()
+        and (path / "dataset.json").is_file()
+        and any(p.is_dir() and p.name.startswith("fold_") for p in path.iterdir())
+    )
+
+
+def unpack_zip(zip_path: Path) -> Path:
+    """Unpack a model zip into the cache once (keyed by its hash) and return the folder."""
+    digest = sha256_of_files([zip_path])[:16]
+    target = cache_dir() / "models" / digest
+    if target.exists():
+        return target
+    staging = target.with_name(f".{digest}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(zip_path) as archive:
+        for member in archive.namelist():
+            if member.startswith("/") or ".." in Path(member).parts:
+                raise ModelError(f"{zip_path}: unsafe path in zip: {member!r}")
+        archive.extractall(staging)
+    staging.rename(target)
+    return target
+
+
+def _describe(folder: Path, folds: tuple[str, ...] | None, checkpoint: str) -> Model:
+    available = sorted(p.name.removeprefix("fold_") for p in folder.glob("fold_*") if p.is_dir())
+    with_checkpoint = [f for f in available if (folder / f"fold_{f}" / checkpoint).is_file()]
+    if folds is None:
+        if not with_checkpoint:
+            raise ModelError(f"{folder}: no fold has {checkpoint} (folds found: {available})")
+        folds = tuple(with_checkpoint)
+    folds = tuple(str(f) for f in folds)
+    for fold in folds:
+        if fold not in available:
+            raise ModelError(f"{folder}: fold {fold} not found; available folds: {available}")
+        if fold not in with_checkpoint:
+            raise ModelError(f"{folder}/fold_{fold} has no {checkpoint}")
+    try:
+        dataset = json.loads((folder / "dataset.json").read_text())
+        channel_map = dataset.get("channel_names") or dataset["modality"]
+        channel_names = tuple(channel_map[k] for k in sorted(channel_map, key=int))
+        labels = tuple((str(k), int(v)) for k, v in dataset["labels"].items())
+        json.loads((folder / "plans.json").read_text())
+    except (KeyError, ValueError, TypeError) as error:
+        raise ModelError(f"{folder}: dataset.json or plans.json is not valid: {error}") from error
+    files = [folder / "plans.json", folder / "dataset.json"]
+    files += [folder / f"fold_{f}" / checkpoint for f in folds]
+    return Model(
+        folder=folder,
+        folds=folds,
+        checkpoint=checkpoint,
+        channel_names=channel_names,
+        labels=labels,
+        fingerprint=sha256_of_files(files),
+        configuration=_configuration_of(folder),
+    )
+
+
+def _configuration_of(folder: Path) -> str:
+    """The configuration (e.g. 3d_fullres) named by a Trainer__Plans__configuration folder."""
+    parts = folder.name.split("__")
+    return parts[2] if len(parts) == 3 else "3d_fullres"
+
+
+def sha256_of_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
