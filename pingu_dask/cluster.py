@@ -66,14 +66,62 @@ def scheduler_settings() -> dict:
     return {"distributed.scheduler.allowed-failures": int(setting("allowed-failures"))}
 
 
+@dataclass(frozen=True)
+class LocalLayout:
+    """How a machine's cores are shared among local worker processes.
+
+    Each inference worker holds one slot (a GPU, or on a CPU-only machine the cores
+    torch predicts with). On a CPU machine the network takes the cores, so a worker has
+    3 threads (one predicting, one preprocessing, one finishing) and torch the cores.
+    On a GPU machine the CPU stages decide throughput, so they get the cores: either
+    as threads of the inference worker (cores + 1, so that predict always finds a
+    thread), or, with `cpu_workers`, as separate processes beside it (no slot, no GIL
+    shared with the predicting thread), the inference worker keeping 2 threads.
+    """
+
+    inference_workers: int
+    threads_per_inference_worker: int
+    torch_threads: int
+    cpu_workers: int = 0
+    threads_per_cpu_worker: int = 1
+
+    @classmethod
+    def for_machine(
+        cls,
+        inference_workers: int,
+        gpu: bool,
+        cpu_workers: int = 0,
+        torch_threads: int | None = None,
+        cores: int | None = None,
+    ) -> LocalLayout:
+        cores = cores or available_cores()
+        share = max(1, cores // inference_workers)
+        if not gpu:
+            return cls(inference_workers, DEFAULT_THREADS_PER_WORKER, torch_threads or share)
+        if not cpu_workers:
+            return cls(inference_workers, share + 1, torch_threads or share)
+        left = max(cpu_workers, cores - inference_workers)
+        return cls(
+            inference_workers, 2, torch_threads or 1, cpu_workers, max(1, left // cpu_workers)
+        )
+
+    @property
+    def threads_per_slot(self) -> int:
+        """Every thread a slot's scans can run on (the runner caps its window by it)."""
+        cpu = self.cpu_workers * self.threads_per_cpu_worker
+        return self.threads_per_inference_worker + cpu // self.inference_workers
+
+
 def local_cluster(
     n_workers: int = 1,
     threads_per_worker: int = DEFAULT_THREADS_PER_WORKER,
     torch_threads: int | None = None,
     memory_limit: str | float = "auto",
     dashboard_address: str | None = None,
+    layout: LocalLayout | None = None,
 ) -> LocalCluster:
-    """Worker processes on this machine, each with one inference slot.
+    """Worker processes on this machine, each with one inference slot (and, in a
+    `layout` with CPU workers, worker processes without one beside them).
 
     Nannies read the tuned environment while they start (after LocalCluster() returns),
     so it is set in the driver's config, not in a context that would end too early.
@@ -81,10 +129,13 @@ def local_cluster(
     `dashboard_address`, by default config pingu.dashboard-address (localhost: reach it
     from elsewhere through an SSH tunnel); port 0 picks a free port.
     """
-    tuned_environment(torch_threads or max(1, available_cores() // n_workers))
-    return LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
+    if layout is None:
+        threads = torch_threads or max(1, available_cores() // n_workers)
+        layout = LocalLayout(n_workers, threads_per_worker, threads)
+    tuned_environment(layout.torch_threads)
+    cluster = LocalCluster(
+        n_workers=layout.inference_workers,
+        threads_per_worker=layout.threads_per_inference_worker,
         processes=True,
         resources={INFERENCE_RESOURCE: 1},
         memory_limit=memory_limit,
@@ -93,6 +144,30 @@ def local_cluster(
         # tracebacks would only bury the progress bar.
         silence_logs=logging.CRITICAL,
     )
+    if layout.cpu_workers:
+        _add_cpu_workers(cluster, layout)
+    return cluster
+
+
+def _add_cpu_workers(cluster: LocalCluster, layout: LocalLayout) -> None:
+    """Worker processes without an inference slot: they take preprocess and finish only.
+
+    LocalCluster makes alike workers; these are added to its spec (SpecCluster's way
+    of describing workers) with their own threads and one torch thread each.
+    """
+    import copy
+
+    template = next(iter(cluster.new_worker_spec().values()))
+    for index in range(layout.cpu_workers):
+        spec = copy.deepcopy(template)
+        options = spec["options"]
+        options["nthreads"] = layout.threads_per_cpu_worker
+        options["resources"] = {}
+        threads = str(layout.threads_per_cpu_worker)
+        options["env"] = {name: threads for name in THREAD_VARIABLES}
+        options["env"]["DASK_PINGU__WORKER_THREADS"] = threads
+        cluster.worker_spec[f"cpu-{index}"] = spec
+    cluster.sync(cluster._correct_state)  # start the workers now in the spec
 
 
 @dataclass
@@ -218,7 +293,12 @@ class Capacity:
 
     The runner calls workers(scans_left) before it submits: with a fixed cluster that
     is its size; with batch jobs it is also what the driver asks the batch system for.
+    `threads_per_slot` (None: unknown) is every worker thread a slot's scans can use;
+    the runner keeps no more scans in flight per slot than that, so that a predict
+    task never waits for a thread held by a CPU stage.
     """
+
+    threads_per_slot: int | None = None
 
     def workers(self, scans_left: int) -> int:
         raise NotImplementedError
@@ -229,17 +309,19 @@ class FixedCapacity(Capacity):
     """A cluster of known size (local worker processes)."""
 
     size: int
+    threads_per_slot: int | None = None
 
     def workers(self, scans_left: int) -> int:
         return self.size
 
 
 class PresentWorkers(Capacity):
-    """A scheduler someone else runs (tcp://): plan for the workers it has now.
+    """A scheduler someone else runs (tcp://): plan for the slots it has now.
 
-    The count is asked of the scheduler at most once per `every` seconds (the runner
-    asks before each submission; a full scheduler_info() per scan would dominate a
-    fast run).
+    Slots are the workers that offer the inference resource (workers without it only
+    preprocess and finish); threads per slot count every worker's threads. Asked of
+    the scheduler at most once per `every` seconds (the runner asks before each
+    submission; a full scheduler_info() per scan would dominate a fast run).
     """
 
     def __init__(self, client, every: float = 2.0) -> None:
@@ -251,7 +333,11 @@ class PresentWorkers(Capacity):
     def workers(self, scans_left: int) -> int:
         now = time.monotonic()
         if now - self._asked >= self.every:
-            self._count = max(1, len(self.client.nthreads()))
+            workers = self.client.scheduler_info(n_workers=-1).get("workers", {}).values()
+            slots = sum(1 for w in workers if w.get("resources", {}).get(INFERENCE_RESOURCE))
+            self._count = max(1, slots)
+            threads = sum(int(w.get("nthreads", 1)) for w in workers)
+            self.threads_per_slot = max(1, threads // self._count) if workers else None
             self._asked = now
         return self._count
 
@@ -277,12 +363,17 @@ class JobCapacity(Capacity):
     """
 
     def __init__(
-        self, minimum_workers: int, maximum_workers: int, present: Capacity | None = None
+        self,
+        minimum_workers: int,
+        maximum_workers: int,
+        present: Capacity | None = None,
+        threads_per_slot: int | None = None,
     ) -> None:
         self.minimum = minimum_workers
         self.maximum = max(1, maximum_workers)
         self.wanted = self.maximum
         self.present = present
+        self.threads_per_slot = threads_per_slot
 
     def workers(self, scans_left: int) -> int:
         self.wanted = max(self.minimum, min(self.maximum, scans_left))
@@ -303,11 +394,13 @@ class ScaleFromWork(Adaptive):
 
 def scale_from_work(cluster, client, options: JobOptions, scans_left: int) -> JobCapacity:
     """Start asking for jobs for `scans_left` scans, between min_jobs and max_jobs."""
-    processes = cluster._dummy_job.worker_processes  # worker processes per job
+    job = cluster._dummy_job
+    processes = job.worker_processes  # worker processes per job
     capacity = JobCapacity(
         options.min_jobs * processes,
         options.max_jobs * processes,
         present=PresentWorkers(client, every=1.0),
+        threads_per_slot=job.worker_process_threads,
     )
     capacity.workers(scans_left)
     cluster.adapt(

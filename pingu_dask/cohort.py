@@ -17,9 +17,17 @@ from pathlib import Path
 from distributed import Client
 
 from pingu_dask import dashboard, ledger, store, tables
-from pingu_dask.cluster import BATCH_SYSTEMS, Capacity, FixedCapacity, JobOptions, PresentWorkers
+from pingu_dask.cluster import (
+    BATCH_SYSTEMS,
+    Capacity,
+    FixedCapacity,
+    JobOptions,
+    LocalLayout,
+    PresentWorkers,
+)
 from pingu_dask.lock import OutputLock
 from pingu_dask.manifest import ManifestReport
+from pingu_dask.nnunet.predictor import uses_gpu
 from pingu_dask.runner import (
     Progress,
     RunStopped,
@@ -42,7 +50,8 @@ class RunRequest:
     report: ManifestReport  # the validated manifest
     pipeline: Pipeline
     cluster: str = "local"  # local, or the address of a running scheduler
-    workers: int = 1
+    workers: int = 1  # local inference workers (one slot each)
+    cpu_workers: int = 0  # local workers without a slot, beside GPU workers
     retries: int | None = None
     force: bool = False
     jobs: JobOptions = field(default_factory=JobOptions)  # for cluster slurm / pbs
@@ -232,10 +241,13 @@ def _client(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, Capa
         with Client(request.cluster) as client:
             yield client, PresentWorkers(client)
         return
-    cluster = local_cluster(
-        n_workers=request.workers,
-        torch_threads=request.pipeline.inference.torch_threads,
-        dashboard_address=request.dashboard_address,
+    inference = request.pipeline.inference
+    layout = LocalLayout.for_machine(
+        request.workers,
+        gpu=uses_gpu(inference.device),
+        cpu_workers=request.cpu_workers,
+        torch_threads=inference.torch_threads,
     )
+    cluster = local_cluster(layout=layout, dashboard_address=request.dashboard_address)
     with cluster, Client(cluster) as client:
-        yield client, FixedCapacity(request.workers)
+        yield client, FixedCapacity(request.workers, layout.threads_per_slot)

@@ -46,6 +46,9 @@ DEFAULTS = {
         # Stop a run when the first attempts of this many scans in a row fail with the
         # same error type (on 2+ workers where there are 2+); 0: never stop.
         "circuit-breaker-scans": 10,
+        # Most scans in flight per inference slot (the window follows the stage times up
+        # to the threads a slot has, and to this: each scan in flight holds its arrays).
+        "max-scans-per-slot": 16,
         "scale-interval": "2s",  # how often batch jobs are resized to the work left
         "worker-threads": None,  # batch jobs: cores per worker process (set by the job)
         # The scheduler's web server (Dask dashboard, /pingu, /metrics): localhost only

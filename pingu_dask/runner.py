@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import platform
 import queue
+import statistics
 import time
 import uuid
 from collections import deque
@@ -49,7 +51,8 @@ from pingu_dask.config import setting
 from pingu_dask.errors import ErrorReport, Verdict, describe
 from pingu_dask.manifest import Scan
 
-SCANS_IN_FLIGHT_PER_WORKER = 3  #: one preprocessing, one predicting, one finishing
+SCANS_IN_FLIGHT_PER_WORKER = 3  #: one per stage: before any stage time is known
+STAGES = ("preprocess", "predict", "finish")
 RETRY = "retry"  #: an attempt's record status when another attempt follows
 TICK_SECONDS = 1.0  #: the longest the loop waits without flushing or checking time limits
 
@@ -133,6 +136,41 @@ class CircuitBreaker:
                 f"with {report.error_type} on {len(workers)} worker(s): {report.message}"
             )
         return None
+
+
+class FeedWindow:
+    """How many scans to keep in flight per inference slot, from the stage times seen.
+
+    Enough that a preprocessed scan is waiting whenever predict frees: at one scan per
+    predict time, a scan spends (preprocess + predict + finish) / predict predict-times
+    in flight (Little's law), plus one waiting, i.e. 2 + ceil((preprocess + finish) /
+    predict) per slot. A GPU predicts in a second
+    or two while a 0.5 mm head takes longer than that to read and preprocess, so a slot
+    needs several scans in the CPU stages at once; on a CPU the network dominates and 3
+    suffice. Never fewer than 3 (one per stage, the start), never more than the threads
+    a slot has (beyond them the scans only queue, and predict could wait for a thread)
+    or `maximum` (pingu.max-scans-per-slot: memory). Times are the medians of the last
+    32 scans that succeeded, so a changing mix of scan sizes is followed.
+    """
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = max(SCANS_IN_FLIGHT_PER_WORKER, maximum)
+        self.recent: deque[tuple[float, ...]] = deque(maxlen=32)
+
+    def observe(self, seconds: dict[str, float] | None) -> None:
+        """A finished scan's seconds per stage (its record's `seconds`)."""
+        if seconds and all(stage in seconds for stage in STAGES):
+            self.recent.append(tuple(seconds[stage] for stage in STAGES))
+
+    def per_slot(self, threads_per_slot: int | None = None) -> int:
+        if not self.recent:
+            return SCANS_IN_FLIGHT_PER_WORKER
+        columns = zip(*self.recent, strict=True)
+        preprocess, predict, finish = (statistics.median(column) for column in columns)
+        predict = max(predict, 1e-3)
+        wanted = 2 + math.ceil((preprocess + finish) / predict)
+        ceiling = min(self.maximum, threads_per_slot or self.maximum)
+        return max(SCANS_IN_FLIGHT_PER_WORKER, min(wanted, ceiling))
 
 
 @dataclass(kw_only=True)
@@ -248,6 +286,7 @@ class _Loop:
         self.submitted: dict = {}  # finish key -> _Attempt
         self.ready: queue.Queue[Future] = queue.Queue()  # finished futures, from callbacks
         self.records: list[dict] = []
+        self.feed_window = FeedWindow(int(setting("max-scans-per-slot")))
         self.stopping: str | None = None
         self._last_time_check = time.monotonic()
 
@@ -290,7 +329,8 @@ class _Loop:
         if self.window:
             return self.window
         scans_left = len(self.queue) + len(self.submitted)
-        return SCANS_IN_FLIGHT_PER_WORKER * self.capacity.workers(scans_left)
+        slots = self.capacity.workers(scans_left)
+        return self.feed_window.per_slot(self.capacity.threads_per_slot) * slots
 
     def _submit_next(self) -> None:
         if self.stopping:
@@ -408,6 +448,7 @@ class _Loop:
         scan_tables = record.pop("tables", {})
         self.writer.add(scan_tables, ledger_rows=[row])
         self.breaker.succeeded(record.get("workers", {}).get("predict"))
+        self.feed_window.observe(record.get("seconds"))
         record["attempt"] = attempt.attempt
         return record
 

@@ -45,17 +45,27 @@ def _worker() -> str:
     return get_worker().address
 
 
+def _sleep(pipeline: Pipeline, name: str) -> None:
+    if _control(pipeline, name).exists():
+        time.sleep(float(_control(pipeline, name).read_text()))
+
+
 @stage("preprocess")
-def preprocess(scan: Scan, pipeline: Pipeline) -> str:
-    return scan.scan_id
+def preprocess(scan: Scan, pipeline: Pipeline) -> dict:
+    """`preprocess-sleep`: seconds per scan."""
+    started = time.perf_counter()
+    _sleep(pipeline, "preprocess-sleep")
+    return {"scan_id": scan.scan_id, "seconds": time.perf_counter() - started, "worker": _worker()}
 
 
 @stage("predict")
-def predict(scan_id: str, pipeline: Pipeline) -> dict:
+def predict(item: dict, pipeline: Pipeline) -> dict:
     """Steered by control files: `sleep` (seconds per scan), `broken-model` (every scan
     fails as a checkpoint that cannot load would), `io-once` (listed scans fail their
     first attempt with an I/O error), `type-error` (listed scans: a programming error),
     `hang-once` (listed scans hang on their first attempt: a stand-in for a stuck read)."""
+    started = time.perf_counter()
+    scan_id = item["scan_id"]
     if _control(pipeline, "broken-model").exists():
         raise ModelError("cannot load the checkpoint fold_0/checkpoint_final.pth: bad zip")
     if _listed(pipeline, "io-once", scan_id) and _first_attempt(pipeline, "io", scan_id):
@@ -64,14 +74,18 @@ def predict(scan_id: str, pipeline: Pipeline) -> dict:
         raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
     if _listed(pipeline, "hang-once", scan_id) and _first_attempt(pipeline, "hang", scan_id):
         time.sleep(300)
-    if _control(pipeline, "sleep").exists():
-        time.sleep(float(_control(pipeline, "sleep").read_text()))
-    return {"scan_id": scan_id, "worker": _worker()}
+    _sleep(pipeline, "sleep")
+    seconds = {"preprocess": item["seconds"], "predict": time.perf_counter() - started}
+    workers = {"preprocess": item["worker"], "predict": _worker()}
+    return {"scan_id": scan_id, "seconds": seconds, "workers": workers}
 
 
 @stage("finish")
 def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
-    """`hold`: listed scans wait (up to 60 s) until the file `release` exists."""
+    """`hold`: listed scans wait (up to 60 s) until the file `release` exists;
+    `finish-sleep`: seconds per scan."""
+    started = time.perf_counter()
+    _sleep(pipeline, "finish-sleep")
     if _listed(pipeline, "hold", scan.scan_id):
         deadline = time.monotonic() + 60
         while not _control(pipeline, "release").exists() and time.monotonic() < deadline:
@@ -82,8 +96,8 @@ def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         "status": "ok",
         "n_clusters": 0,
         "volume_mm3": 0.0,
-        "seconds": {"preprocess": 0.0, "predict": 0.0, "finish": 0.0},
-        "workers": {"predict": predicted["worker"], "finish": _worker()},
+        "seconds": {**predicted["seconds"], "finish": time.perf_counter() - started},
+        "workers": {**predicted["workers"], "finish": _worker()},
         "input_fingerprint": None,
         "tables": {"regions": tables.to_table("regions", [row])},
     }

@@ -32,7 +32,7 @@ from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.ledger import ResumePlan
 from pingu_dask.lock import LockedError
 from pingu_dask.manifest import load_manifest
-from pingu_dask.model import ModelError, resolve_model
+from pingu_dask.nnunet.model import ModelError, resolve_model
 from pingu_dask.regions import RegionTable
 from pingu_dask.signals import Stopped, exit_code, stop_on_signals
 from pingu_dask.stages import Pipeline
@@ -88,6 +88,15 @@ MODEL_CHOICES = (
     show_default=True,
     type=click.IntRange(min=1),
     help="Local worker processes (one inference slot each).",
+)
+@click.option(
+    "--cpu-workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="On a GPU machine: local worker processes without an inference slot that only "
+    "preprocess and finish, beside the GPU workers (0: the GPU workers run those stages "
+    "on threads, one per core).",
 )
 @click.option(
     "--torch-threads",
@@ -162,6 +171,7 @@ def run(
     device: str | None,
     cluster: str,
     workers: int,
+    cpu_workers: int,
     torch_threads: int | None,
     retries: int | None,
     scan_timeout: float | None,
@@ -219,6 +229,7 @@ def run(
         qc=qc,
         cluster=cluster,
         workers=workers,
+        cpu_workers=cpu_workers,
         retries=retries,
         scan_timeout=scan_timeout,
         force=force,
@@ -241,6 +252,7 @@ class RunOptions:
     qc: bool = False
     cluster: str = "local"
     workers: int = 1
+    cpu_workers: int = 0
     retries: int | None = None
     scan_timeout: float | None = None
     force: bool = False
@@ -287,14 +299,15 @@ def run_cohort(
         qc=options.qc,
     )
     request = RunRequest(
-        report,
-        pipeline,
-        options.cluster,
-        options.workers,
-        options.retries,
-        options.force,
-        options.jobs or JobOptions(),
-        options.dashboard_address,
+        report=report,
+        pipeline=pipeline,
+        cluster=options.cluster,
+        workers=options.workers,
+        cpu_workers=options.cpu_workers,
+        retries=options.retries,
+        force=options.force,
+        jobs=options.jobs or JobOptions(),
+        dashboard_address=options.dashboard_address,
         scan_timeout=options.scan_timeout,
         allow_version_change=options.allow_version_change,
     )
@@ -303,6 +316,8 @@ def run_cohort(
     def on_start(outcome: RunOutcome, plan: ResumePlan) -> None:
         if options.cluster == "local":
             where = f"{options.workers} local worker(s)"
+            if options.cpu_workers:
+                where += f" and {options.cpu_workers} CPU-only worker(s)"
         elif options.cluster in BATCH_SYSTEMS:
             where = f"{options.cluster} worker jobs (adaptive)"
         else:
