@@ -74,9 +74,11 @@ class LocalLayout:
     torch predicts with). On a CPU machine the network takes the cores, so a worker has
     3 threads (one predicting, one preprocessing, one finishing) and torch the cores.
     On a GPU machine the CPU stages decide throughput, so they get the cores: either
-    as threads of the inference worker (cores + 1, so that predict always finds a
-    thread), or, with `cpu_workers`, as separate processes beside it (no slot, no GIL
-    shared with the predicting thread), the inference worker keeping 2 threads.
+    as threads of the inference worker (its share of the cores + 1, so that predict
+    always finds a thread, and at least 4: three scans in CPU stages at once, so that a
+    slow 0.5 mm head does not starve the slot), or, with `cpu_workers`, as processes
+    beside it (no slot, no GIL shared with the predicting thread), the inference worker
+    keeping 2 threads.
     """
 
     inference_workers: int
@@ -99,7 +101,8 @@ class LocalLayout:
         if not gpu:
             return cls(inference_workers, DEFAULT_THREADS_PER_WORKER, torch_threads or share)
         if not cpu_workers:
-            return cls(inference_workers, share + 1, torch_threads or share)
+            threads = max(4, share + 1)
+            return cls(inference_workers, threads, torch_threads or share)
         left = max(cpu_workers, cores - inference_workers)
         return cls(
             inference_workers, 2, torch_threads or 1, cpu_workers, max(1, left // cpu_workers)

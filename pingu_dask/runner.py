@@ -144,13 +144,16 @@ class FeedWindow:
     Enough that a preprocessed scan is waiting whenever predict frees: at one scan per
     predict time, a scan spends (preprocess + predict + finish) / predict predict-times
     in flight (Little's law), plus one waiting, i.e. 2 + ceil((preprocess + finish) /
-    predict) per slot. A GPU predicts in a second
+    predict) per slot, with the CPU stages' time taken as its mean plus one standard
+    deviation: a cohort mixing 1 mm and 0.5 mm heads needs a buffer for the slow ones
+    (GPU stand-in, 2 slots on 2 cores: 89 % busy with the median, 98 % with this;
+    docs/benchmarks.md, bench_feed). A GPU predicts in a second
     or two while a 0.5 mm head takes longer than that to read and preprocess, so a slot
     needs several scans in the CPU stages at once; on a CPU the network dominates and 3
     suffice. Never fewer than 3 (one per stage, the start), never more than the threads
     a slot has (beyond them the scans only queue, and predict could wait for a thread)
-    or `maximum` (pingu.max-scans-per-slot: memory). Times are the medians of the last
-    32 scans that succeeded, so a changing mix of scan sizes is followed.
+    or `maximum` (pingu.max-scans-per-slot: memory). Times are those of the last 32
+    scans that succeeded, so a changing mix of scan sizes is followed.
     """
 
     def __init__(self, maximum: int) -> None:
@@ -165,10 +168,10 @@ class FeedWindow:
     def per_slot(self, threads_per_slot: int | None = None) -> int:
         if not self.recent:
             return SCANS_IN_FLIGHT_PER_WORKER
-        columns = zip(*self.recent, strict=True)
-        preprocess, predict, finish = (statistics.median(column) for column in columns)
-        predict = max(predict, 1e-3)
-        wanted = 2 + math.ceil((preprocess + finish) / predict)
+        cpu = [preprocess + finish for preprocess, _, finish in self.recent]
+        predict = max(statistics.fmean(predict for _, predict, _ in self.recent), 1e-3)
+        spread = statistics.pstdev(cpu) if len(cpu) > 1 else 0.0
+        wanted = 2 + math.ceil((statistics.fmean(cpu) + spread) / predict)
         ceiling = min(self.maximum, threads_per_slot or self.maximum)
         return max(SCANS_IN_FLIGHT_PER_WORKER, min(wanted, ceiling))
 

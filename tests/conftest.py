@@ -24,7 +24,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, cohort: Path) -> Path:
     """scripts/make_bench_model.py --size tiny: nnU-Net's planner at 0.8 mm, shrunk to a
-    4-32 feature, 48^3 patch, 1.6 mm network with RANDOM weights (not a model: fast
+    4-32 feature, 64^3 patch, 2.5 mm network with RANDOM weights (not a model: fast
     enough on a CPU to compare implementations, its masks mean nothing). Its output
     bias is set on a cohort scan for 2 % foreground, so that masks have shapes."""
     out = tmp_path_factory.mktemp("bench_model")

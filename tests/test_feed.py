@@ -9,6 +9,8 @@ LocalClusters; the window is counted, not timed.
 
 from __future__ import annotations
 
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,13 +51,18 @@ def test_the_window_per_slot_follows_the_stage_times() -> None:
     assert len(window.recent) == 5
 
 
-def test_the_window_follows_the_median_of_recent_scans() -> None:
+def test_the_window_follows_the_mean_of_recent_scans() -> None:
     window = FeedWindow(maximum=64)
     for _ in range(40):
         window.observe(stage_seconds(0.5, 1.0, 0.5))
-    for _ in range(20):  # the cohort moves on to 0.5 mm scans
+    for _ in range(32):  # the cohort moves on to 0.5 mm scans
         window.observe(stage_seconds(6.0, 1.0, 3.0))
-    assert window.per_slot() == 2 + 6 + 3
+    assert window.per_slot() == 2 + 9
+    for _ in range(8):  # a quarter of them at 1 mm again: mean + SD, not the median
+        window.observe(stage_seconds(0.5, 1.0, 0.5))
+    cpu = [9.0] * 24 + [1.0] * 8
+    assert window.per_slot() == 2 + math.ceil(statistics.fmean(cpu) + statistics.pstdev(cpu))
+    assert window.per_slot() == 13  # the median (9) would give 11, the mean alone 9
 
 
 @pytest.mark.parametrize(
@@ -72,6 +79,7 @@ def test_a_gpu_machine_gives_its_cores_to_the_cpu_stages(
     layout = LocalLayout.for_machine(1, gpu=gpu, cpu_workers=cpu_workers, cores=16)
     assert layout == expected
     assert LocalLayout.for_machine(2, gpu=True, cores=16).threads_per_inference_worker == 9
+    assert LocalLayout.for_machine(2, gpu=True, cores=2).threads_per_inference_worker == 4
     assert LocalLayout(1, 2, 1, 3, 5).threads_per_slot == 17
 
 

@@ -5,7 +5,7 @@ read, with torch resampling; predict_case does the export (resampling, argmax) o
 predictor's device. Both must give what nnU-Net's `run_case` and
 `convert_predicted_logits_to_segmentation_with_correct_shape` give, for every grid of
 the synthetic sites (1 mm RAS, 0.8 mm oblique LAS, 0.9 x 0.9 x 3 mm oblique LPS) onto
-a 1.6 mm model (a spline resize each way, and nnU-Net's separate slow axis for 3 mm
+a 2.5 mm model (a spline resize each way, and nnU-Net's separate slow axis for 3 mm
 slices), for both places the resampling can happen (preprocess on the CPU, or predict
 on the device), and for a model whose reader pingu-dask leaves to nnU-Net. The model
 is the tiny one the benchmarks make (random weights, its output bias set for ~0.2 %
