@@ -78,8 +78,8 @@ def real_scans(
             raise FileNotFoundError(f"{source_name} is not on this machine: {INSTALL}")
         target = folder / f"{kind}.nii.gz"
         if not target.exists():
-            if site_name is None:
-                target.symlink_to(sources[source_name])
+            if site_name is None:  # absolute: a relative target would resolve from `folder`
+                target.symlink_to(sources[source_name].resolve())
             else:
                 rng = np.random.default_rng(seed + index)
                 reslice(sources[source_name], SITES[site_name], target, rng)

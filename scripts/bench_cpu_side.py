@@ -309,10 +309,26 @@ def main() -> None:
                     mask = cleaned(results[variant]["mask"])
                     agreement.append((model_name, kind, variant, float((mask == reference).mean())))
         demo_rows = [] if args.skip_demo_agreement else demo_agreement(scans, work / "demo")
-    write(args, rows, agreement, demo_rows)
+    write(args, rows, agreement, demo_rows, models)
 
 
-def write(args, rows, agreement, demo_rows) -> None:
+def model_line(name: str, folder: Path) -> str:
+    """What the model is: its card (scripts/make_bench_model.py) where it has one."""
+    card_file = folder / "model_card.json"
+    if not card_file.exists():
+        return f"- `{name}`: `{folder.name}`, the bundled demo model (1 mm, trained on phantoms)."
+    card = json.loads(card_file.read_text())
+    patch = "x".join(map(str, card["patch_size"]))
+    return (
+        f"- `{name}`: `{folder.name}`, **random weights** (scripts/make_bench_model.py): "
+        f"nnU-Net's planner at {card['spacing'][0]} mm, {card['n_stages']} stages, features "
+        f"{card['features_per_stage'][0]}-{card['features_per_stage'][-1]}, patch {patch}, "
+        f"{card['parameters'] / 1e6:.1f} M parameters, {card['flops_per_patch'] / 1e9:.0f} "
+        "GFLOP per patch (forward, convolutions)."
+    )
+
+
+def write(args, rows, agreement, demo_rows, models) -> None:
     cores = available_cores()
     lines = [
         "## CPU side per scan on real heads: before, after, nnUNetv2_predict",
@@ -324,6 +340,8 @@ def write(args, rows, agreement, demo_rows) -> None:
         f" {cores}); each variant in a fresh process; the network is not run (stand-in "
         "float16 logits, the same for every variant); `device` is what a GPU does in "
         "predict (resampling in and out, argmax), timed here on the CPU.",
+        "",
+        *[model_line(name, folder) for name, folder in models.items()],
         "",
         "| model | input | variant | preprocess core-s | finish core-s | CPU side core-s "
         "| device part, CPU core-s | wall s (pre + finish) | process peak MiB |",

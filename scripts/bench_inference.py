@@ -111,6 +111,15 @@ def run_dask(
     return seconds, records, sampler
 
 
+def run(command: list[str], env: dict | None = None) -> None:
+    """Run a step of the benchmark; on failure, say which and show its error output."""
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(
+            f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-4000:]}"
+        )
+
+
 def results_folder(model: Model, root: Path) -> tuple[str, str, str]:
     """Lay the model out as nnU-Net's results folder wants it: (dataset id, trainer, plans)."""
     trainer, plans, _ = model.folder.name.split("__")
@@ -161,7 +170,7 @@ def bench_model(args: argparse.Namespace, calibrate: Path | None) -> Model:
                 command += ["--reader", args.reader]
             if calibrate is not None:
                 command += ["--calibrate-on", str(calibrate)]
-            subprocess.run(command, check=True, capture_output=True)
+            run(command)
         folds = tuple(str(fold) for fold in range(args.folds))
         return resolve_model(next(target.glob("Dataset902_*/*__3d_fullres")), folds)
     return resolve_model(args.model)
@@ -239,7 +248,7 @@ def main() -> None:
                 command = nnunet_command(
                     inputs, folder, nnunet_layout, model.folds, args.device, tta
                 )
-                subprocess.run(command, env=env, check=True, capture_output=True)
+                run(command, env)
             rows.append((tag, "(b) nnUNetv2_predict, folder mode (-npp 3 -nps 3)",
                          time.perf_counter() - started, gpu))  # fmt: skip
             for kind, values in agreement_by_kind(best[1], folder, kinds).items():
@@ -255,7 +264,7 @@ def main() -> None:
                     (single / f"{scan.scan_id}_0000.nii.gz").symlink_to(scan.channel("t1w"))
                     command = nnunet_command(single, work / f"per-case-{tta}", nnunet_layout,
                                              model.folds, args.device, tta)  # fmt: skip
-                    subprocess.run(command, env=env, check=True, capture_output=True)
+                    run(command, env)
             per_case = (time.perf_counter() - started) * len(scans) / len(chosen)
             label = "(c) nnUNetv2_predict, one call per scan"
             if len(chosen) < len(scans):
