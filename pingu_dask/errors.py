@@ -24,8 +24,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NamedTuple
 
-from pingu_dask.imaging import ImageError
-from pingu_dask.regions import RegionError
+from pingu_dask.analysis.regions import RegionError
+from pingu_dask.inputs.imaging import ImageError
 
 
 class PinguError(Exception):

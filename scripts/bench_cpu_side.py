@@ -46,13 +46,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import git_revision, machine, write_section
 
-from pingu_dask.anatomy import KINDS, real_scans
+from pingu_dask.analysis.clusters import clean_mask
 from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
-from pingu_dask.imaging import voxel_volume
-from pingu_dask.manifest import Scan
+from pingu_dask.inputs.imaging import voxel_volume
+from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.postprocess import clean_mask
-from pingu_dask.stages import Pipeline
+from pingu_dask.run.stages import Pipeline
+from pingu_dask.synth.anatomy import KINDS, real_scans
 
 SCRIPTS = Path(__file__).resolve().parent
 VARIANTS = ("nnunet", "before", "after_cpu", "after_gpu")
@@ -99,14 +99,15 @@ def stand_in_logits(shape: tuple[int, ...], seed: int = 7) -> np.ndarray:
 def run_variant(variant: str, model_folder: Path, scan_path: Path, out: Path) -> dict:
     import torch
 
-    from pingu_dask import stages, store
+    from pingu_dask.output import layout
+    from pingu_dask.run import stages
 
     torch.set_num_threads(available_cores())
     model = resolve_model(model_folder)
     scan = Scan(scan_path.name.split(".")[0], (("t1w", scan_path),))
     settings = InferenceSettings(tta=False, device="cpu", torch_threads=available_cores())
     pipeline = Pipeline(model, settings, out)
-    store.prepare_output(out)
+    layout.prepare_output(out)
     clock = Clock()
     mask_file = out / "nifti" / f"{scan.scan_id}.nii.gz"
     if variant == "nnunet":
@@ -148,10 +149,10 @@ def before_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
         convert_predicted_logits_to_segmentation_with_correct_shape,
     )
 
-    from pingu_dask import store
-    from pingu_dask.analyse import analyse_mask, input_fingerprint
-    from pingu_dask.imaging import check_image_data, save_nifti
+    from pingu_dask.analysis.scan import analyse_mask, input_fingerprint
+    from pingu_dask.inputs.imaging import check_image_data, save_nifti
     from pingu_dask.nnunet.plans import model_plan
+    from pingu_dask.output import masks
 
     plan = model_plan(pipeline.model)
     with clock.step("preprocess"):
@@ -171,7 +172,7 @@ def before_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
         )  # fmt: skip
         raw = np.asarray(segmentation).transpose(2, 1, 0)
         analysis = analyse_mask(raw, info.affine, scan, None, pipeline.clusters, pipeline.regions)
-        store.write_mask(pipeline.out, scan.scan_id, analysis.mask, info.affine, {})
+        masks.write_mask(pipeline.out, scan.scan_id, analysis.mask, info.affine, {})
         save_nifti(pipeline.out / "nifti" / f"{scan.scan_id}.nii.gz", analysis.mask, info.affine)
 
 
@@ -179,9 +180,9 @@ def after_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
     """This code's stages; the device's part (predict without the network) apart."""
     import torch
 
-    from pingu_dask import stages
     from pingu_dask.nnunet import case as nnunet_case
     from pingu_dask.nnunet.plans import model_plan
+    from pingu_dask.run import stages
 
     plan = model_plan(pipeline.model)
     with clock.step("preprocess"):
@@ -232,8 +233,8 @@ def demo_agreement(scans: dict[str, Path], work: Path) -> list[tuple[str, float,
     (kind, voxels agreeing, Dice, peak RSS MiB of the worker) per scan."""
     from distributed import Client
 
-    from pingu_dask.cluster import local_cluster
-    from pingu_dask.runner import segment_cohort
+    from pingu_dask.run.clusters import local_cluster
+    from pingu_dask.run.loop import segment_cohort
 
     model = resolve_model("demo")
     settings = InferenceSettings(tta=False, device="cpu")

@@ -26,13 +26,13 @@ from benchdoc import git_revision, machine, write_section
 from distributed import Client
 from prometheus_client import CollectorRegistry, generate_latest
 
-from pingu_dask import dashboard
-from pingu_dask.cluster import local_cluster
 from pingu_dask.config import InferenceSettings
-from pingu_dask.manifest import Scan
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.monitor import plugin as dashboard
 from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.runner import segment_cohort
-from pingu_dask.stages import Pipeline
+from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.loop import segment_cohort
+from pingu_dask.run.stages import Pipeline
 
 
 def transition_cost(scans: int) -> float:

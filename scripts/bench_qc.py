@@ -23,13 +23,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import git_revision, machine, write_section
 
-from pingu_dask import ledger, qc, report, store, tables
-from pingu_dask.analyse import analyse_mask, scan_regions
+from pingu_dask.analysis.regions import ASEG
+from pingu_dask.analysis.scan import analyse_mask, scan_regions
 from pingu_dask.config import ClusterSettings
-from pingu_dask.imaging import check_image_data, load_volume
-from pingu_dask.manifest import load_manifest
-from pingu_dask.regions import ASEG
-from pingu_dask.synth import generate_cohort
+from pingu_dask.inputs.imaging import check_image_data, load_volume
+from pingu_dask.inputs.manifest import load_manifest
+from pingu_dask.output import layout, ledger, tables
+from pingu_dask.report import build as report
+from pingu_dask.report import qc
+from pingu_dask.synth.cohort import generate_cohort
 
 
 def time_pictures(root: Path, n_scans: int) -> list[tuple[str, str, float, float, int]]:
@@ -57,7 +59,7 @@ def time_pictures(root: Path, n_scans: int) -> list[tuple[str, str, float, float
 def time_report(root: Path, n: int) -> tuple[float, int, int]:
     """Seconds to build the report of `n` scans, index.html bytes, gallery pages."""
     out = root / "big"
-    store.prepare_output(out)
+    layout.prepare_output(out)
     ids = [f"sub-{i:06d}" for i in range(n)]
     sites = [f"site{i % 8}" for i in range(n)]
     rng = np.random.default_rng(1)
@@ -80,11 +82,11 @@ def time_report(root: Path, n: int) -> tuple[float, int, int]:
         "inference": {}, "clusters": {}, "regions": {"table": "synthseg", "regions": {}},
         "pipeline_fingerprint": "-", "manifest": None, "n_scans": n, "runs": [],
     }  # fmt: skip
-    store.write_json(out / store.RUN_JSON, json.loads(json.dumps(run)))
-    (out / store.QC).mkdir()
+    layout.write_json(out / layout.RUN_JSON, json.loads(json.dumps(run)))
+    (out / layout.QC).mkdir()
     tiny = Image.new("P", (8, 8))
     for scan_id in ids:
-        tiny.save(out / store.QC / f"{scan_id}.png")
+        tiny.save(out / layout.QC / f"{scan_id}.png")
     started = time.perf_counter()
     index = report.build_report(out)
     seconds = time.perf_counter() - started

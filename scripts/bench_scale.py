@@ -40,14 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import git_revision, machine, write_section
 from distributed import Client
 
-from pingu_dask import ledger, store, tables
-from pingu_dask.analyse import input_fingerprint
-from pingu_dask.cluster import local_cluster
+from pingu_dask.analysis.scan import input_fingerprint
 from pingu_dask.config import InferenceSettings
-from pingu_dask.manifest import Scan, load_manifest
+from pingu_dask.inputs.manifest import Scan, load_manifest
 from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.runner import StageFunctions, segment_cohort
-from pingu_dask.stages import Pipeline
+from pingu_dask.output import layout, ledger, masks, tables
+from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.loop import StageFunctions, segment_cohort
+from pingu_dask.run.stages import Pipeline
 
 
 # --- the no-op stand-in (test-only; not a model) ---------------------------------------
@@ -66,7 +66,7 @@ def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | Non
         "pipeline_fingerprint": pipeline.fingerprint(),
         "input_fingerprint": input_fingerprint(scan),
     }
-    store.write_mask(pipeline.out, scan.scan_id, mask, np.eye(4), attrs)
+    masks.write_mask(pipeline.out, scan.scan_id, mask, np.eye(4), attrs)
     fingerprint = attrs["input_fingerprint"]
     row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0}
     row.update(n_voxels=0, total_volume_mm3=0.0)
@@ -164,7 +164,7 @@ def mark_done(out: Path, scans: list[Scan], pipeline: Pipeline) -> None:
     rows = []
     now = ledger.now()
     for scan in scans:
-        group = out / store.MASKS / scan.scan_id
+        group = out / layout.MASKS / scan.scan_id
         group.mkdir(parents=True, exist_ok=True)
         attrs = {**attrs_base, "input_fingerprint": input_fingerprint(scan)}
         document = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
@@ -210,10 +210,10 @@ def main() -> None:
 
         out = scratch / "out"
         pipeline = Pipeline(resolve_model("demo"), InferenceSettings(tta=False, device="cpu"), out)
-        store.prepare_output(out)
+        layout.prepare_output(out)
         seconds, plan = timed(ledger.plan_resume, out, report.scans, pipeline.fingerprint())
         assert len(plan.todo) == args.rows
-        seconds_names, _ = timed(store.nifti_names, report.scans)
+        seconds_names, _ = timed(layout.nifti_names, report.scans)
         results.append(
             (
                 f"plan a fresh run of {args.rows:,} scans (resume check + names)",

@@ -23,8 +23,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import git_revision, machine, write_section
 
-from pingu_dask.manifest import load_manifest
-from pingu_dask.synth import generate_cohort
+from pingu_dask.inputs.manifest import load_manifest
+from pingu_dask.synth.cohort import generate_cohort
 
 
 def timed(function, *args, **kwargs) -> tuple[float, object]:

@@ -12,7 +12,7 @@ Recipe (all in one process, CPU by default, ~45 min on 2 cores):
    code are nnU-Net's.
 4. Export: dataset.json, plans.json and fold_all/checkpoint_final.pth (optimizer state
    dropped, trainer name set to the plain `nnUNetTrainer`, whose inference is
-   identical) to pingu_dask/models/demo/nnUNetTrainer__nnUNetPlansDemo__3d_fullres.
+   identical) to pingu_dask/nnunet/demo/nnUNetTrainer__nnUNetPlansDemo__3d_fullres.
 5. Evaluation on a fresh synthetic cohort (another seed): voxel Dice and cluster F1,
    written to the model's README.
 
@@ -38,7 +38,7 @@ PLANS_NAME = "nnUNetPlansDemo"
 CONFIGURATION = "3d_fullres"
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = (
-    REPO / "pingu_dask" / "models" / "demo" / f"nnUNetTrainer__{PLANS_NAME}__{CONFIGURATION}"
+    REPO / "pingu_dask" / "nnunet" / "demo" / f"nnUNetTrainer__{PLANS_NAME}__{CONFIGURATION}"
 )
 
 
@@ -70,7 +70,7 @@ def set_nnunet_environment(work: Path) -> None:
 
 
 def make_raw_dataset(work: Path, n_scans: int, seed: int) -> None:
-    from pingu_dask.synth import generate_cohort
+    from pingu_dask.synth.cohort import generate_cohort
 
     raw = work / "nnUNet_raw" / DATASET_NAME
     if (raw / "dataset.json").exists():
@@ -196,11 +196,11 @@ def evaluate(work: Path, n_scans: int, train_args: argparse.Namespace) -> str:
     """Segment a fresh cohort (another seed) with the exported model; Markdown summary."""
     import numpy as np
 
-    from pingu_dask import stages
     from pingu_dask.config import InferenceSettings
-    from pingu_dask.manifest import load_manifest
+    from pingu_dask.inputs.manifest import load_manifest
     from pingu_dask.nnunet.model import resolve_model
-    from pingu_dask.synth import generate_cohort
+    from pingu_dask.run import stages
+    from pingu_dask.synth.cohort import generate_cohort
 
     cohort = work / "eval_cohort"
     shutil.rmtree(cohort, ignore_errors=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pingu_dask.synth import generate_cohort
+from pingu_dask.synth.cohort import generate_cohort
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

@@ -14,10 +14,10 @@ import os
 import time
 from pathlib import Path
 
-from pingu_dask import tables
 from pingu_dask.errors import ModelError
-from pingu_dask.manifest import Scan
-from pingu_dask.stages import Pipeline, stage
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output import tables
+from pingu_dask.run.stages import Pipeline, stage
 
 
 def _control(pipeline: Pipeline, name: str) -> Path:

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pingu_dask import bids, tables
 from pingu_dask.cli import main
-from pingu_dask.synth import generate_cohort
+from pingu_dask.inputs import bids
+from pingu_dask.output import tables
+from pingu_dask.synth.cohort import generate_cohort
 
 
 def copy(source: Path, target: Path) -> Path:

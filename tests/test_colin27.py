@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pingu_dask import qc
+from pingu_dask.report import qc
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 SCANS = {"colin27-1mm": "ch2.nii.gz", "colin27-05mm": "ch2better.nii.gz"}

@@ -14,8 +14,8 @@ import dask.config
 import pandas as pd
 import pytest
 
-from pingu_dask import ledger, tables
-from pingu_dask.manifest import Scan
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output import ledger, tables
 
 SCANS = 200
 # parts per table after SCANS scans flushed one by one: clusters for every 3rd scan,

@@ -34,12 +34,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pingu_dask import tables
 from pingu_dask.cli import main
 from pingu_dask.config import InferenceSettings
 from pingu_dask.nnunet.convert_v1 import V1_CHECKPOINT, import_v1_model
 from pingu_dask.nnunet.model import ModelError, resolve_model
 from pingu_dask.nnunet.predictor import load_predictor
+from pingu_dask.output import tables
 
 # PINGU's published run script: nnUNet_predict -tr nnUNetTrainerV2 -m 3d_fullres
 #   -p nnUNetPlansv2.1_trgSp_8x8x8 -t Task101_LabelsSpecificplusWP5FCV (every fold)

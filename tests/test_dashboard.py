@@ -25,14 +25,16 @@ from distributed import Client
 from helpers import absolute_manifest, headless, shown, with_nan_scan
 from prometheus_client import CollectorRegistry, generate_latest
 
-from pingu_dask import dashboard, stages, tables
-from pingu_dask.cluster import JobOptions, jobqueue_cluster, local_cluster
+from pingu_dask.analysis.regions import ASEG
 from pingu_dask.config import ClusterSettings, InferenceSettings
-from pingu_dask.manifest import load_manifest
+from pingu_dask.inputs.manifest import load_manifest
+from pingu_dask.monitor import plugin as dashboard
 from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.regions import ASEG
-from pingu_dask.runner import StageFunctions, segment_cohort
-from pingu_dask.synth import generate_cohort
+from pingu_dask.output import tables
+from pingu_dask.run import stages
+from pingu_dask.run.clusters import JobOptions, jobqueue_cluster, local_cluster
+from pingu_dask.run.loop import StageFunctions, segment_cohort
+from pingu_dask.synth.cohort import generate_cohort
 
 FAST = InferenceSettings(tta=False, step_size=1.0, device="cpu", torch_threads=1)
 TOKEN = "t0k3n"

@@ -18,22 +18,22 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pingu_dask import tables
-from pingu_dask.analyse import evaluate_against_reference, evaluate_stored
-from pingu_dask.cli import main
-from pingu_dask.cli.common import cluster_settings
-from pingu_dask.config import ClusterSettings
-from pingu_dask.evaluate import (
+from pingu_dask.analysis.evaluate import (
     agreement,
     count_agreement,
     lin_ccc,
     pearson_r,
     reference_handling,
 )
-from pingu_dask.imaging import save_nifti
-from pingu_dask.manifest import Scan
-from pingu_dask.regions import ASEG
-from pingu_dask.report import agreement_rows
+from pingu_dask.analysis.regions import ASEG
+from pingu_dask.analysis.scan import evaluate_against_reference, evaluate_stored
+from pingu_dask.cli import main
+from pingu_dask.cli.common import cluster_settings
+from pingu_dask.config import ClusterSettings
+from pingu_dask.inputs.imaging import save_nifti
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output import tables
+from pingu_dask.report.build import agreement_rows
 
 AS_GIVEN = ClusterSettings(max_outside_brain=None)
 FILTERED = ClusterSettings(max_outside_brain=None, filter_reference=True)
@@ -125,7 +125,7 @@ def test_the_choice_comes_from_the_config_and_the_options() -> None:
 def test_the_choice_is_part_of_the_pipeline_fingerprint(tmp_path: Path) -> None:
     from pingu_dask.config import InferenceSettings
     from pingu_dask.nnunet.model import resolve_model
-    from pingu_dask.stages import Pipeline
+    from pingu_dask.run.stages import Pipeline
 
     model, inference = resolve_model("demo"), InferenceSettings(tta=False)
     as_given = Pipeline(model, inference, tmp_path, clusters=AS_GIVEN)

@@ -23,15 +23,16 @@ import torch
 from distributed import Client
 
 import pingu_dask
-from pingu_dask import stages, store, tables
-from pingu_dask.cluster import local_cluster
+from pingu_dask.analysis.clusters import clean_mask
+from pingu_dask.analysis.regions import ASEG
 from pingu_dask.config import ClusterSettings, InferenceSettings
-from pingu_dask.manifest import load_manifest
+from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import ModelError, demo_model_folder, resolve_model
 from pingu_dask.nnunet.predictor import load_counts, load_predictor
-from pingu_dask.postprocess import clean_mask
-from pingu_dask.regions import ASEG
-from pingu_dask.runner import segment_cohort
+from pingu_dask.output import masks, tables
+from pingu_dask.run import stages
+from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.loop import segment_cohort
 
 CPU = InferenceSettings(tta=False, device="cpu", torch_threads=2)
 
@@ -161,7 +162,7 @@ def test_dask_stages_write_masks_on_the_original_grid(dask_run, cohort: Path) ->
         data = np.asarray(mask.dataobj)
         assert int(data.sum()) == record["n_voxels"] > 0
         assert set(np.unique(data).tolist()) <= {0, 1}
-        stored, affine = store.read_mask(out, record["scan_id"])
+        stored, affine = masks.read_mask(out, record["scan_id"])
         assert np.array_equal(stored, data) and np.allclose(affine, t1.affine)
         assert set(record["seconds"]) == {"preprocess", "predict", "finish"}
         assert record["voxel_dice"] > 0.3  # the model really segments (see docs for figures)
@@ -180,7 +181,7 @@ def test_the_pipeline_writes_regions_clusters_and_evaluation(dask_run) -> None:
         assert whole.loc[scan_id, "n_clusters"] == record["n_clusters"]
         assert (clusters.scan_id == scan_id).sum() == record["n_clusters"]
         assert whole.loc[scan_id, "n_voxels"] == record["n_voxels"]
-        attrs = store.mask_attrs(out, scan_id)
+        attrs = masks.mask_attrs(out, scan_id)
         assert attrs["complete"] and attrs["model_fingerprint"] == model.fingerprint
     # Synthetic PVS are drawn in WM and BG only, so the model's clusters land there.
     share = regions.groupby("region")["n_clusters"].sum()

@@ -25,10 +25,10 @@ import pytest
 from click.testing import CliRunner
 from helpers import absolute_manifest
 
-from pingu_dask import store, tables
 from pingu_dask.cli import main
-from pingu_dask.lock import LOCK_NAME, LockedError, OutputLock, read_lock
-from pingu_dask.signals import Stopped, stop_on_signals
+from pingu_dask.output import layout, tables
+from pingu_dask.output.lock import LOCK_NAME, LockedError, OutputLock, read_lock
+from pingu_dask.run.signals import Stopped, stop_on_signals
 
 CONTENDERS = 8
 ROUNDS = 6
@@ -254,7 +254,7 @@ def test_the_heartbeat_advances_while_held_and_only_on_its_own_lock(tmp_path: Pa
 HOLDER_ON_ANOTHER_HOST = """
 import socket, sys, time
 socket.gethostname = lambda: "gpu-node-17"  # as if this process ran on another node
-from pingu_dask.lock import OutputLock
+from pingu_dask.output.lock import OutputLock
 OutputLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -331,7 +331,7 @@ def test_a_second_concurrent_run_is_refused_and_a_stale_lock_taken_over(
 
 def test_evaluate_is_refused_while_a_run_holds_the_output(tmp_path: Path) -> None:
     """`evaluate OUT` replaces OUT/tables/evaluation: not while a run writes there."""
-    (tmp_path / store.MASKS).mkdir()
+    (tmp_path / layout.MASKS).mkdir()
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("scan_id,t1w,reference\n")
     with OutputLock(tmp_path):
@@ -398,8 +398,8 @@ import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring them
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from pathlib import Path
-from pingu_dask.lock import OutputLock
-from pingu_dask.signals import Stopped, exit_code, stop_on_signals
+from pingu_dask.output.lock import OutputLock
+from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 out, clean_up_seconds = Path(sys.argv[1]), float(sys.argv[2])
 try:
     with stop_on_signals(), OutputLock(out):

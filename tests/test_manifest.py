@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from pingu_dask.cli import main
-from pingu_dask.imaging import save_nifti
-from pingu_dask.manifest import (
+from pingu_dask.inputs.imaging import save_nifti
+from pingu_dask.inputs.manifest import (
     ManifestError,
     load_manifest,
     require_valid,

@@ -10,14 +10,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pingu_dask.analyse import Regions, analyse_mask
-from pingu_dask.config import ClusterSettings
-from pingu_dask.evaluate import cluster_agreement, evaluate_by_region, summarise, voxel_dice
-from pingu_dask.imaging import save_nifti
-from pingu_dask.manifest import Scan
-from pingu_dask.metrics import cluster_measures
-from pingu_dask.postprocess import clean_mask, find_clusters
-from pingu_dask.regions import (
+from pingu_dask.analysis.clusters import clean_mask, find_clusters
+from pingu_dask.analysis.evaluate import (
+    cluster_agreement,
+    evaluate_by_region,
+    summarise,
+    voxel_dice,
+)
+from pingu_dask.analysis.metrics import cluster_measures
+from pingu_dask.analysis.regions import (
     ASEG,
     RegionError,
     assign_clusters,
@@ -25,6 +26,10 @@ from pingu_dask.regions import (
     parcellation_on_grid,
     region_names,
 )
+from pingu_dask.analysis.scan import Regions, analyse_mask
+from pingu_dask.config import ClusterSettings
+from pingu_dask.inputs.imaging import save_nifti
+from pingu_dask.inputs.manifest import Scan
 
 WM, BG = 2, 11
 

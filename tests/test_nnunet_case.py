@@ -31,7 +31,7 @@ from nnunetv2.inference.export_prediction import (
 )
 
 from pingu_dask.config import InferenceSettings
-from pingu_dask.imaging import check_image_data
+from pingu_dask.inputs.imaging import check_image_data
 from pingu_dask.nnunet.case import handled_here, predict_case, prepare_case, to_image_order
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.nnunet.plans import model_plan

@@ -18,14 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pingu_dask import tables
-from pingu_dask.analyse import MaskAnalysis, Regions, analyse_mask, scan_regions
-from pingu_dask.cli import main
-from pingu_dask.cli.common import cluster_settings
-from pingu_dask.config import ClusterSettings
-from pingu_dask.imaging import save_nifti
-from pingu_dask.manifest import Scan
-from pingu_dask.regions import (
+from pingu_dask.analysis.regions import (
     ASEG,
     ASEG_PVS,
     assign_clusters,
@@ -34,6 +27,13 @@ from pingu_dask.regions import (
     outside_brain_shares,
     region_names,
 )
+from pingu_dask.analysis.scan import MaskAnalysis, Regions, analyse_mask, scan_regions
+from pingu_dask.cli import main
+from pingu_dask.cli.common import cluster_settings
+from pingu_dask.config import ClusterSettings
+from pingu_dask.inputs.imaging import save_nifti
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output import tables
 
 SHAPE = (44, 36, 24)
 LEFT_X, MID_X, RIGHT_X, BRAIN_X_END = (2, 18), (18, 22), (22, 38), 38

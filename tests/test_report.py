@@ -22,13 +22,15 @@ from click.testing import CliRunner
 from helpers import absolute_manifest, headless, shown, with_nan_scan
 from PIL import Image
 
-from pingu_dask import ledger, qc, report, store, tables
-from pingu_dask.analyse import Regions, analyse_mask
+from pingu_dask.analysis.evaluate import summarise
+from pingu_dask.analysis.regions import ASEG
+from pingu_dask.analysis.scan import Regions, analyse_mask
 from pingu_dask.cli import main
 from pingu_dask.config import ClusterSettings
-from pingu_dask.evaluate import summarise
-from pingu_dask.manifest import Scan
-from pingu_dask.regions import ASEG
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output import layout, ledger, tables
+from pingu_dask.report import build as report
+from pingu_dask.report import qc
 
 WM, BG = 2, 11  # FreeSurfer labels: cerebral white matter, caudate
 
@@ -177,7 +179,7 @@ def test_report_totals_and_failures_match_the_ledger(reported_run) -> None:
     failures = re.search(r'id="failures".*?</details>', text, re.S).group(0)
     assert "<b>ImageError</b>: 1 scan(s)" in failures
     assert "bad_nan" in failures and "NaN or infinite" in failures
-    run = store.read_run_json(out)
+    run = layout.read_run_json(out)
     provenance = dict((row[0], row[1]) for row in cells_th(text, "provenance-table"))
     assert run["model"]["fingerprint"] in provenance["model fingerprint"]
     assert run["pipeline_fingerprint"] in provenance["pipeline fingerprint"]
@@ -242,7 +244,7 @@ def test_report_pictures_exist_and_the_page_renders_in_chromium(reported_run) ->
 def test_the_report_of_10000_scans_stays_small_and_pages_its_gallery(tmp_path: Path) -> None:
     n = 10_000
     out = tmp_path / "out"
-    store.prepare_output(out)
+    layout.prepare_output(out)
     ids = [f"sub-{i:05d}" for i in range(n)]
     sites = [("a", "b", "c", "d")[i % 4] for i in range(n)]
     counts = 20 + np.arange(n) % 11  # evenly spread: no scan is beyond 3 MAD...
@@ -260,7 +262,7 @@ def test_the_report_of_10000_scans_stays_small_and_pages_its_gallery(tmp_path: P
         ledger.attempt_row(i, s, ledger.OK, 1, "bulk", now) for i, s in zip(ids, sites, strict=True)
     ]
     tables.write_part(out, "ledger", tables.to_table("ledger", attempts), "made")
-    store.write_json(out / store.RUN_JSON, json.loads(json.dumps(fake_run_info(n))))
+    layout.write_json(out / layout.RUN_JSON, json.loads(json.dumps(fake_run_info(n))))
     tiny = Image.new("P", (8, 8))
     (out / "qc").mkdir()
     for scan_id in ids:
@@ -293,13 +295,13 @@ def fake_run_info(n: int) -> dict:
 
 def test_a_run_where_nothing_is_done_yet_still_gets_a_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    store.prepare_output(out)
+    layout.prepare_output(out)
     failed = ledger.attempt_row(
         "sub-1", "a", ledger.FAILED, 1, "r1", ledger.now(),
         error=("ImageError", "preprocess: image is empty", False, None),
     )  # fmt: skip
     tables.write_part(out, "ledger", tables.to_table("ledger", [failed]), "made")
-    store.write_json(out / store.RUN_JSON, fake_run_info(2))
+    layout.write_json(out / layout.RUN_JSON, fake_run_info(2))
     text = report.build_report(out).read_text()
     assert shown(text, "n-done") == "0" and shown(text, "n-failed") == "1"
     assert shown(text, "n-not-done") == "1"

@@ -20,8 +20,11 @@ import pytest
 import standins
 from distributed import Client, LocalCluster
 
-from pingu_dask import tables
-from pingu_dask.cluster import (
+from pingu_dask.config import InferenceSettings
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.output import tables
+from pingu_dask.run.clusters import (
     INFERENCE_RESOURCE,
     JobCapacity,
     PresentWorkers,
@@ -29,11 +32,8 @@ from pingu_dask.cluster import (
     local_cluster,
     scheduler_settings,
 )
-from pingu_dask.config import InferenceSettings
-from pingu_dask.manifest import Scan
-from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.runner import RunStopped, StageFunctions, segment_cohort
-from pingu_dask.stages import Pipeline
+from pingu_dask.run.loop import RunStopped, StageFunctions, segment_cohort
+from pingu_dask.run.stages import Pipeline
 
 STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
 

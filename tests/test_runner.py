@@ -25,18 +25,18 @@ from click.testing import CliRunner
 from distributed import Client
 from helpers import absolute_manifest
 
-from pingu_dask import tables
 from pingu_dask.cli import main
-from pingu_dask.cluster import local_cluster
-from pingu_dask.cohort import RunRefused, check_settings
 from pingu_dask.config import ClusterSettings, InferenceSettings
-from pingu_dask.lock import read_lock
-from pingu_dask.manifest import load_manifest
+from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.nnunet.predictor import load_counts
-from pingu_dask.runner import segment_cohort
-from pingu_dask.stages import Pipeline
-from pingu_dask.synth import generate_cohort
+from pingu_dask.output import tables
+from pingu_dask.output.lock import read_lock
+from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.loop import segment_cohort
+from pingu_dask.run.orchestrate import RunRefused, check_settings
+from pingu_dask.run.stages import Pipeline
+from pingu_dask.synth.cohort import generate_cohort
 
 FAST = InferenceSettings(tta=False, step_size=1.0, device="cpu", torch_threads=1)
 FAST_OPTIONS = ["--model", "demo", "--no-tta", "--step-size", "1.0", "--device", "cpu"]
@@ -276,43 +276,43 @@ def test_broken_inputs_each_get_a_clear_row_and_good_scans_finish(
 
 
 def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:
-    from pingu_dask import store
-    from pingu_dask.runner import provenance
+    from pingu_dask.output import layout
+    from pingu_dask.run.loop import provenance
 
     model = resolve_model("demo")
     first = Pipeline(model, FAST, tmp_path)
-    store.prepare_output(tmp_path)
-    store.write_json(tmp_path / store.RUN_JSON, provenance(first, None, 1))
+    layout.prepare_output(tmp_path)
+    layout.write_json(tmp_path / layout.RUN_JSON, provenance(first, None, 1))
     check_settings(tmp_path, first, force=False)  # the same settings: fine
     other = Pipeline(model, FAST, tmp_path, ClusterSettings(connectivity=6))
     with pytest.raises(RunRefused, match=r"different: clusters"):
         check_settings(tmp_path, other, force=False)
     check_settings(tmp_path, other, force=True)
-    assert not (tmp_path / store.RUN_JSON).exists() and not (tmp_path / store.MASKS).exists()
+    assert not (tmp_path / layout.RUN_JSON).exists() and not (tmp_path / layout.MASKS).exists()
 
 
 def test_other_versions_are_refused_on_resume_unless_allowed(
     cohort20: Path, tmp_path: Path
 ) -> None:
-    from pingu_dask import store
-    from pingu_dask.cohort import current_versions
-    from pingu_dask.runner import provenance
+    from pingu_dask.output import layout
+    from pingu_dask.run.loop import provenance
+    from pingu_dask.run.orchestrate import current_versions
 
     pipeline = Pipeline(resolve_model("demo"), FAST, tmp_path)
-    store.prepare_output(tmp_path)
+    layout.prepare_output(tmp_path)
     run_info = provenance(pipeline, None, 1)
     run_info["runs"] = [{"run_id": "earlier", "versions": current_versions()}]
-    store.write_json(tmp_path / store.RUN_JSON, run_info)
+    layout.write_json(tmp_path / layout.RUN_JSON, run_info)
     check_settings(tmp_path, pipeline, force=False)  # the same versions: fine
 
     run_info["runs"][-1]["versions"].update({"torch": "2.0.0", "nnunetv2": "2.5"})
-    store.write_json(tmp_path / store.RUN_JSON, run_info)
+    layout.write_json(tmp_path / layout.RUN_JSON, run_info)
     with pytest.raises(RunRefused) as refused:
         check_settings(tmp_path, pipeline, force=False)
     now = current_versions()
     assert f"nnunetv2 2.5 -> {now['nnunetv2']}; torch 2.0.0 -> {now['torch']}" in str(refused.value)
     check_settings(tmp_path, pipeline, force=False, allow_version_change=True)
-    assert (tmp_path / store.RUN_JSON).exists()  # allowed: nothing deleted
+    assert (tmp_path / layout.RUN_JSON).exists()  # allowed: nothing deleted
 
     # The CLI refuses before any work, naming the option.
     manifest = tmp_path / "one.csv"
@@ -325,14 +325,14 @@ def test_other_versions_are_refused_on_resume_unless_allowed(
 
 def test_status_counts_the_scans_of_the_latest_manifest(tmp_path: Path) -> None:
     """An OUT first run with 5 scans, then with a manifest of 3 of them and 1 new one."""
-    from pingu_dask import ledger, store
+    from pingu_dask.output import layout, ledger
 
     started = ledger.now()
     with tables.TableWriter(tmp_path) as writer:
         for i in range(1, 6):
             row = ledger.attempt_row(f"sub-{i}", "a", ledger.OK, 1, "first", started)
             writer.add({}, [row])
-    store.write_json(tmp_path / store.RUN_JSON, {"n_scans": 4})
+    layout.write_json(tmp_path / layout.RUN_JSON, {"n_scans": 4})
     ledger.write_manifest_scans(tmp_path, ["sub-1", "sub-2", "sub-3", "sub-9"])
     result = CliRunner().invoke(main, ["status", str(tmp_path)])
     text = " ".join(result.output.split())

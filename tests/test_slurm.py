@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pingu_dask import tables
-from pingu_dask.cluster import JobOptions, jobqueue_cluster, lifetime_arguments, parse_walltime
-from pingu_dask.synth import generate_cohort
+from pingu_dask.output import tables
+from pingu_dask.run.clusters import JobOptions, jobqueue_cluster, lifetime_arguments, parse_walltime
+from pingu_dask.synth.cohort import generate_cohort
 
 SLURM_OPTIONS = [
     "--model", "demo", "--no-tta", "--step-size", "1.0", "--device", "cpu",
@@ -341,7 +341,7 @@ def test_slurm_and_pbs_job_scripts() -> None:
         "export DASK_PINGU__WORKER_THREADS=4",
     ):
         assert line in script, (line, script)
-    assert "-m pingu_dask.worker" in script and "--resources GPU=1" in script
+    assert "-m pingu_dask.run.worker" in script and "--resources GPU=1" in script
     assert "--nworkers 2" in script and "--lifetime 12660s --lifetime-stagger 300s" in script
 
     # No PBS server is installable here: the generated script is checked as text only.
@@ -354,7 +354,7 @@ def test_slurm_and_pbs_job_scripts() -> None:
         "source /opt/pingu/venv/bin/activate",
     ):
         assert line in script, (line, script)
-    assert "-m pingu_dask.worker" in script and "--resources GPU=1" in script
+    assert "-m pingu_dask.run.worker" in script and "--resources GPU=1" in script
 
 
 def job_script(kind: str, options: JobOptions) -> str:
@@ -398,7 +398,8 @@ def test_the_deploy_jobqueue_file_drives_the_job_script() -> None:
     options = JobOptions(python="apptainer exec --nv pingu.sif python", walltime="00:30:00")
     cluster = jobqueue_cluster("slurm", options)
     try:
-        assert "apptainer exec --nv pingu.sif python -m pingu_dask.worker" in cluster.job_script()
+        command = "apptainer exec --nv pingu.sif python -m pingu_dask.run.worker"
+        assert command in cluster.job_script()
     finally:
         cluster.close()
 

@@ -12,11 +12,11 @@ import pytest
 import zarr
 
 import pingu_dask
-from pingu_dask import store, tables
-from pingu_dask.analyse import Regions, analyse_mask
+from pingu_dask.analysis.regions import ASEG
+from pingu_dask.analysis.scan import Regions, analyse_mask
 from pingu_dask.config import ClusterSettings
-from pingu_dask.manifest import Scan
-from pingu_dask.regions import ASEG
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output import layout, masks, tables
 
 # Array axis 0 runs along -x (a flipped, LAS-like grid), 0.8 mm in-plane, 2 mm slices.
 AFFINE = np.array([[-0.8, 0, 0, 30.0], [0, 0.8, 0, -20.0], [0, 0, 2.0, -10.0], [0, 0, 0, 1]])
@@ -42,23 +42,23 @@ def fake_mask(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An output directory written the way the pipeline writes it (three scans)."""
     out = tmp_path_factory.mktemp("out")
-    store.prepare_output(out)
+    layout.prepare_output(out)
     scans = [make_scan("s1", "A", "01"), make_scan("s2", "A", "02"), make_scan("s3", "B")]
     with tables.TableWriter(out, every_scans=2) as writer:
         for seed, scan in enumerate(scans):
             mask, parcellation = fake_mask(seed)
             regions = Regions(ASEG.index_map(parcellation), None)
             cleaned, record, *_ = analyse_mask(mask, AFFINE, scan, regions, ClusterSettings(), ASEG)
-            store.write_mask(out, scan.scan_id, cleaned, AFFINE, {"model_fingerprint": "abc"})
+            masks.write_mask(out, scan.scan_id, cleaned, AFFINE, {"model_fingerprint": "abc"})
             writer.add(record["tables"])
-    store.write_json(out / store.RUN_JSON, {"tool": "pingu-dask", "n_scans": 3})
+    layout.write_json(out / layout.RUN_JSON, {"tool": "pingu-dask", "n_scans": 3})
     return out
 
 
 def test_masks_zarr_layout_and_attributes(out: Path) -> None:
-    root = zarr.open_group(out / store.MASKS, mode="r")
+    root = zarr.open_group(out / layout.MASKS, mode="r")
     assert sorted(root.group_keys()) == ["s1", "s2", "s3"]
-    assert root.attrs["layout"] == store.LAYOUT_VERSION
+    assert root.attrs["layout"] == layout.LAYOUT_VERSION
     group = root["s1"]
     array = group["pvs"]
     assert array.dtype == np.uint8 and array.shape == (48, 40, 20)
@@ -70,21 +70,21 @@ def test_masks_zarr_layout_and_attributes(out: Path) -> None:
     assert group.attrs["spacing"] == pytest.approx([0.8, 0.8, 2.0])
     assert group.attrs["model_fingerprint"] == "abc"
     # One shard file per mask, not one file per chunk.
-    assert len(list((out / store.MASKS / "s1" / "pvs" / "c").rglob("*"))) >= 1
-    assert len([p for p in (out / store.MASKS / "s1").rglob("*") if p.is_file()]) == 3
+    assert len(list((out / layout.MASKS / "s1" / "pvs" / "c").rglob("*"))) >= 1
+    assert len([p for p in (out / layout.MASKS / "s1").rglob("*") if p.is_file()]) == 3
 
 
 def test_a_rewritten_mask_is_incomplete_until_done(out: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    store.prepare_output(copy)
+    layout.prepare_output(copy)
     mask, _ = fake_mask(0)
-    store.write_mask(copy, "x", mask, AFFINE, {})
-    assert store.read_mask(copy, "x")[0].sum() == mask.sum()
-    group = zarr.open_group(copy / store.MASKS / "x", mode="r+")
+    masks.write_mask(copy, "x", mask, AFFINE, {})
+    assert masks.read_mask(copy, "x")[0].sum() == mask.sum()
+    group = zarr.open_group(copy / layout.MASKS / "x", mode="r+")
     group.attrs.update({"complete": False})  # what a crash in the middle of a rewrite leaves
     with pytest.raises(KeyError, match="no complete mask for scan 'x'"):
-        store.read_mask(copy, "x")
-    assert store.mask_attrs(copy, "nowhere") is None
+        masks.read_mask(copy, "x")
+    assert masks.mask_attrs(copy, "nowhere") is None
 
 
 def test_tables_have_fixed_schemas_and_are_written_in_parts(out: Path) -> None:
@@ -129,7 +129,7 @@ def test_open_results_gives_xarray_objects(out: Path) -> None:
     assert mask["x"].values[:2].tolist() == pytest.approx([30.0, 29.2])  # flipped axis
     assert mask["z"].values[-1] == pytest.approx(-10.0 + 19 * 2.0)
     assert mask.attrs["oblique_degrees"] == 0.0
-    stored, _ = store.read_mask(out, "s2")
+    stored, _ = masks.read_mask(out, "s2")
     assert int(mask.sum()) == int(stored.sum()) > 0
     assert results.scan_ids == ["s1", "s2", "s3"]
     with pytest.raises(FileNotFoundError, match="not a pingu-dask output directory"):
@@ -145,7 +145,7 @@ def test_nifti_names_follow_bids_where_they_are_unique() -> None:
         make_scan("d", "X", "04_x"),  # not a BIDS label
         make_scan("e", "X"),
     ]
-    assert store.nifti_names(scans) == {
+    assert layout.nifti_names(scans) == {
         "a": "sub-01/ses-1/anat/sub-01_ses-1_desc-pvs_mask.nii.gz",
         "b": "sub-02/anat/sub-02_desc-pvs_mask.nii.gz",
         "c1": "sub-03/ses-1/anat/c1_desc-pvs_mask.nii.gz",

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pingu_dask.imaging import voxel_to_world
-from pingu_dask.phantom import BASAL_GANGLIA, WHITE_MATTER, Tube, rasterise_tubes
-from pingu_dask.synth import SITES, generate_cohort, make_scan, parse_sites
+from pingu_dask.inputs.imaging import voxel_to_world
+from pingu_dask.synth.cohort import SITES, generate_cohort, make_scan, parse_sites
+from pingu_dask.synth.phantom import BASAL_GANGLIA, WHITE_MATTER, Tube, rasterise_tubes
 
 REQUIRED_LABELS = {2, 41, 3, 42, 4, 43, 10, 49, 11, 50, 12, 51, 13, 52, 26, 58}
 

@@ -12,16 +12,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pingu_dask.config import ClusterSettings
-from pingu_dask.evaluate import count_agreement, reference_handling, summarise
-from pingu_dask.manifest import ManifestReport
-from pingu_dask.regions import (
+from pingu_dask.analysis.evaluate import count_agreement, reference_handling, summarise
+from pingu_dask.analysis.regions import (
     LABEL_GROUPS,
     RegionError,
     RegionTable,
     load_region_table,
     parse_labels,
 )
+from pingu_dask.config import ClusterSettings
+from pingu_dask.inputs.manifest import ManifestReport
 
 console = Console(highlight=False)
 SUMMARY_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")

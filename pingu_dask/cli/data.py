@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from pingu_dask import bids
 from pingu_dask.cli.common import console, print_report, split
-from pingu_dask.manifest import DEFAULT_CHANNELS, load_manifest
-from pingu_dask.synth import DEFAULT_SITES, SITES, ScanRecord, generate_cohort
+from pingu_dask.inputs import bids
+from pingu_dask.inputs.manifest import DEFAULT_CHANNELS, load_manifest
+from pingu_dask.synth.cohort import DEFAULT_SITES, SITES, ScanRecord, generate_cohort
 
 
 @click.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pyarrow as pa
 
-from pingu_dask import store, tables
+from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
     cluster_options,
     cluster_settings,
@@ -18,10 +18,10 @@ from pingu_dask.cli.common import (
     print_report,
     region_table,
 )
-from pingu_dask.lock import LockedError, OutputLock
-from pingu_dask.manifest import Scan, load_manifest
-from pingu_dask.regions import RegionTable
-from pingu_dask.signals import Stopped, exit_code, stop_on_signals
+from pingu_dask.inputs.manifest import Scan, load_manifest
+from pingu_dask.output import layout, masks, tables
+from pingu_dask.output.lock import LockedError, OutputLock
+from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 
 
 @click.command()
@@ -74,9 +74,9 @@ def evaluate(
     the per-site summary, and the agreement of PVS counts and volumes per scan (Lin's
     CCC, Pearson r, Bland-Altman bias and limits) per site and region.
     """
-    is_run = (source / store.MASKS).is_dir()
+    is_run = (source / layout.MASKS).is_dir()
     with _writing_into(source, is_run):
-        run_info = store.read_run_json(source) if is_run else None
+        run_info = layout.read_run_json(source) if is_run else None
         base = dict(run_info["clusters"]) if run_info else None
         settings = cluster_settings(
             connectivity,
@@ -150,8 +150,8 @@ def _mask_sources(
 ) -> tuple[list[tuple[Scan, Path]], list[str]]:
     """(scan, where its mask is) for every scan that has one; the ids of those without."""
     found, missing = [], []
-    stored = set(store.stored_scan_ids(source)) if is_run else set()
-    names = store.nifti_names(scans)
+    stored = set(masks.stored_scan_ids(source)) if is_run else set()
+    names = layout.nifti_names(scans)
     for scan in scans:
         if is_run:
             if scan.scan_id in stored:
@@ -177,8 +177,8 @@ def _evaluate_on_dask(sources, settings, table, workers: int):
     """Evaluate each (scan, mask) on a LocalCluster, a bounded window at a time."""
     from distributed import Client, as_completed
 
-    from pingu_dask.analyse import evaluate_stored
-    from pingu_dask.cluster import local_cluster
+    from pingu_dask.analysis.scan import evaluate_stored
+    from pingu_dask.run.clusters import local_cluster
 
     rows: list[pa.Table] = []
     failures: list[tuple[str, str]] = []

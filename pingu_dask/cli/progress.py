@@ -7,10 +7,10 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pingu_dask import ledger, store, tables
 from pingu_dask.cli.common import console, print_evaluation
-from pingu_dask.lock import read_lock
-from pingu_dask.runner import Progress as RunProgress
+from pingu_dask.output import layout, ledger, tables
+from pingu_dask.output.lock import read_lock
+from pingu_dask.run.loop import Progress as RunProgress
 
 PER_SCAN_LINES_UP_TO = 30  # print a line per finished scan in runs up to this size
 FAILURE_LINES = 20  # failed scans listed one per line by `status`
@@ -117,7 +117,7 @@ def print_status(out: Path, evaluation: bool = True) -> bool:
 
     Returns True when every scan of the run's manifest is done and none failed.
     """
-    run = store.read_run_json(out) or {}
+    run = layout.read_run_json(out) or {}
     summary = ledger.summarise_ledger(out)
     holder = read_lock(out)
     expected = run.get("n_scans")
@@ -159,9 +159,9 @@ def print_status(out: Path, evaluation: bool = True) -> bool:
         if len(frame):
             print_evaluation(frame, f"Evaluation against the reference masks ({out})")
     console.print(
-        f"outputs: masks {out / store.MASKS}, tables {out / tables.TABLES} "
+        f"outputs: masks {out / layout.MASKS}, tables {out / tables.TABLES} "
         "(regions, clusters, evaluation, ledger), provenance "
-        f"{out / store.RUN_JSON}"
+        f"{out / layout.RUN_JSON}"
     )
     complete = expected is None or ok == expected
     return complete and failed == 0 and invalid == 0

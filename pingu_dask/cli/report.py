@@ -20,7 +20,7 @@ def report(out: Path) -> None:
 
 def print_report_path(out: Path) -> Path:
     """Build the report and say where it is (also the end of `pingu-dask demo`)."""
-    from pingu_dask.report import ReportError, build_report
+    from pingu_dask.report.build import ReportError, build_report
 
     try:
         index = build_report(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pingu_dask import cohort
+from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
     cluster_options,
     cluster_settings,
@@ -26,17 +26,17 @@ from pingu_dask.cli.progress import (
     print_status,
 )
 from pingu_dask.cli.report import print_report_path
-from pingu_dask.cluster import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
-from pingu_dask.cohort import RunOutcome, RunRefused, RunRequest
 from pingu_dask.config import ClusterSettings, InferenceSettings
-from pingu_dask.ledger import ResumePlan
-from pingu_dask.lock import LockedError
-from pingu_dask.manifest import load_manifest
+from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import ModelError, resolve_model
-from pingu_dask.regions import RegionTable
-from pingu_dask.signals import Stopped, exit_code, stop_on_signals
-from pingu_dask.stages import Pipeline
-from pingu_dask.synth import generate_cohort
+from pingu_dask.output.ledger import ResumePlan
+from pingu_dask.output.lock import LockedError
+from pingu_dask.run import orchestrate as cohort
+from pingu_dask.run.clusters import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
+from pingu_dask.run.orchestrate import RunOutcome, RunRefused, RunRequest
+from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
+from pingu_dask.run.stages import Pipeline
+from pingu_dask.synth.cohort import generate_cohort
 
 STOPPED_EXIT_CODE = 3  # the circuit breaker stopped the run (1: some scans failed)
 BIDS_MANIFEST = "manifest_bids.csv"  # in OUT, for a BIDS dataset given as MANIFEST

@@ -53,7 +53,7 @@ def manifest_column(channel_name: str) -> str:
 
 def demo_model_folder() -> Path:
     """The small model bundled with the package (trained on synthetic data only)."""
-    root = Path(str(resources.files("pingu_dask") / "models" / DEMO_NAME))
+    root = Path(str(resources.files("pingu_dask.nnunet") / DEMO_NAME))
     folders = [p for p in root.iterdir() if (p / "plans.json").exists()] if root.exists() else []
     if len(folders) != 1:
         raise ModelError(f"the bundled demo model is missing from {root}")

@@ -45,11 +45,14 @@ from typing import NamedTuple
 
 from distributed import Client, Future
 
-from pingu_dask import __version__, dashboard, ledger, stages, store, tables
-from pingu_dask.cluster import INFERENCE_RESOURCE, Capacity, PresentWorkers
+from pingu_dask import __version__
 from pingu_dask.config import setting
 from pingu_dask.errors import ErrorReport, Verdict, describe
-from pingu_dask.manifest import Scan
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.monitor import plugin as dashboard
+from pingu_dask.output import layout, ledger, tables
+from pingu_dask.run import stages
+from pingu_dask.run.clusters import INFERENCE_RESOURCE, Capacity, PresentWorkers
 
 SCANS_IN_FLIGHT_PER_WORKER = 3  #: one per stage: before any stage time is known
 STAGES = ("preprocess", "predict", "finish")
@@ -218,10 +221,10 @@ def segment_cohort(
     `scan_timeout` (seconds) and `breaker_scans` default to the pingu config
     (scan-timeout, circuit-breaker-scans). Raises RunStopped when the breaker trips.
     """
-    store.prepare_output(pipeline.out)
-    names = store.nifti_names(scans) if pipeline.write_nifti else {}
+    layout.prepare_output(pipeline.out)
+    names = layout.nifti_names(scans) if pipeline.write_nifti else {}
     if pipeline.write_nifti:
-        store.describe_nifti_dataset(pipeline.out)
+        layout.describe_nifti_dataset(pipeline.out)
     retries = int(setting("retries")) if retries is None else retries
     if scan_timeout is None:
         scan_timeout = setting("scan-timeout")

@@ -1,4 +1,4 @@
-"""`python -m pingu_dask.worker SCHEDULER [dask worker options]`: a Dask worker for pingu-dask.
+"""`python -m pingu_dask.run.worker SCHEDULER [dask worker options]`: a Dask worker for pingu-dask.
 
 Batch-system jobs start workers this way (dask-jobqueue's worker_command) instead of
 `dask worker`, so that the worker processes get the environment torch inference needs
@@ -15,8 +15,8 @@ import sys
 def main() -> None:
     from distributed.cli.dask_worker import main as dask_worker
 
-    from pingu_dask.cluster import tuned_environment
     from pingu_dask.config import worker_threads
+    from pingu_dask.run.clusters import tuned_environment
 
     # The job script is the one place that knows the cores per worker process: it sets
     # pingu.worker-threads, and each worker sizes torch from it (not the driver's cores).

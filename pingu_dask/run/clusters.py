@@ -5,7 +5,7 @@ so each worker runs one prediction at a time (also on CPU-only machines, where t
 slot stands for "the cores torch is using"), while its other threads preprocess the
 next scan and finish the last one.
 
-Batch-system workers start through `python -m pingu_dask.worker`, which gives them
+Batch-system workers start through `python -m pingu_dask.run.worker`, which gives them
 the same tuned environment as local workers (see tuned_environment). Every jobqueue
 setting falls back to Dask's own `jobqueue.<system>` config (jobqueue.yaml), so a
 lab's existing file keeps working; our options only override it.
@@ -262,7 +262,7 @@ def jobqueue_cluster(kind: str, options: JobOptions, dashboard_address: str | No
         memory=memory,
         processes=processes,
         walltime=walltime,
-        worker_command="pingu_dask.worker",
+        worker_command="pingu_dask.run.worker",
         worker_extra_args=[*configured, *worker_arguments],
         job_script_prologue=[
             *(_option(kind, options, "job-script-prologue") or []),

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from pingu_dask import store, tables
-from pingu_dask.imaging import voxel_spacing
+from pingu_dask.inputs.imaging import voxel_spacing
+from pingu_dask.output import layout, masks, tables
 
 SCANNER_AXES = ("x", "y", "z")  # RAS+ scanner axes, millimetres
 
@@ -55,7 +55,7 @@ class Results:
     def scan_ids(self) -> list[str]:
         """Scans with a complete mask."""
         return [
-            s for s in store.stored_scan_ids(self.out) if store.mask_attrs(self.out, s)["complete"]
+            s for s in masks.stored_scan_ids(self.out) if masks.mask_attrs(self.out, s)["complete"]
         ]
 
     def mask(self, scan_id: str) -> xr.DataArray:
@@ -69,10 +69,10 @@ class Results:
         import dask.array
         import zarr
 
-        attrs = store.mask_attrs(self.out, scan_id)
+        attrs = masks.mask_attrs(self.out, scan_id)
         if not attrs or not attrs.get("complete"):
-            raise KeyError(f"no complete mask for scan {scan_id!r} in {self.out / store.MASKS}")
-        array = zarr.open_array(self.out / store.MASKS / scan_id / store.MASK_ARRAY, mode="r")
+            raise KeyError(f"no complete mask for scan {scan_id!r} in {self.out / layout.MASKS}")
+        array = zarr.open_array(self.out / layout.MASKS / scan_id / masks.MASK_ARRAY, mode="r")
         data = dask.array.from_zarr(array)
         affine = np.asarray(attrs["affine"], dtype=float)
         dims, coords, oblique = _scanner_coordinates(affine, data.shape)
@@ -110,6 +110,6 @@ def _scanner_coordinates(
 def open_results(out: str | Path) -> Results:
     """Open a pingu-dask output directory for reading."""
     out = Path(out)
-    if not (out / store.MASKS).exists() and not (out / tables.TABLES).exists():
+    if not (out / layout.MASKS).exists() and not (out / tables.TABLES).exists():
         raise FileNotFoundError(f"{out} is not a pingu-dask output directory (no masks, no tables)")
-    return Results(out, store.read_run_json(out))
+    return Results(out, layout.read_run_json(out))

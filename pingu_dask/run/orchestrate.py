@@ -16,8 +16,12 @@ from pathlib import Path
 
 from distributed import Client
 
-from pingu_dask import dashboard, ledger, store, tables
-from pingu_dask.cluster import (
+from pingu_dask.inputs.manifest import ManifestReport
+from pingu_dask.monitor import plugin as dashboard
+from pingu_dask.nnunet.predictor import uses_gpu
+from pingu_dask.output import layout, ledger, masks, tables
+from pingu_dask.output.lock import OutputLock
+from pingu_dask.run.clusters import (
     BATCH_SYSTEMS,
     Capacity,
     FixedCapacity,
@@ -25,10 +29,7 @@ from pingu_dask.cluster import (
     LocalLayout,
     PresentWorkers,
 )
-from pingu_dask.lock import OutputLock
-from pingu_dask.manifest import ManifestReport
-from pingu_dask.nnunet.predictor import uses_gpu
-from pingu_dask.runner import (
+from pingu_dask.run.loop import (
     Progress,
     RunStopped,
     manifest_info,
@@ -36,7 +37,7 @@ from pingu_dask.runner import (
     provenance,
     segment_cohort,
 )
-from pingu_dask.stages import Pipeline
+from pingu_dask.run.stages import Pipeline
 
 KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok records shrink to id + status
 
@@ -95,11 +96,11 @@ def check_settings(
 ) -> None:
     """Refuse to mix outputs of different models, settings or versions in one OUT
     (unless forced, or, for versions only, allowed)."""
-    previous = store.read_run_json(out)
+    previous = layout.read_run_json(out)
     if previous is None:
         return
     if force:
-        store.reset_output(out)
+        layout.reset_output(out)
         return
     changed = version_changes(previous, current_versions())
     if changed and not allow_version_change:
@@ -167,14 +168,14 @@ def run_cohort(
         outcome.took_over_lock = lock.took_over
         check_settings(out, pipeline, request.force, request.allow_version_change)
         tables.remove_orphan_parts(out)
-        store.remove_partial_masks(out)
+        masks.remove_partial_masks(out)
         plan = ledger.plan_resume(out, request.report.scans, pipeline.fingerprint())
         tables.drop_scans(out, plan.redo)
         tables.compact_if_fragmented(out)  # a resumed run's tables: few files before adding
         outcome.done_before, outcome.redone = len(plan.done), len(plan.redo)
         invalid = ledger.invalid_rows(request.report.problems, outcome.run_id)
         outcome.invalid = len(invalid)
-        run_info = store.read_run_json(out) or provenance(
+        run_info = layout.read_run_json(out) or provenance(
             pipeline, request.report.path, len(request.report.scans)
         )
         run_info["n_scans"] = len(request.report.scans)
@@ -189,7 +190,7 @@ def run_cohort(
             }
         )
         ledger.write_manifest_scans(out, [scan.scan_id for scan in request.report.scans])
-        store.write_json(out / store.RUN_JSON, run_info)
+        layout.write_json(out / layout.RUN_JSON, run_info)
         started = time.perf_counter()
         try:
             with _client(request, len(plan.todo)) as (client, capacity):
@@ -217,7 +218,7 @@ def run_cohort(
             outcome.seconds = time.perf_counter() - started
             run_info["runs"][-1]["finished"] = _now()
             run_info["finished"] = _now()
-            store.write_json(out / store.RUN_JSON, run_info)
+            layout.write_json(out / layout.RUN_JSON, run_info)
     return outcome
 
 
@@ -228,7 +229,7 @@ def _now() -> str:
 @contextmanager
 def _client(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, Capacity]]:
     """A client on the cluster the request names, and how many workers to plan for."""
-    from pingu_dask.cluster import jobqueue_cluster, local_cluster, scale_from_work
+    from pingu_dask.run.clusters import jobqueue_cluster, local_cluster, scale_from_work
 
     if request.cluster in BATCH_SYSTEMS:
         # Jobs are asked for from the scans left (scale_from_work), and released as
@@ -242,12 +243,12 @@ def _client(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, Capa
             yield client, PresentWorkers(client)
         return
     inference = request.pipeline.inference
-    layout = LocalLayout.for_machine(
+    machine = LocalLayout.for_machine(
         request.workers,
         gpu=uses_gpu(inference.device),
         cpu_workers=request.cpu_workers,
         torch_threads=inference.torch_threads,
     )
-    cluster = local_cluster(layout=layout, dashboard_address=request.dashboard_address)
+    cluster = local_cluster(layout=machine, dashboard_address=request.dashboard_address)
     with cluster, Client(cluster) as client:
-        yield client, FixedCapacity(request.workers, layout.threads_per_slot)
+        yield client, FixedCapacity(request.workers, machine.threads_per_slot)

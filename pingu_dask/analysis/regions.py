@@ -22,7 +22,7 @@ import nibabel as nib
 import nibabel.processing
 import numpy as np
 
-from pingu_dask.imaging import LABEL_MAP_SUFFIXES, load_volume
+from pingu_dask.inputs.imaging import LABEL_MAP_SUFFIXES, load_volume
 
 OTHER = "other"
 WHOLE_BRAIN = "whole_brain"

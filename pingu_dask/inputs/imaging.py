@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pingu_dask.files import atomic_path
+from pingu_dask.output.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Label maps (parcellations, reference masks) may also be FreeSurfer's MGZ (aseg.mgz);

@@ -37,8 +37,8 @@ from importlib import resources
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.http.utils import RequestHandler
 
-from pingu_dask.cluster import INFERENCE_RESOURCE
 from pingu_dask.config import setting
+from pingu_dask.run.clusters import INFERENCE_RESOURCE
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ class PageHandler(RequestHandler):
 @functools.cache
 def page_html() -> str:
     """The page, read from the package once per process."""
-    return resources.files("pingu_dask").joinpath("dashboard.html").read_text("utf-8")
+    return resources.files("pingu_dask.monitor").joinpath("dashboard.html").read_text("utf-8")
 
 
 def add_routes(scheduler) -> None:

@@ -25,8 +25,8 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from scipy.spatial.transform import Rotation
 
-from pingu_dask.imaging import save_nifti
-from pingu_dask.synth import SITES, Site
+from pingu_dask.inputs.imaging import save_nifti
+from pingu_dask.synth.cohort import SITES, Site
 
 COLIN27_FOLDER = Path("/usr/share/mricron/templates")
 MNI152_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pingu_dask import imaging
-from pingu_dask.regions import WHOLE_BRAIN
+from pingu_dask.analysis.regions import WHOLE_BRAIN
+from pingu_dask.inputs import imaging
 
 CLUSTER_COLUMNS = (
     "cluster",

@@ -32,9 +32,9 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from pingu_dask import __version__
-from pingu_dask.files import atomic_path
-from pingu_dask.imaging import save_nifti, voxel_to_world
-from pingu_dask.phantom import (
+from pingu_dask.inputs.imaging import save_nifti, voxel_to_world
+from pingu_dask.output.files import atomic_path
+from pingu_dask.synth.phantom import (
     CSF,
     LEFT_RIGHT_LABELS,
     NON_BRAIN,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pingu_dask import store, tables
 from pingu_dask.errors import ErrorReport, Verdict
-from pingu_dask.manifest import Problem, Scan
+from pingu_dask.inputs.manifest import Problem, Scan
+from pingu_dask.output import masks, tables
 
 OK, FAILED, INVALID = "ok", "failed", "invalid"
 # The scan ids of the manifest the latest run was given: `status` counts these only, so
@@ -31,7 +31,7 @@ def write_manifest_scans(out: Path, scan_ids: Sequence[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pingu_dask.files import atomic_path
+    from pingu_dask.output.files import atomic_path
 
     with atomic_path(Path(out) / MANIFEST_SCANS) as temporary:
         pq.write_table(pa.table({"scan_id": pa.array(scan_ids, pa.string())}), temporary)
@@ -125,7 +125,7 @@ def plan_resume(out: Path, scans: Sequence[Scan], pipeline_fingerprint: str) -> 
     ok = latest[latest.status == OK].set_index("scan_id")["input_fingerprint"].to_dict()
 
     def unchanged(scan: Scan) -> bool:
-        group = store.mask_attrs(out, scan.scan_id) or {}
+        group = masks.mask_attrs(out, scan.scan_id) or {}
         return (
             group.get("complete") is True
             and group.get("pipeline_fingerprint") == pipeline_fingerprint
@@ -149,7 +149,7 @@ def plan_resume(out: Path, scans: Sequence[Scan], pipeline_fingerprint: str) -> 
 
 
 def _safe_fingerprint(scan: Scan) -> str | None:
-    from pingu_dask.analyse import input_fingerprint
+    from pingu_dask.analysis.scan import input_fingerprint
 
     try:
         return input_fingerprint(scan)

@@ -37,8 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pingu_dask.files import atomic_path
-from pingu_dask.manifest import Scan
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output.files import atomic_path
 
 TABLES = "tables"
 LEDGER = "ledger"

@@ -18,13 +18,10 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from pingu_dask import metrics, store, tables
-from pingu_dask.config import ClusterSettings
-from pingu_dask.evaluate import evaluate_by_region
-from pingu_dask.imaging import load_volume, voxel_volume
-from pingu_dask.manifest import Scan
-from pingu_dask.postprocess import find_clusters
-from pingu_dask.regions import (
+from pingu_dask.analysis import metrics
+from pingu_dask.analysis.clusters import find_clusters
+from pingu_dask.analysis.evaluate import evaluate_by_region
+from pingu_dask.analysis.regions import (
     RegionTable,
     assign_clusters,
     brain_voxels,
@@ -34,6 +31,10 @@ from pingu_dask.regions import (
     parcellation_on_grid,
     region_names,
 )
+from pingu_dask.config import ClusterSettings
+from pingu_dask.inputs.imaging import load_volume, voxel_volume
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output import masks, tables
 
 
 @dataclass
@@ -190,7 +191,7 @@ def evaluate_stored(
     masks from other tools are judged by the same rules.
     """
     if Path(source).is_dir():
-        mask, affine = store.read_mask(source, scan.scan_id)
+        mask, affine = masks.read_mask(source, scan.scan_id)
     else:
         mask, affine = load_volume(source)
     regions = scan_regions(scan, mask.shape, affine, table, settings)

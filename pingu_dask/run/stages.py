@@ -31,12 +31,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pingu_dask import qc, store
-from pingu_dask.analyse import Regions, analyse_mask, input_fingerprint, scan_regions
+from pingu_dask.analysis.regions import ASEG, RegionTable
+from pingu_dask.analysis.scan import Regions, analyse_mask, input_fingerprint, scan_regions
 from pingu_dask.config import ClusterSettings, InferenceSettings, worker_threads
 from pingu_dask.errors import InputError, StageFailure, verdict_of
-from pingu_dask.imaging import ImageInfo, check_image_data, save_nifti
-from pingu_dask.manifest import Scan, channel_grid_mismatch
+from pingu_dask.inputs.imaging import ImageInfo, check_image_data, save_nifti
+from pingu_dask.inputs.manifest import Scan, channel_grid_mismatch
 from pingu_dask.nnunet.case import (
     CaseGeometry,
     PreparedCase,
@@ -47,7 +47,8 @@ from pingu_dask.nnunet.case import (
 from pingu_dask.nnunet.model import Model
 from pingu_dask.nnunet.plans import model_plan
 from pingu_dask.nnunet.predictor import cached_predictor, uses_gpu, worker_slot
-from pingu_dask.regions import ASEG, RegionTable
+from pingu_dask.output import layout, masks
+from pingu_dask.report import qc
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -234,9 +235,9 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         "input_fingerprint": source.input_fingerprint,
     }
     result["input_fingerprint"] = source.input_fingerprint
-    result["mask"] = store.write_mask(pipeline.out, scan.scan_id, mask, info.affine, attrs)
+    result["mask"] = masks.write_mask(pipeline.out, scan.scan_id, mask, info.affine, attrs)
     if pipeline.write_nifti and nifti_name:
-        path = Path(pipeline.out) / store.NIFTI / nifti_name
+        path = Path(pipeline.out) / layout.NIFTI / nifti_name
         save_nifti(path, mask, info.affine)
         result["nifti"] = str(path)
     if source.picture is not None:

@@ -22,8 +22,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pingu_dask import store
-from pingu_dask.files import atomic_path
+from pingu_dask.output import layout
+from pingu_dask.output.files import atomic_path
 
 PANEL_HEIGHT = 180  # pixels per slice panel
 GREYS = 224  # palette entries for the image; the regions' colours follow
@@ -228,7 +228,7 @@ def _font():
 
 def write_png(out: Path, scan_id: str, image) -> Path:
     """OUT/qc/<scan_id>.png, written to a temporary name first (never half a file)."""
-    folder = Path(out) / store.QC
+    folder = Path(out) / layout.QC
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{scan_id}.png"
     with atomic_path(path) as temporary:

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pingu_dask.postprocess import label_clusters
-from pingu_dask.regions import RESERVED, WHOLE_BRAIN
+from pingu_dask.analysis.clusters import label_clusters
+from pingu_dask.analysis.regions import RESERVED, WHOLE_BRAIN
 
 
 def voxel_dice(prediction: np.ndarray, reference: np.ndarray) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 from scipy.stats import qmc
 
-from pingu_dask.imaging import voxel_spacing, voxel_to_world, world_to_voxel
+from pingu_dask.inputs.imaging import voxel_spacing, voxel_to_world, world_to_voxel
 
 # FreeSurfer / SynthSeg label numbers (left, right).
 LEFT_RIGHT_LABELS = {

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pingu_dask.imaging import LABEL_MAP_SUFFIXES, ImageError, ImageInfo, read_info
+from pingu_dask.inputs.imaging import LABEL_MAP_SUFFIXES, ImageError, ImageInfo, read_info
 
 DEFAULT_CHANNELS = ("t1w",)
 OPTIONAL_TEXT_COLUMNS = ("subject", "session", "site")

@@ -18,9 +18,11 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from pingu_dask import __version__, figures, ledger, store, tables
-from pingu_dask.evaluate import count_agreement, reference_handling, summarise
-from pingu_dask.files import atomic_path
+from pingu_dask import __version__
+from pingu_dask.analysis.evaluate import count_agreement, reference_handling, summarise
+from pingu_dask.output import layout, ledger, tables
+from pingu_dask.output.files import atomic_path
+from pingu_dask.report import figures
 
 REPORTED_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
 MEASURES = ("n_clusters", "total_volume_mm3")
@@ -80,7 +82,7 @@ class GalleryItem:
 
 def gallery(out: Path, regions: pd.DataFrame, outliers: pd.DataFrame) -> list[GalleryItem]:
     """Every QC picture in OUT/qc, outliers first (most extreme first), then by id."""
-    folder = Path(out) / store.QC
+    folder = Path(out) / layout.QC
     pictures = {p.stem: p for p in folder.glob("*.png")} if folder.is_dir() else {}
     sites = regions.drop_duplicates("scan_id").set_index("scan_id")["site"].to_dict()
     flags: dict[str, list[str]] = {}
@@ -90,7 +92,7 @@ def gallery(out: Path, regions: pd.DataFrame, outliers: pd.DataFrame) -> list[Ga
     order = [s for s in dict.fromkeys(outliers["scan_id"]) if s in pictures]
     order += sorted(s for s in pictures if s not in flags)
     return [
-        GalleryItem(s, sites.get(s) or "-", f"../{store.QC}/{s}.png", "; ".join(flags.get(s, [])))
+        GalleryItem(s, sites.get(s) or "-", f"../{layout.QC}/{s}.png", "; ".join(flags.get(s, [])))
         for s in order
     ]
 
@@ -125,9 +127,9 @@ def site_summary(regions: pd.DataFrame, region_names: list[str]) -> pd.DataFrame
 def build_report(out: Path) -> Path:
     """Write OUT/report/index.html (and gallery pages); return the index's path."""
     out = Path(out)
-    run_info = store.read_run_json(out)
+    run_info = layout.read_run_json(out)
     if run_info is None:
-        raise ReportError(f"{out} holds no run (no {store.RUN_JSON})")
+        raise ReportError(f"{out} holds no run (no {layout.RUN_JSON})")
     ledger_rows = tables.read_table(out, "ledger")
     summary = ledger.summarise_ledger(out, ledger_rows)
     regions = tables.read_table(out, "regions")
@@ -136,12 +138,12 @@ def build_report(out: Path) -> Path:
     region_names = [r for r in REPORTED_REGIONS if r in set(regions.get("region", []))]
     outliers = robust_outliers(regions[regions["region"].isin(region_names)])
     items = gallery(out, regions, outliers)
-    folder = out / store.REPORT
+    folder = out / layout.REPORT
     folder.mkdir(parents=True, exist_ok=True)
     rest = items[GALLERY_FIRST:]
     pages = [rest[i : i + GALLERY_PAGE] for i in range(0, len(rest), GALLERY_PAGE)]
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("pingu_dask", "templates"),
+        loader=jinja2.PackageLoader("pingu_dask.report", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )

@@ -1,0 +1,1 @@
+"""One mask -> the numbers a study reports: clusters, regions, metrics, evaluation (numpy)."""

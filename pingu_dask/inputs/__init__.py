@@ -1,0 +1,1 @@
+"""Files in: images (nibabel), manifests, BIDS datasets -> Scan records."""

@@ -1,0 +1,1 @@
+"""Watching a run: the scheduler plugin, the run's page and Prometheus metrics."""

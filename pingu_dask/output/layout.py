@@ -1,0 +1,127 @@
+"""The output directory (a contract that tests and users read):
+
+    OUT/run.json          provenance: tool version, model fingerprint, settings, manifest
+    OUT/masks.zarr/       Zarr v3; one group per scan id with array `pvs` (uint8 0/1) and
+                          attrs affine, spacing, shape, fingerprints, attempt, complete
+    OUT/.masks-tmp/       mask groups being written, renamed into masks.zarr when whole
+    OUT/tables/NAME/      Parquet parts (regions, clusters, evaluation, ledger): tables.py
+    OUT/nifti/            optional masks, sub-X[_ses-Y]_desc-pvs_mask.nii.gz
+
+Workers write masks (each attempt its own staged group, renamed in whole); the
+driver alone creates the layout and writes tables, in parts under a temporary name
+that is renamed into place, so a reader or a crash never sees half a file (readers
+skip names starting with '.' or '_').
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from pingu_dask import __version__
+from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output.files import atomic_path
+from pingu_dask.output.tables import SCHEMAS, TABLES
+
+MASKS = "masks.zarr"
+NIFTI = "nifti"
+RUN_JSON = "run.json"
+QC = "qc"  # <scan_id>.png per scan, with --qc (qc.py)
+REPORT = "report"  # index.html and gallery pages (report.py)
+LAYOUT_VERSION = 1
+
+# --- layout (driver) -----------------------------------------------------------------
+
+
+def prepare_output(out: Path) -> None:
+    """Create the output folders and the root Zarr group (once, from the driver)."""
+    import zarr
+
+    out = Path(out)
+    for name in SCHEMAS:
+        (out / TABLES / name).mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(out / MASKS, mode="a", zarr_format=3)
+    if "layout" not in root.attrs:
+        root.attrs.update({"layout": LAYOUT_VERSION, "created_by": f"pingu-dask {__version__}"})
+
+
+def reset_output(out: Path) -> None:
+    """Remove what a run wrote into OUT (for --force); other files are left alone."""
+    out = Path(out)
+    for name in (MASKS, TABLES, NIFTI, QC, REPORT):
+        shutil.rmtree(out / name, ignore_errors=True)
+    from pingu_dask.output.masks import remove_partial_masks  # masks.py imports this module
+
+    remove_partial_masks(out)
+    (out / RUN_JSON).unlink(missing_ok=True)
+
+
+def write_json(path: Path, document: dict) -> None:
+    """Write JSON atomically (temporary name, then rename)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def read_run_json(out: Path) -> dict | None:
+    path = Path(out) / RUN_JSON
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- masks (workers) -----------------------------------------------------------------
+
+
+# --- NIfTI names ---------------------------------------------------------------------
+
+BIDS_LABEL = re.compile(r"[A-Za-z0-9]+")
+
+
+def nifti_names(scans: Iterable[Scan]) -> dict[str, str]:
+    """scan id -> mask path under OUT/nifti, laid out as a BIDS-derivatives dataset.
+
+    sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-pvs_mask.nii.gz when the subject (and
+    session) are BIDS labels and no other scan gets the same name; when two scans would
+    (e.g. two runs of one session), their scan ids stand in for the entities (a BIDS
+    input's ids are the entities, e.g. sub-X_ses-Y_run-2). Scans without a BIDS subject
+    label: <scan_id>_desc-pvs_mask.nii.gz at the top.
+    """
+    folders: dict[str, str] = {}
+    proposed: dict[str, str] = {}
+    for scan in scans:
+        stem, folder = scan.scan_id, ""
+        subject = _bids_label(scan.subject, "sub-")
+        session = _bids_label(scan.session, "ses-")
+        if subject and (scan.session is None or session):
+            stem = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+            folder = f"sub-{subject}/" + (f"ses-{session}/" if session else "") + "anat/"
+        proposed[scan.scan_id] = stem
+        folders[scan.scan_id] = folder
+    taken = pd.Series(list(proposed.values())).value_counts()
+    return {
+        scan_id: f"{folders[scan_id]}{stem if taken[stem] == 1 else scan_id}_desc-pvs_mask.nii.gz"
+        for scan_id, stem in proposed.items()
+    }
+
+
+def describe_nifti_dataset(out: Path) -> None:
+    """OUT/nifti/dataset_description.json: the masks as a BIDS-derivatives dataset."""
+    folder = Path(out) / NIFTI
+    folder.mkdir(parents=True, exist_ok=True)
+    description = {
+        "Name": "pingu-dask perivascular space masks",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "pingu-dask", "Version": __version__}],
+    }
+    write_json(folder / "dataset_description.json", description)
+
+
+def _bids_label(value: str | None, prefix: str) -> str | None:
+    if value is None:
+        return None
+    value = value[len(prefix) :] if value.startswith(prefix) else value
+    return value if BIDS_LABEL.fullmatch(value) else None

@@ -1,0 +1,1 @@
+"""QC pictures, figures and the HTML report of a run."""

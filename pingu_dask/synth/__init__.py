@@ -1,0 +1,1 @@
+"""Test, demo and benchmark data: synthetic phantoms and cohorts, and real heads resliced."""
