@@ -62,6 +62,10 @@ DEFAULTS = {
 }
 dask.config.update_defaults(DEFAULTS)
 
+#: The Dask worker resource that stands for an inference slot (a GPU, or on a CPU-only
+#: machine the cores torch predicts with): predict tasks ask for one.
+INFERENCE_RESOURCE = "GPU"
+
 
 def setting(key: str):
     """A value of the `pingu` section of Dask's config, e.g. setting('step-size')."""

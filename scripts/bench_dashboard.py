@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan
-from pingu_dask.monitor import plugin as dashboard
+from pingu_dask.monitor import plugin, prometheus
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.run.clusters import local_cluster
 from pingu_dask.run.loop import segment_cohort
@@ -37,10 +37,10 @@ from pingu_dask.run.stages import Pipeline
 
 def transition_cost(scans: int) -> float:
     """Microseconds per transition call: a whole run's worth of transitions, replayed."""
-    monitor = dashboard.RunMonitor("tok", "bench", scans, window_seconds=300.0)
+    monitor = plugin.RunMonitor("tok", "bench", scans, window_seconds=300.0)
     calls = []
     for index in range(scans):
-        for stage in dashboard.STAGES:
+        for stage in plugin.STAGES:
             key = (f"{stage}-tok", index, 1)
             startstops = ({"action": "compute", "start": 1.0, "stop": 2.0},)
             calls.append((key, "released", "waiting", {}))
@@ -60,9 +60,9 @@ def transition_cost(scans: int) -> float:
 def snapshot_cost(scans: int, workers: int) -> tuple[float, float, int]:
     """Milliseconds for the JSON snapshot and for /metrics' text, for a run of `scans`
     with `workers` workers and its failures list full; and the snapshot's size."""
-    monitor = dashboard.RunMonitor("tok", "bench", scans, window_seconds=300.0)
+    monitor = plugin.RunMonitor("tok", "bench", scans, window_seconds=300.0)
     for index in range(scans):
-        for stage in dashboard.STAGES:
+        for stage in plugin.STAGES:
             monitor.transition(
                 (f"{stage}-tok", index, 1),
                 "processing",
@@ -71,14 +71,14 @@ def snapshot_cost(scans: int, workers: int) -> tuple[float, float, int]:
                 worker=f"tcp://10.0.0.{index % workers}:1234",
                 startstops=({"action": "compute", "start": time.time() - 1, "stop": time.time()},),
             )
-    for index in range(dashboard.FAILURES_KEPT):
+    for index in range(plugin.FAILURES_KEPT):
         monitor.log_event("pingu", {"token": "tok", "event": "retry", "index": index,
                                     "scan_id": f"s{index}", "message": "x" * 200})  # fmt: skip
     started = time.perf_counter()
     text = json.dumps(monitor.snapshot())
     snapshot_ms = (time.perf_counter() - started) * 1e3
     registry = CollectorRegistry()
-    collector = dashboard.MetricsCollector()
+    collector = prometheus.MetricsCollector()
     collector.monitors.append(monitor)
     registry.register(collector)
     started = time.perf_counter()

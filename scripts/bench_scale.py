@@ -12,7 +12,7 @@ the Parquet flushes and the resume check are the real ones. Run:
 
 `--run-scans` scans go through the runner (memory is sampled every second), flushing
 the tables after every scan (FLUSH_EVERY_SCANS), as a run of slow scans does (one scan
-per flush-every-seconds or less); the tables are then compacted (tables.compact_tables,
+per flush-every-seconds or less); the tables are then compacted (compaction.compact_tables,
 as run_cohort does at the end of a run) and their files counted before and after. The
 resume check then runs over all `--rows` scans, the missing ones made "done" by
 writing their ledger rows and Zarr group metadata directly.
@@ -44,7 +44,7 @@ from pingu_dask.analysis.scan import input_fingerprint
 from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan, load_manifest
 from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.output import layout, ledger, masks, tables
+from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
 from pingu_dask.run.clusters import local_cluster
 from pingu_dask.run.loop import StageFunctions, segment_cohort
 from pingu_dask.run.stages import Pipeline
@@ -124,7 +124,7 @@ def table_files(out: Path) -> str:
     and in the ledger's, the commit file of the last compaction."""
     counts = []
     for name in tables.SCHEMAS:
-        folder = out / tables.TABLES / name
+        folder = out / parts.TABLES / name
         counts.append(sum(p.is_file() for p in folder.iterdir()) if folder.is_dir() else 0)
     return " / ".join(f"{count:,}" for count in counts)
 
@@ -136,13 +136,13 @@ def compaction_rows(out: Path, scans: int) -> list[tuple[str, str]]:
     before = table_files(out)
     seconds_read_before, _ = timed(tables.read_table, out, "ledger")
     with sampled(MemorySampler()) as sampler:
-        seconds, counts = timed(tables.compact_tables, out)
+        seconds, counts = timed(compaction.compact_tables, out)
     assert all(after <= max(1, scans // 1000) for _, after in counts.values()), counts
     seconds_read_after, _ = timed(tables.read_table, out, "ledger")
     rss = np.array([m for _, m in sampler.samples]) / 2**20
     return [
         (f"table files after that run ({names})", before),
-        ("compact the tables (tables.compact_tables)", f"{seconds:.1f} s"),
+        ("compact the tables (compaction.compact_tables)", f"{seconds:.1f} s"),
         (
             f"table files after compaction (goal: <= 1 per 1,000 scans, {max(1, scans // 1000)})",
             table_files(out),
@@ -287,7 +287,7 @@ no evaluation).
 Table files are counted per folder: parts, plus in the ledger's folder the commit file
 of the last compaction (`_compact-*.json`, which vouches for the compacted parts).
 Compaction streams the small parts in flush order into parts of up to
-{tables.COMPACT_ROWS_PER_PART:,} rows, so its memory does not grow with the table.
+{compaction.COMPACT_ROWS_PER_PART:,} rows, so its memory does not grow with the table.
 """
     write_section("bench_scale", body)
     print(body)

@@ -1,4 +1,4 @@
-"""Compaction of the Parquet tables (tables.compact_tables): few files, same rows, no crash
+"""Compaction of the Parquet tables (compaction.compact_tables): few files, same rows, no crash
 window that loses or doubles rows.
 
 Every test starts from real parts written the way the driver writes them (TableWriter),
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from pingu_dask.inputs.manifest import Scan
-from pingu_dask.output import ledger, tables
+from pingu_dask.output import compaction, ledger, parts, tables
 
 SCANS = 200
 # parts per table after SCANS scans flushed one by one: clusters for every 3rd scan,
@@ -64,14 +64,14 @@ def assert_same(out: Path, expected: dict[str, pd.DataFrame]) -> None:
 
 def files(out: Path, name: str) -> list[str]:
     """Every file of a table folder, hidden ones too (temporaries must not be left)."""
-    return sorted(p.name for p in (out / tables.TABLES / name).iterdir())
+    return sorted(p.name for p in (out / parts.TABLES / name).iterdir())
 
 
 @pytest.fixture(scope="module")
 def fragmented(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fragmented") / "out"
     write_scans(out, range(SCANS))
-    assert {name: len(tables.parts(out, name)) for name in tables.SCHEMAS} == PARTS
+    assert {name: len(parts.parts(out, name)) for name in tables.SCHEMAS} == PARTS
     return out
 
 
@@ -83,30 +83,30 @@ def out(fragmented: Path, tmp_path: Path) -> Path:
 
 def test_compaction_leaves_one_part_per_table_and_the_same_rows(out: Path) -> None:
     before = snapshot(out)
-    counts = tables.compact_tables(out)
+    counts = compaction.compact_tables(out)
     assert counts == {name: (parts, 1) for name, parts in PARTS.items()}
-    for name in tables.DATA_TABLES:
+    for name in parts.DATA_TABLES:
         assert len(files(out, name)) == 1
     [part, commit] = sorted(files(out, "ledger"), key=lambda name: name.startswith("_"))
     assert part.startswith("part-") and commit.startswith("_compact-") and commit.endswith(".json")
     assert_same(out, before)
     # The next run's orphan check keeps compacted data: the commit vouches for it.
-    assert tables.remove_orphan_parts(out) == 0
+    assert parts.remove_orphan_parts(out) == 0
     assert_same(out, before)
     # Readers of the folder (pandas, DuckDB) see one copy of each row; the commit is hidden.
-    assert len(pd.read_parquet(out / tables.TABLES / "ledger")) == SCANS
+    assert len(pd.read_parquet(out / parts.TABLES / "ledger")) == SCANS
     assert len(ledger.latest_attempts(out)) == SCANS
 
 
 def test_compaction_is_idempotent_and_merges_later_flushes_with_the_tail(out: Path) -> None:
-    tables.compact_tables(out)
+    compaction.compact_tables(out)
     compacted = {name: files(out, name) for name in tables.SCHEMAS}
-    assert tables.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
+    assert compaction.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
     assert {name: files(out, name) for name in tables.SCHEMAS} == compacted  # untouched
     write_scans(out, range(SCANS, SCANS + 20))
     before = snapshot(out)
     assert len(before["regions"]) == 2 * (SCANS + 20)
-    counts = tables.compact_tables(out)
+    counts = compaction.compact_tables(out)
     assert counts == {
         "regions": (21, 1),
         "clusters": (8, 1),
@@ -119,19 +119,19 @@ def test_compaction_is_idempotent_and_merges_later_flushes_with_the_tail(out: Pa
 
 def test_parts_are_filled_up_to_max_rows_and_full_ones_left_alone(out: Path) -> None:
     before = snapshot(out)
-    counts = tables.compact_tables(out, max_rows_per_part=50)
+    counts = compaction.compact_tables(out, max_rows_per_part=50)
     # regions: 400 rows in parts of 2 -> 8 parts of 50; ledger: 200 rows -> 4 parts
     assert counts["regions"] == (200, 8) and counts["ledger"] == (200, 4)
     assert counts["clusters"] == (67, 3) and counts["evaluation"] == (20, 1)
     assert_same(out, before)
-    regions = tables.parts(out, "regions")
+    regions = parts.parts(out, "regions")
     assert [len(pd.read_parquet(p)) for p in regions] == [50] * 8
     # Full parts are not rewritten; only the new small parts are merged.
     write_scans(out, range(SCANS, SCANS + 10))
     before = snapshot(out)
-    tables.compact_tables(out, max_rows_per_part=50)
-    assert tables.parts(out, "regions")[:8] == regions
-    assert len(tables.parts(out, "regions")) == 9
+    compaction.compact_tables(out, max_rows_per_part=50)
+    assert parts.parts(out, "regions")[:8] == regions
+    assert len(parts.parts(out, "regions")) == 9
     assert_same(out, before)
 
 
@@ -143,15 +143,15 @@ def test_a_crash_before_the_commit_leaves_the_old_parts_in_charge(
     def crash(*args: object) -> None:
         raise RuntimeError("driver killed before the commit")
 
-    monkeypatch.setattr(tables, "_write_commit", crash)
+    monkeypatch.setattr(tables, "write_commit", crash)
     with pytest.raises(RuntimeError, match="before the commit"):
-        tables.compact_tables(out)
+        compaction.compact_tables(out)
     monkeypatch.undo()
     assert len(files(out, "regions")) == PARTS["regions"] + 1  # written, not committed
     assert_same(out, before)  # the uncommitted part is not read
-    assert tables.remove_orphan_parts(out) == 4  # one compacted part per table, undone
+    assert parts.remove_orphan_parts(out) == 4  # one compacted part per table, undone
     assert {name: len(files(out, name)) for name in tables.SCHEMAS} == PARTS
-    assert tables.compact_tables(out)["regions"] == (200, 1)
+    assert compaction.compact_tables(out)["regions"] == (200, 1)
     assert_same(out, before)
 
 
@@ -163,48 +163,48 @@ def test_a_crash_before_deleting_superseded_parts_neither_doubles_nor_loses_rows
     def crash(*args: object) -> None:
         raise RuntimeError("driver killed after the commit")
 
-    monkeypatch.setattr(tables, "_delete_superseded", crash)
+    monkeypatch.setattr(tables, "delete_superseded", crash)
     with pytest.raises(RuntimeError, match="after the commit"):
-        tables.compact_tables(out)
+        compaction.compact_tables(out)
     monkeypatch.undo()
     assert len(files(out, "regions")) == PARTS["regions"] + 1  # old parts and the new one
-    assert len(tables.parts(out, "regions")) == 1
+    assert len(parts.parts(out, "regions")) == 1
     assert_same(out, before)  # superseded parts are not read: no row twice
     # A crash in the middle of the deletion: some superseded parts already gone.
-    compacted = tables.parts(out, "ledger")
-    superseded = [p for p in (out / tables.TABLES / "ledger").glob("part-*") if p not in compacted]
+    compacted = parts.parts(out, "ledger")
+    superseded = [p for p in (out / parts.TABLES / "ledger").glob("part-*") if p not in compacted]
     for part in sorted(superseded)[:50]:
         part.unlink()
     assert_same(out, before)
-    assert tables.remove_orphan_parts(out) == 0  # finishes the compaction, deletes no data
-    assert {name: len(files(out, name)) for name in tables.DATA_TABLES} == dict.fromkeys(
-        tables.DATA_TABLES, 1
+    assert parts.remove_orphan_parts(out) == 0  # finishes the compaction, deletes no data
+    assert {name: len(files(out, name)) for name in parts.DATA_TABLES} == dict.fromkeys(
+        parts.DATA_TABLES, 1
     )
-    assert tables.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
+    assert compaction.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
     assert_same(out, before)
 
 
 def test_drop_scans_works_on_compacted_parts(out: Path) -> None:
-    tables.compact_tables(out)
+    compaction.compact_tables(out)
     before = snapshot(out)
     redo = ["s0003", "s0150"]
     # regions 2 + 2, clusters 2 + 2 (both every 3rd), evaluation 1 (s0150)
     assert tables.drop_scans(out, redo) == 9
-    assert tables.remove_orphan_parts(out) == 0  # rewritten under the same name: vouched
+    assert parts.remove_orphan_parts(out) == 0  # rewritten under the same name: vouched
     for name, frame in snapshot(out).items():
         kept = before[name]
         if name != "ledger":
             kept = kept[~kept.scan_id.isin(redo)].reset_index(drop=True)
         pd.testing.assert_frame_equal(frame, kept, obj=name)
-    assert tables.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
+    assert compaction.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
 
 
 def test_orphan_parts_are_not_merged_and_stay_orphans(out: Path) -> None:
     before = snapshot(out)
     tables.write_part(out, "regions", scan_tables(999)["regions"], "zz-died-mid-flush")
-    tables.compact_tables(out)
-    assert len(tables.parts(out, "regions")) == 2  # the compacted part and the orphan
-    assert tables.remove_orphan_parts(out) == 1
+    compaction.compact_tables(out)
+    assert len(parts.parts(out, "regions")) == 2  # the compacted part and the orphan
+    assert parts.remove_orphan_parts(out) == 1
     assert_same(out, before)
 
 
@@ -213,21 +213,21 @@ def test_a_replaced_table_keeps_its_part(out: Path) -> None:
     tables.replace_table(out, "evaluation", replaced)
     write_scans(out, range(SCANS, SCANS + 20))  # two more evaluation parts
     before = snapshot(out)
-    assert tables.compact_tables(out)["evaluation"] == (3, 2)
-    assert tables.REPLACED_PART in files(out, "evaluation")
-    assert tables.remove_orphan_parts(out) == 0
+    assert compaction.compact_tables(out)["evaluation"] == (3, 2)
+    assert parts.REPLACED_PART in files(out, "evaluation")
+    assert parts.remove_orphan_parts(out) == 0
     assert_same(out, before)
 
 
 def test_nothing_happens_below_the_threshold(out: Path) -> None:
     on_disk = {name: files(out, name) for name in tables.SCHEMAS}
-    assert tables.compact_tables(out, above_parts=500) == {
-        name: (parts, parts) for name, parts in PARTS.items()
+    assert compaction.compact_tables(out, above_parts=500) == {
+        name: (count, count) for name, count in PARTS.items()
     }
     with dask.config.set({"pingu.compact-above-parts": None}):
-        assert tables.compact_if_fragmented(out) == {}
+        assert compaction.compact_if_fragmented(out) == {}
     assert {name: files(out, name) for name in tables.SCHEMAS} == on_disk
-    assert tables.compact_if_fragmented(out)["regions"] == (200, 1)  # default: above 8
+    assert compaction.compact_if_fragmented(out)["regions"] == (200, 1)  # default: above 8
 
 
 def test_a_failed_compaction_does_not_fail_the_run(
@@ -238,8 +238,8 @@ def test_a_failed_compaction_does_not_fail_the_run(
     def disk_full(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tables, "_write_commit", disk_full)
-    assert tables.compact_if_fragmented(out) == {}
+    monkeypatch.setattr(tables, "write_commit", disk_full)
+    assert compaction.compact_if_fragmented(out) == {}
     assert "left for the next run" in caplog.text
     assert_same(out, before)
 
@@ -251,16 +251,16 @@ def test_a_reader_beside_a_compaction_sees_every_row_once(
     (commit and deletions) falls between the reader's look at the commits and its
     listing of the parts, the one moment where it would miss rows."""
     before = snapshot(out)
-    listing = tables._all_parts
+    listing = parts.all_parts
     compacted: dict = {}
 
     def compaction_meanwhile(out: Path, name: str) -> list[Path]:
         if not compacted:
             compacted["started"] = True  # the compaction's own listings are plain ones
-            compacted.update(tables.compact_tables(out))
+            compacted.update(compaction.compact_tables(out))
         return listing(out, name)
 
-    monkeypatch.setattr(tables, "_all_parts", compaction_meanwhile)
+    monkeypatch.setattr(tables, "all_parts", compaction_meanwhile)
     pd.testing.assert_frame_equal(tables.read_table(out, "regions"), before["regions"])
     assert compacted["regions"] == (PARTS["regions"], 1)
 
@@ -273,5 +273,5 @@ def test_parts_are_read_a_few_at_a_time_in_order(
     before = snapshot(out)
     monkeypatch.setattr(tables, "_FILES_PER_SCAN", 7)
     assert_same(out, before)
-    assert tables.compact_tables(out, max_rows_per_part=30)["regions"] == (200, 14)
+    assert compaction.compact_tables(out, max_rows_per_part=30)["regions"] == (200, 14)
     assert_same(out, before)

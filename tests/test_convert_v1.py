@@ -438,7 +438,8 @@ def test_v1_and_v2_preprocess_a_scan_alike_with_the_translated_plans(v1_model, c
 
 
 def test_ct_normalisation_transpose_and_export_settings_are_translated(v1_model) -> None:
-    from pingu_dask.nnunet.convert_v1 import V1Model, read_architecture, translate_plans
+    from pingu_dask.nnunet.convert_v1 import V1Model, translate_plans
+    from pingu_dask.nnunet.v1_network import read_architecture
 
     plans = copy.deepcopy(v1_model["plans"])
     plans["normalization_schemes"] = OrderedDict([(0, "CT")])

@@ -28,11 +28,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pingu_dask.analysis.regions import ASEG
 from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.inputs.manifest import load_manifest
-from pingu_dask.monitor import plugin as dashboard
+from pingu_dask.monitor import http, plugin, prometheus
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import tables
 from pingu_dask.run import stages
-from pingu_dask.run.clusters import JobOptions, jobqueue_cluster, local_cluster
+from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.jobs import JobOptions, jobqueue_cluster
 from pingu_dask.run.loop import StageFunctions, segment_cohort
 from pingu_dask.synth.cohort import generate_cohort
 
@@ -70,7 +71,7 @@ def run_stage(monitor, stage: str, index: int, seconds: float, worker: str, cloc
 
 def test_monitor_counts_states_times_throughput_and_workers() -> None:
     clock = FakeClock()
-    monitor = dashboard.RunMonitor(TOKEN, "run1", total=5, done_before=3, window_seconds=60.0,
+    monitor = plugin.RunMonitor(TOKEN, "run1", total=5, done_before=3, window_seconds=60.0,
                                    clock=clock)  # fmt: skip
     monitor.transition("some-other-key", "waiting", "processing", stimulus_id="s")
     monitor.transition(("predict-othertoken", 0, 1), "waiting", "processing", stimulus_id="s")
@@ -141,7 +142,7 @@ def test_a_predict_waiting_for_its_workers_slot_is_not_counted_as_predicting() -
     # The scheduler hands resource-bound tasks to a worker at once; the worker holds
     # them until its one inference slot is free.
     clock = FakeClock()
-    monitor = dashboard.RunMonitor(TOKEN, "run2", total=2, window_seconds=60.0, clock=clock)
+    monitor = plugin.RunMonitor(TOKEN, "run2", total=2, window_seconds=60.0, clock=clock)
     for index in (0, 1):
         run_stage(monitor, "preprocess", index, 1.0, "tcp://w1", clock)
         monitor.transition(key("predict", index), "waiting", "processing", stimulus_id="s")
@@ -154,12 +155,12 @@ def test_a_predict_waiting_for_its_workers_slot_is_not_counted_as_predicting() -
 
 def test_metrics_text_has_counters_gauges_and_stage_histograms() -> None:
     clock = FakeClock()
-    monitor = dashboard.RunMonitor(TOKEN, "runA", total=2, window_seconds=60.0, clock=clock)
+    monitor = plugin.RunMonitor(TOKEN, "runA", total=2, window_seconds=60.0, clock=clock)
     for index, predict_seconds in ((0, 0.3), (1, 7.0)):
         for stage, seconds in (("preprocess", 1.0), ("predict", predict_seconds), ("finish", 2.0)):
             run_stage(monitor, stage, index, seconds, "tcp://w1", clock)
     registry = CollectorRegistry()
-    collector = dashboard.MetricsCollector()
+    collector = prometheus.MetricsCollector()
     collector.monitors.append(monitor)
     registry.register(collector)
     text = generate_latest(registry).decode()
@@ -179,14 +180,14 @@ def test_metrics_text_has_counters_gauges_and_stage_histograms() -> None:
 
 def test_history_is_thinned_not_grown_without_bound() -> None:
     clock = FakeClock()
-    total = dashboard.HISTORY_POINTS * 3
-    monitor = dashboard.RunMonitor(TOKEN, "long", total=total, window_seconds=60.0, clock=clock)
+    total = plugin.HISTORY_POINTS * 3
+    monitor = plugin.RunMonitor(TOKEN, "long", total=total, window_seconds=60.0, clock=clock)
     for index in range(total):
-        clock.now += dashboard.HISTORY_FIRST_INTERVAL
+        clock.now += plugin.HISTORY_FIRST_INTERVAL
         monitor.log_event("pingu", {"token": TOKEN, "event": "failed", "index": index})
     history = monitor.snapshot()["history"]
-    assert len(history) <= dashboard.HISTORY_POINTS + 1
-    assert monitor.history_interval >= 4 * dashboard.HISTORY_FIRST_INTERVAL
+    assert len(history) <= plugin.HISTORY_POINTS + 1
+    assert monitor.history_interval >= 4 * plugin.HISTORY_FIRST_INTERVAL
     times = [t for t, *_ in history]
     assert times == sorted(times) and history[-1][2] == total
 
@@ -258,7 +259,7 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
                       dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
     ):  # fmt: skip
-        page = dashboard.page_link(client.dashboard_link)
+        page = http.page_link(client.dashboard_link)
         poller = PagePoller(page, screenshot)
         poller.start()
         try:
@@ -307,7 +308,7 @@ def test_status_json_at_the_end_matches_the_ledger(watched_run) -> None:
         "elapsed_s": None,
         "status": "finished",
     }
-    for stage in dashboard.STAGES:
+    for stage in plugin.STAGES:
         assert status["stages"][stage]["count"] == 7  # the failed attempts never finished
     ledger_predict = ledger.query("status == 'ok'").seconds_predict
     assert status["stages"]["predict"]["max_s"] >= ledger_predict.max() * 0.9

@@ -32,7 +32,7 @@ from pingu_dask.cli.common import cluster_settings
 from pingu_dask.config import ClusterSettings
 from pingu_dask.inputs.imaging import save_nifti
 from pingu_dask.inputs.manifest import Scan
-from pingu_dask.output import tables
+from pingu_dask.output import parts, tables
 from pingu_dask.report.build import agreement_rows
 
 AS_GIVEN = ClusterSettings(max_outside_brain=None)
@@ -266,7 +266,7 @@ def test_reference_handling_is_said_in_words() -> None:
 def test_older_evaluation_parts_read_with_the_new_columns_as_null(tmp_path: Path) -> None:
     new = ("predicted_volume_mm3", "reference_volume_mm3", "reference_filtered")
     old_schema = pa.schema([f for f in tables.SCHEMAS["evaluation"] if f.name not in new])
-    folder = tmp_path / tables.TABLES / "evaluation"
+    folder = tmp_path / parts.TABLES / "evaluation"
     folder.mkdir(parents=True)
     row = {"scan_id": "old", "region": "whole_brain", "voxel_dice": 0.9}
     pq.write_table(pa.Table.from_pylist([row], schema=old_schema), folder / "part-0-old.parquet")

@@ -19,12 +19,14 @@ import pytest
 import standins
 from distributed import Client
 
-from pingu_dask.config import InferenceSettings
+from pingu_dask.config import INFERENCE_RESOURCE, InferenceSettings
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import tables
-from pingu_dask.run.clusters import INFERENCE_RESOURCE, FixedCapacity, LocalLayout, local_cluster
-from pingu_dask.run.loop import FeedWindow, Progress, StageFunctions, segment_cohort
+from pingu_dask.run.capacity import FixedCapacity
+from pingu_dask.run.clusters import LocalLayout, local_cluster
+from pingu_dask.run.loop import Progress, StageFunctions, segment_cohort
+from pingu_dask.run.policies import FeedWindow
 from pingu_dask.run.stages import Pipeline
 
 STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from helpers import absolute_manifest
 
 from pingu_dask.cli import main
-from pingu_dask.output import layout, tables
+from pingu_dask.output import layout, parts
 from pingu_dask.output.lock import LOCK_NAME, LockedError, OutputLock, read_lock
 from pingu_dask.run.signals import Stopped, stop_on_signals
 
@@ -339,7 +339,7 @@ def test_evaluate_is_refused_while_a_run_holds_the_output(tmp_path: Path) -> Non
     assert result.exit_code == 1
     text = " ".join(result.output.split())
     assert f"cannot evaluate now: {tmp_path} is in use by another run: pid {os.getpid()}" in text
-    assert not (tmp_path / tables.TABLES).exists()  # nothing written
+    assert not (tmp_path / parts.TABLES).exists()  # nothing written
     assert not (tmp_path / LOCK_NAME).exists()
 
 

@@ -33,7 +33,7 @@ from pingu_dask.cli.common import cluster_settings
 from pingu_dask.config import ClusterSettings
 from pingu_dask.inputs.imaging import save_nifti
 from pingu_dask.inputs.manifest import Scan
-from pingu_dask.output import tables
+from pingu_dask.output import parts, tables
 
 SHAPE = (44, 36, 24)
 LEFT_X, MID_X, RIGHT_X, BRAIN_X_END = (2, 18), (18, 22), (22, 38), 38
@@ -324,7 +324,7 @@ def test_older_region_parts_read_with_the_new_column_as_null(tmp_path: Path) -> 
         [f for f in tables.SCHEMAS["regions"] if f.name != "n_clusters_outside_brain"]
     )
     row = {"scan_id": "old", "region": "whole_brain", "n_clusters": 3, "n_voxels": 30}
-    folder = tmp_path / tables.TABLES / "regions"
+    folder = tmp_path / parts.TABLES / "regions"
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([row], schema=old_schema), folder / "part-0-old.parquet")
     new = {**row, "scan_id": "new", "n_clusters_outside_brain": 1}

@@ -277,7 +277,7 @@ def test_broken_inputs_each_get_a_clear_row_and_good_scans_finish(
 
 def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:
     from pingu_dask.output import layout
-    from pingu_dask.run.loop import provenance
+    from pingu_dask.run.provenance import provenance
 
     model = resolve_model("demo")
     first = Pipeline(model, FAST, tmp_path)
@@ -295,8 +295,8 @@ def test_other_versions_are_refused_on_resume_unless_allowed(
     cohort20: Path, tmp_path: Path
 ) -> None:
     from pingu_dask.output import layout
-    from pingu_dask.run.loop import provenance
     from pingu_dask.run.orchestrate import current_versions
+    from pingu_dask.run.provenance import provenance
 
     pipeline = Pipeline(resolve_model("demo"), FAST, tmp_path)
     layout.prepare_output(tmp_path)

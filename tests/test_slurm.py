@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from pingu_dask.output import tables
-from pingu_dask.run.clusters import JobOptions, jobqueue_cluster, lifetime_arguments, parse_walltime
+from pingu_dask.run.jobs import JobOptions, jobqueue_cluster, lifetime_arguments, parse_walltime
 from pingu_dask.synth.cohort import generate_cohort
 
 SLURM_OPTIONS = [

@@ -16,7 +16,7 @@ from pingu_dask.analysis.regions import ASEG
 from pingu_dask.analysis.scan import Regions, analyse_mask
 from pingu_dask.config import ClusterSettings
 from pingu_dask.inputs.manifest import Scan
-from pingu_dask.output import layout, masks, tables
+from pingu_dask.output import layout, masks, parts, tables
 
 # Array axis 0 runs along -x (a flipped, LAS-like grid), 0.8 mm in-plane, 2 mm slices.
 AFFINE = np.array([[-0.8, 0, 0, 30.0], [0, 0.8, 0, -20.0], [0, 0, 2.0, -10.0], [0, 0, 0, 1]])
@@ -89,10 +89,10 @@ def test_a_rewritten_mask_is_incomplete_until_done(out: Path, tmp_path: Path) ->
 
 def test_tables_have_fixed_schemas_and_are_written_in_parts(out: Path) -> None:
     for name in ("regions", "clusters"):
-        parts = sorted((out / tables.TABLES / name).iterdir())
-        assert len(parts) == 2  # every 2 scans, then the rest at close
-        assert all(p.name.startswith("part-") and p.suffix == ".parquet" for p in parts)
-        assert pq.read_schema(parts[0]).remove_metadata().equals(tables.SCHEMAS[name])
+        found = sorted((out / parts.TABLES / name).iterdir())
+        assert len(found) == 2  # every 2 scans, then the rest at close
+        assert all(p.name.startswith("part-") and p.suffix == ".parquet" for p in found)
+        assert pq.read_schema(found[0]).remove_metadata().equals(tables.SCHEMAS[name])
     regions = tables.read_table(out, "regions")
     assert len(regions) == 3 * (len(ASEG.names) + 2)  # each region, other, whole_brain
     assert set(regions["site"]) == {"A", "B"}
@@ -106,8 +106,8 @@ def test_tables_have_fixed_schemas_and_are_written_in_parts(out: Path) -> None:
 def test_pandas_and_duckdb_read_the_tables(out: Path) -> None:
     import duckdb
 
-    with_pandas = pd.read_parquet(out / tables.TABLES / "regions")
-    glob = str(out / tables.TABLES / "regions" / "*.parquet")
+    with_pandas = pd.read_parquet(out / parts.TABLES / "regions")
+    glob = str(out / parts.TABLES / "regions" / "*.parquet")
     query = f"SELECT sum(n_clusters) FROM read_parquet('{glob}') WHERE region = 'whole_brain'"
     [(total,)] = duckdb.connect().execute(query).fetchall()
     assert total == with_pandas.query("region == 'whole_brain'")["n_clusters"].sum() > 0
@@ -163,4 +163,4 @@ def test_replace_table_leaves_one_copy(out: Path, tmp_path: Path) -> None:
     tables.replace_table(tmp_path, "regions", rows)
     tables.replace_table(tmp_path, "regions", rows)
     assert len(tables.read_table(tmp_path, "regions")) == len(table)
-    assert [p.name for p in (tmp_path / tables.TABLES).iterdir()] == ["regions"]
+    assert [p.name for p in (tmp_path / parts.TABLES).iterdir()] == ["regions"]

@@ -5,8 +5,9 @@ prints the outcome with rich. Exit codes: 0 success, 1 the work found problems (
 invalid manifest, failed scans), 2 wrong usage (click's own convention).
 
     data.py      synth, validate, manifest (BIDS)
-    run.py       run, status, demo
-    progress.py  the progress bar, per-scan table and status summary
+    run.py       run
+    demo.py      demo
+    progress.py  status; the progress bar, per-scan table and status summary
     evaluate.py  evaluate
     report.py    report
     model.py     model import (nnU-Net v1 -> v2)
@@ -27,18 +28,18 @@ def main() -> None:
 
 
 def _register() -> None:
-    from pingu_dask.cli import data, evaluate, model, report, run
+    from pingu_dask.cli import data, demo, evaluate, model, progress, report, run
 
     commands = (
         data.synth,
         data.validate,
         data.manifest,
         run.run,
-        run.status,
+        progress.status,
         evaluate.evaluate,
         report.report,
         model.model,
-        run.demo,
+        demo.demo,
     )
     for command in commands:
         main.add_command(command)

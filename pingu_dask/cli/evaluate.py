@@ -19,7 +19,7 @@ from pingu_dask.cli.common import (
     region_table,
 )
 from pingu_dask.inputs.manifest import Scan, load_manifest
-from pingu_dask.output import layout, masks, tables
+from pingu_dask.output import layout, masks, parts, tables
 from pingu_dask.output.lock import LockedError, OutputLock
 from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 
@@ -112,7 +112,7 @@ def evaluate(
         evaluation = pa.concat_tables(rows)
         if is_run:
             tables.replace_table(source, "evaluation", evaluation)
-            console.print(f"evaluation table: {source / tables.TABLES / 'evaluation'}")
+            console.print(f"evaluation table: {source / parts.TABLES / 'evaluation'}")
         if save:
             import pyarrow.parquet as pq
 

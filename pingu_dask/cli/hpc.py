@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pingu_dask.cli.common import option_group
-from pingu_dask.run.clusters import JobOptions
+from pingu_dask.run.jobs import JobOptions
 
 # Options for SLURM/PBS worker jobs; unset ones come from Dask's jobqueue config.
 jobqueue_options = option_group(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pingu_dask.cli.common import console, print_evaluation
-from pingu_dask.output import layout, ledger, tables
+from pingu_dask.output import layout, ledger, parts, tables
 from pingu_dask.output.lock import read_lock
 from pingu_dask.run.loop import Progress as RunProgress
 
@@ -159,9 +160,19 @@ def print_status(out: Path, evaluation: bool = True) -> bool:
         if len(frame):
             print_evaluation(frame, f"Evaluation against the reference masks ({out})")
     console.print(
-        f"outputs: masks {out / layout.MASKS}, tables {out / tables.TABLES} "
+        f"outputs: masks {out / layout.MASKS}, tables {out / parts.TABLES} "
         "(regions, clusters, evaluation, ledger), provenance "
         f"{out / layout.RUN_JSON}"
     )
     complete = expected is None or ok == expected
     return complete and failed == 0 and invalid == 0
+
+
+@click.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def status(out: Path) -> None:
+    """Where a run in OUT stands, from its ledger (also while it is running).
+
+    Exit code 0 when every scan of the manifest is done, 1 otherwise.
+    """
+    raise SystemExit(0 if print_status(out) else 1)

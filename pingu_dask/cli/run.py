@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from pingu_dask.cli.common import (
     region_table,
     split,
 )
-from pingu_dask.cli.data import discover_bids, print_cohort
+from pingu_dask.cli.data import discover_bids
 from pingu_dask.cli.hpc import job_options, jobqueue_options
 from pingu_dask.cli.progress import (
     PER_SCAN_LINES_UP_TO,
@@ -25,18 +24,16 @@ from pingu_dask.cli.progress import (
     print_scan_table,
     print_status,
 )
-from pingu_dask.cli.report import print_report_path
 from pingu_dask.config import ClusterSettings, InferenceSettings
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import ModelError, resolve_model
 from pingu_dask.output.ledger import ResumePlan
 from pingu_dask.output.lock import LockedError
-from pingu_dask.run import orchestrate as cohort
-from pingu_dask.run.clusters import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
+from pingu_dask.run import orchestrate
+from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
 from pingu_dask.run.orchestrate import RunOutcome, RunRefused, RunRequest
 from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 from pingu_dask.run.stages import Pipeline
-from pingu_dask.synth.cohort import generate_cohort
 
 STOPPED_EXIT_CODE = 3  # the circuit breaker stopped the run (1: some scans failed)
 BIDS_MANIFEST = "manifest_bids.csv"  # in OUT, for a BIDS dataset given as MANIFEST
@@ -238,7 +235,7 @@ def run(
         jobs=jobs,
         dashboard_address=dashboard_address,
     )
-    outcome = run_cohort(manifest, out, model_spec, settings, options)
+    outcome = run_manifest(manifest, out, model_spec, settings, options)
     raise SystemExit(0 if outcome.ok else 1)
 
 
@@ -262,7 +259,7 @@ class RunOptions:
     dashboard_address: str | None = None
 
 
-def run_cohort(
+def run_manifest(
     manifest: Path,
     out: Path,
     model_spec: str,
@@ -341,7 +338,7 @@ def run_cohort(
 
     try:
         with stop_on_signals():  # SIGTERM (scancel, walltime), SIGHUP: as Ctrl-C
-            outcome = cohort.run_cohort(request, on_start=on_start, on_progress=bar.update)
+            outcome = orchestrate.run_cohort(request, on_start=on_start, on_progress=bar.update)
     except (LockedError, RunRefused) as error:
         console.print(f"[red]{error}[/red]", soft_wrap=True)
         raise SystemExit(1) from error
@@ -373,38 +370,6 @@ def run_cohort(
         )
         raise SystemExit(STOPPED_EXIT_CODE)
     return outcome
-
-
-@click.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="demo_out")
-@click.option("--n-scans", "-n", default=6, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=12345, show_default=True, type=int)
-@click.option("--workers", "-w", default=1, show_default=True, type=click.IntRange(min=1))
-def demo(out: Path, n_scans: int, seed: int, workers: int) -> None:
-    """Make a small synthetic cohort in OUT/cohort, segment it with the demo model and
-    write the report (OUT/report/index.html)."""
-    started = time.perf_counter()
-    cohort = out / "cohort"
-    records = generate_cohort(cohort, n_scans, seed=seed)
-    print_cohort(cohort, records, time.perf_counter() - started)
-    settings = InferenceSettings.from_config(tta=False)
-    console.print("demo model, test-time augmentation off (CPU-friendly), QC pictures on")
-    outcome = run_cohort(
-        cohort / "manifest.csv", out, "demo", settings, RunOptions(workers=workers, qc=True)
-    )
-    print_report_path(out)
-    if not outcome.ok:
-        raise SystemExit(1)
-
-
-@click.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def status(out: Path) -> None:
-    """Where a run in OUT stands, from its ledger (also while it is running).
-
-    Exit code 0 when every scan of the manifest is done, 1 otherwise.
-    """
-    raise SystemExit(0 if print_status(out) else 1)
 
 
 def print_job_script(kind: str, jobs: JobOptions) -> None:

@@ -25,20 +25,15 @@ through an SSH tunnel (README).
 from __future__ import annotations
 
 import bisect
-import functools
-import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 
 from distributed.diagnostics.plugin import SchedulerPlugin
-from distributed.http.utils import RequestHandler
 
-from pingu_dask.config import setting
-from pingu_dask.run.clusters import INFERENCE_RESOURCE
+from pingu_dask.config import INFERENCE_RESOURCE, setting
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +146,18 @@ class RunMonitor(SchedulerPlugin):
     # -- scheduler hooks ---------------------------------------------------------------
 
     def start(self, scheduler) -> None:
+        # The page and the metrics import this module: imported here, when serving.
+        from pingu_dask.monitor.http import add_routes
+        from pingu_dask.monitor.prometheus import METRICS
+
         self.scheduler = scheduler
         self.started = self.clock()  # the scheduler's clock, which the transitions use
         add_routes(scheduler)
         METRICS.attach(self)
 
     async def close(self) -> None:  # the scheduler awaits it
+        from pingu_dask.monitor.prometheus import METRICS
+
         METRICS.detach(self)
 
     def transition(self, key, start, finish, *args, stimulus_id=None, **kwargs) -> None:
@@ -333,195 +334,7 @@ def compute_time(startstops) -> tuple[float | None, float | None]:
 # -- the driver's side -------------------------------------------------------------------
 
 
-class RunFeed:
-    """The driver's link to its run's monitor: registers it, sends it the verdicts.
-
-    Whatever goes wrong here (a scheduler without pingu-dask installed, a scheduler
-    that is going away) is logged and otherwise ignored: watching must never stop a run.
-    """
-
-    def __init__(self, client, monitor: RunMonitor) -> None:
-        self.client = client
-        self.token = monitor.token
-        self.active = False
-        try:
-            # A run before this one on the same scheduler left its monitor: replace it
-            # (the scheduler would warn on an overwrite).
-            if PLUGIN_NAME in client.run_on_scheduler(_plugin_names):
-                client.unregister_scheduler_plugin(PLUGIN_NAME)
-            client.register_plugin(monitor, name=PLUGIN_NAME)
-            self.active = True
-        except Exception as error:  # see the class docstring
-            logger.warning("the pingu dashboard is off for this run: %s", error)
-
-    def failed(self, index: int, record: dict, site: str | None, final: bool) -> None:
-        """A scan's attempt failed: for good (final) or to be retried."""
-        message = {key: record.get(key) for key in FAILURE_FIELDS}
-        message["site"] = site
-        self._send(event="failed" if final else "retry", index=index, **message)
-
-    def ended(self, status: str) -> None:
-        self._send(event="ended", status=status)
-
-    def _send(self, **message) -> None:
-        if not self.active:
-            return
-        try:
-            self.client.log_event(TOPIC, {"token": self.token, **message})
-        except Exception as error:  # see the class docstring
-            logger.warning("could not update the pingu dashboard: %s", error)
-            self.active = False
-
-
-def _plugin_names(dask_scheduler) -> list[str]:
-    return list(dask_scheduler.plugins)
-
-
-def page_link(dashboard_link: str | None) -> str | None:
-    """The run page's address, next to Dask's dashboard link (…/status -> …/pingu)."""
-    if not dashboard_link:
-        return None
-    base = dashboard_link.removesuffix("/status").rstrip("/")
-    return base + PAGE_PATH
-
-
 # -- web routes on the scheduler ---------------------------------------------------------
 
 
-def current_monitor(scheduler) -> RunMonitor | None:
-    plugin = scheduler.plugins.get(PLUGIN_NAME) if scheduler is not None else None
-    return plugin if isinstance(plugin, RunMonitor) else None
-
-
-class StatusHandler(RequestHandler):
-    """GET /pingu/status.json: the current run's snapshot."""
-
-    def get(self) -> None:
-        monitor = current_monitor(self.server)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        if monitor is None:
-            self.set_status(404)
-            self.write(json.dumps({"error": "no pingu-dask run on this scheduler"}))
-            return
-        self.write(json.dumps(monitor.snapshot()))
-
-
-class PageHandler(RequestHandler):
-    """GET /pingu: a static page that polls status.json (no internet needed)."""
-
-    def get(self) -> None:
-        self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.write(page_html())
-
-
-@functools.cache
-def page_html() -> str:
-    """The page, read from the package once per process."""
-    return resources.files("pingu_dask.monitor").joinpath("dashboard.html").read_text("utf-8")
-
-
-def add_routes(scheduler) -> None:
-    """Add /pingu and /pingu/status.json to the scheduler's web server, once."""
-    application = getattr(scheduler, "http_application", None)
-    if application is None or getattr(application, "pingu_routes", False):
-        return
-    handlers = [
-        (PAGE_PATH + "/?", PageHandler, {"dask_server": scheduler}),
-        (PAGE_PATH + "/status.json", StatusHandler, {"dask_server": scheduler}),
-    ]
-    application.add_handlers(r".*$", handlers)
-    application.pingu_routes = True
-
-
 # -- Prometheus ---------------------------------------------------------------------------
-
-
-class MetricsCollector:
-    """pingu_* metrics of the monitors attached in this process, for the scheduler's
-    /metrics (which serves prometheus_client's default registry). Registered once per
-    process; one monitor per scheduler (a new run's replaces the last one's)."""
-
-    def __init__(self) -> None:
-        self.monitors: list[RunMonitor] = []
-        self.registered = False
-
-    def attach(self, monitor: RunMonitor) -> None:
-        self.monitors = [
-            m for m in self.monitors if m.scheduler is None or m.scheduler is not monitor.scheduler
-        ]
-        self.monitors.append(monitor)
-        if not self.registered:
-            try:
-                import prometheus_client
-            except ImportError:  # /metrics says so itself
-                return
-            prometheus_client.REGISTRY.register(self)
-            self.registered = True
-
-    def detach(self, monitor: RunMonitor) -> None:
-        self.monitors = [m for m in self.monitors if m is not monitor]
-
-    def describe(self) -> list:
-        return []  # no fixed set: the registry then does not call collect() early
-
-    def collect(self) -> Iterator:
-        return iter(metric_families(self.monitors))
-
-
-def metric_families(monitors: list[RunMonitor]) -> list:
-    """The pingu_* metric families, one sample per run (label `run`)."""
-    from prometheus_client.core import (
-        CounterMetricFamily,
-        GaugeMetricFamily,
-        HistogramMetricFamily,
-    )
-
-    def counter(name, text, labels=("run",)):
-        return CounterMetricFamily(name, text, labels=list(labels))
-
-    def gauge(name, text, labels=("run",)):
-        return GaugeMetricFamily(name, text, labels=list(labels))
-
-    done = counter("pingu_scans_done", "Scans segmented and stored in this run.")
-    failed = counter("pingu_scans_failed", "Scans that failed for good in this run.")
-    retried = counter("pingu_scans_retried", "Scan attempts that failed and were retried.")
-    in_flight = gauge("pingu_scans_in_flight", "Scans in a stage or between stages.")
-    remaining = gauge("pingu_scans_remaining", "Scans of this run not yet done or failed.")
-    by_state = gauge("pingu_scans", "Scans of this run by state.", ("run", "state"))
-    rate = gauge("pingu_throughput_scans_per_minute", "Scans ended per minute (sliding window).")
-    eta = gauge("pingu_eta_seconds", "Estimated seconds until the run ends.")
-    durations = HistogramMetricFamily(
-        "pingu_stage_duration_seconds", "Compute time of a stage per scan.", labels=["run", "stage"]
-    )
-    predicted = counter(
-        "pingu_worker_scans_predicted", "Scans through predict, by worker.", ("run", "worker")
-    )
-    busy = gauge(
-        "pingu_worker_predict_busy_ratio",
-        "Share of the window a worker spent predicting (GPU busy, roughly).",
-        ("run", "worker"),
-    )
-    for monitor in monitors:
-        snapshot = monitor.snapshot()
-        run, counts = monitor.run_id, snapshot["counts"]
-        done.add_metric([run], counts["done"])
-        failed.add_metric([run], counts["failed"])
-        retried.add_metric([run], counts["retried"])
-        in_flight.add_metric([run], counts["in_flight"])
-        remaining.add_metric([run], counts["remaining"])
-        for state in STATES:
-            by_state.add_metric([run, state], counts[state])
-        rate.add_metric([run], snapshot["throughput"]["scans_per_minute"])
-        if snapshot["throughput"]["eta_s"] is not None:
-            eta.add_metric([run], snapshot["throughput"]["eta_s"])
-        for stage, times in zip(STAGES, monitor.stage_times, strict=True):
-            durations.add_metric([run, stage], times.cumulative(), times.total)
-        for row in snapshot["workers"]:
-            predicted.add_metric([run, row["worker"]], row["predicted"])
-            busy.add_metric([run, row["worker"]], row["busy"])
-    return [done, failed, retried, in_flight, remaining, by_state, rate, eta, durations,
-            predicted, busy]  # fmt: skip
-
-
-METRICS = MetricsCollector()

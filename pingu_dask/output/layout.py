@@ -26,7 +26,8 @@ import pandas as pd
 from pingu_dask import __version__
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output.files import atomic_path
-from pingu_dask.output.tables import SCHEMAS, TABLES
+from pingu_dask.output.parts import TABLES
+from pingu_dask.output.tables import SCHEMAS
 
 MASKS = "masks.zarr"
 NIFTI = "nifti"

@@ -18,7 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from pingu_dask.inputs.imaging import voxel_spacing
-from pingu_dask.output import layout, masks, tables
+from pingu_dask.output import layout, masks, parts, tables
 
 SCANNER_AXES = ("x", "y", "z")  # RAS+ scanner axes, millimetres
 
@@ -110,6 +110,6 @@ def _scanner_coordinates(
 def open_results(out: str | Path) -> Results:
     """Open a pingu-dask output directory for reading."""
     out = Path(out)
-    if not (out / layout.MASKS).exists() and not (out / tables.TABLES).exists():
+    if not (out / layout.MASKS).exists() and not (out / parts.TABLES).exists():
         raise FileNotFoundError(f"{out} is not a pingu-dask output directory (no masks, no tables)")
     return Results(out, layout.read_run_json(out))

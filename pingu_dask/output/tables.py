@@ -19,16 +19,11 @@ the middle neither loses nor doubles rows).
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -39,19 +34,9 @@ import pyarrow.parquet as pq
 
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output.files import atomic_path
+from pingu_dask.output.parts import DATA_TABLES, LEDGER, REPLACED_PART, TABLES, parts
 
-TABLES = "tables"
-LEDGER = "ledger"
-DATA_TABLES = ("regions", "clusters", "evaluation")
-REPLACED_PART = "part-replaced.parquet"  # written by replace_table, vouched for by itself
-COMPACT_ROWS_PER_PART = 1_000_000  # compact_tables fills parts up to about this many rows
-_ROW_GROUP_ROWS = 128 * 1024  # rows per Parquet row group in a compacted part
-_FILES_PER_SCAN = 256  # parts read by one pyarrow scan (see _slices)
-_BATCHES_PER_CHUNK = 1024  # small batches copied into one while compacting (_row_groups)
-_COMPACTED = re.compile(
-    r"^part-(?P<key>.+)\.(?P<token>compact-\d{8}T\d{6}-[0-9a-f]{12})-\d{4}\.parquet$"
-)
-_COMMITS = "_compact-*.json"  # in the ledger folder: one per compaction, see compact_tables
+_FILES_PER_SCAN = 256  # parts read by one pyarrow scan (see in_slices)
 
 logger = logging.getLogger(__name__)
 
@@ -233,63 +218,6 @@ def write_part(out: Path, name: str, table: pa.Table, flush_id: str) -> Path:
     return _write_parquet(table.cast(SCHEMAS[name]), folder / f"part-{flush_id}.parquet")
 
 
-def parts(out: Path, name: str) -> list[Path]:
-    """The part files that hold one table, oldest flush first.
-
-    Parts of a compaction that has not committed, and parts that a committed one
-    superseded but has not deleted yet, are left out: either way their rows are in
-    the other parts, and reading both would double them. A reader may list parts
-    while a run compacts (`pingu-dask status`), so the compactions are read before
-    and after the listing, and the listing repeated until they agree: a commit in
-    between would otherwise pair a listing with the wrong state and drop rows.
-    """
-    state = _compactions(out)
-    while True:
-        found = _all_parts(out, name)
-        again = _compactions(out)
-        if again == state:
-            return [part for part in found if state.visible(name, part.name)]
-        state = again
-
-
-def _all_parts(out: Path, name: str) -> list[Path]:
-    """Every part file of one table on disk, in flush order (see _flush_key)."""
-    folder = Path(out) / TABLES / name
-    if not folder.is_dir():
-        return []
-    return sorted(folder.glob("part-*.parquet"), key=lambda p: (_flush_key(p.name), p.name))
-
-
-def _flush_key(part_name: str) -> str:
-    """Where a part stands in flush order: its flush id, or for a compacted part the
-    flush id of the first part it holds (so compaction never reorders rows)."""
-    match = _COMPACTED.match(part_name)
-    return match["key"] if match else part_name.removeprefix("part-").removesuffix(".parquet")
-
-
-def _token(part_name: str) -> str | None:
-    """The compaction that wrote this part, or None for a part written by a flush."""
-    match = _COMPACTED.match(part_name)
-    return match["token"] if match else None
-
-
-def remove_orphan_parts(out: Path) -> int:
-    """Delete data parts whose flush has no ledger part (a driver died mid-flush).
-
-    First settles a compaction a crash interrupted (finishing or undoing it); the
-    parts of a committed compaction are vouched for by its commit file, not by name.
-    Returns the parts removed that no ledger vouched for.
-    """
-    removed = _settle_compactions(out)
-    vouched = {p.name for p in parts(out, LEDGER)} | {REPLACED_PART}
-    for name in DATA_TABLES:
-        for part in parts(out, name):
-            if _token(part.name) is None and part.name not in vouched:
-                part.unlink()
-                removed += 1
-    return removed
-
-
 def drop_scans(out: Path, scan_ids: Iterable[str]) -> int:
     """Remove every data-table row of these scans (they are about to be redone).
 
@@ -343,273 +271,18 @@ def _read_parts(files: list[Path], schema: pa.Schema) -> pd.DataFrame:
     if not files:
         return schema.empty_table().to_pandas()
     # One chunk per slice, not one per part: 100,000 tiny chunks cost ~20 KiB each.
-    pieces = [_dataset(some, schema).to_table().combine_chunks() for some in _slices(files)]
+    pieces = [
+        parquet_dataset(some, schema).to_table().combine_chunks() for some in in_slices(files)
+    ]
     return pa.concat_tables(pieces).to_pandas()
 
 
-def _dataset(files: list[Path], schema: pa.Schema) -> ds.Dataset:
+def parquet_dataset(files: list[Path], schema: pa.Schema) -> ds.Dataset:
     return ds.dataset(files, format="parquet", schema=schema)
 
 
-def _slices(files: list[Path]) -> Iterator[list[Path]]:
+def in_slices(files: list[Path]) -> Iterator[list[Path]]:
     """A few hundred files at a time: a scan holds on to ~60 KiB per file it has
     opened until it ends, which at 100,000 small parts would be gigabytes."""
     for start in range(0, len(files), _FILES_PER_SCAN):
         yield files[start : start + _FILES_PER_SCAN]
-
-
-# --- compaction ---------------------------------------------------------------------
-@dataclass
-class _Compactions:
-    """The compactions recorded in the ledger folder: which committed, and which have
-    superseded parts still on disk (a crash came between commit and clean-up)."""
-
-    committed: set[str] = field(default_factory=set)
-    # token -> table -> names of the parts it superseded that may still be on disk
-    pending: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    superseded: dict[str, set[str]] = field(default_factory=dict)  # table -> those names
-
-    def visible(self, table: str, part_name: str) -> bool:
-        token = _token(part_name)
-        if token is not None and token not in self.committed:
-            return False
-        return part_name not in self.superseded.get(table, ())
-
-
-def _commit_path(out: Path, token: str) -> Path:
-    return Path(out) / TABLES / LEDGER / f"_{token}.json"
-
-
-def _compactions(out: Path) -> _Compactions:
-    state = _Compactions()
-    folder = Path(out) / TABLES / LEDGER
-    for path in folder.glob(_COMMITS) if folder.is_dir() else ():
-        try:
-            commit = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue  # deleted since the listing: it vouched for no part any more
-        state.committed.add(commit["token"])
-        if commit.get("supersedes"):
-            state.pending[commit["token"]] = commit["supersedes"]
-            for table, names in commit["supersedes"].items():
-                state.superseded.setdefault(table, set()).update(names)
-    return state
-
-
-def _write_commit(out: Path, token: str, supersedes: Mapping[str, list[str]]) -> None:
-    """Commit a compaction: from this rename on, its parts hold the rows and the parts
-    it lists are superseded. Synced, because the superseded ones are deleted next."""
-    path = _commit_path(out, token)
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps({"token": token, "supersedes": supersedes}) + "\n")
-        _fsync(temporary)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk, where the system allows."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # some file systems cannot sync a folder
-    finally:
-        os.close(descriptor)
-
-
-def _delete_superseded(out: Path, supersedes: Mapping[str, list[str]]) -> None:
-    """Delete what a committed compaction superseded: data tables first, the ledger
-    last, so that even without the commit file a leftover data part would be an
-    orphan (its ledger part gone) rather than a double."""
-    for name in sorted(supersedes, key=lambda table: table == LEDGER):
-        folder = Path(out) / TABLES / name
-        for part_name in supersedes[name]:
-            (folder / part_name).unlink(missing_ok=True)
-
-
-def _settle_compactions(out: Path) -> int:
-    """Finish what a crash left of a compaction, so that one state holds on disk.
-
-    A committed compaction with superseded parts left: delete them, then rewrite the
-    commit without its list. Parts of a compaction that never committed: delete them
-    (their rows are still in the parts they were to replace). A commit none of whose
-    parts exist any more (a later compaction superseded them all): delete it.
-    Returns the uncommitted parts deleted. Call it holding OUT's lock.
-    """
-    state = _compactions(out)
-    for token, supersedes in state.pending.items():
-        _delete_superseded(out, supersedes)
-        _write_commit(out, token, {})
-    removed = 0
-    live: set[str] = set()
-    for name in SCHEMAS:
-        for part in _all_parts(out, name):
-            token = _token(part.name)
-            if token in state.committed:
-                live.add(token)
-            elif token is not None:
-                part.unlink()
-                removed += 1
-    for token in state.committed - live:
-        _commit_path(out, token).unlink(missing_ok=True)
-    return removed
-
-
-def compact_if_fragmented(out: Path) -> dict[str, tuple[int, int]]:
-    """compact_tables when a table has more parts than config pingu.compact-above-parts
-    (None: never). run_cohort calls it at the start and the end of a run; it costs a
-    listing of the table folders when there is nothing to do. Compaction is only
-    housekeeping and never loses rows, so an OSError (a full disk) is logged and the
-    next run tries again, rather than failing a run whose scans are all done."""
-    from pingu_dask.config import setting
-
-    above = setting("compact-above-parts")
-    if above is None:
-        return {}
-    try:
-        return compact_tables(out, above_parts=int(above))
-    except OSError as error:
-        logger.warning("table compaction failed, left for the next run: %s", error)
-        return {}
-
-
-def compact_tables(
-    out: Path, max_rows_per_part: int | None = None, *, above_parts: int = 1
-) -> dict[str, tuple[int, int]]:
-    """Merge each table's small parts into few large ones; files (before, after) per table.
-
-    Why: a run flushes every few scans or seconds, so 100,000 slow scans leave about
-    100,000 small files per table, which file systems (quotas on inodes) and every
-    reader pay for. Nothing happens unless some table has more than `above_parts`
-    parts and merging would make fewer files.
-
-    What merges: consecutive parts in flush order, streamed (memory stays small) into
-    parts of about `max_rows_per_part` rows (COMPACT_ROWS_PER_PART), each named after
-    the first flush it holds, so read_table gives the same rows in the same order.
-    Left alone: compacted parts already at least half full, REPLACED_PART (a table
-    replace_table wrote stays one part, and a new replace_table never meets a part of
-    the same name listed as superseded), and data parts no ledger part vouches for
-    (orphans, for remove_orphan_parts). Every other flush part is rewritten, even
-    alone, because its ledger part, which vouched for it by name, is merged away.
-
-    Crash safety: a compaction has a token; its parts (part-KEY.TOKEN-NNNN.parquet)
-    are written first (atomically, synced) and count for nothing until the commit,
-    OUT/tables/ledger/_TOKEN.json, is renamed into place listing the parts it
-    supersedes; only then are those deleted, and the list dropped from the commit.
-    parts() hides uncommitted compacted parts and superseded ones, so a crash at any
-    point neither loses nor doubles rows; the next remove_orphan_parts (or
-    compact_tables) finishes or undoes it. drop_scans rewrites compacted parts under
-    the same name, so their commit still vouches for them. Call it holding OUT's lock.
-    """
-    out = Path(out)
-    _settle_compactions(out)
-    before = {name: parts(out, name) for name in SCHEMAS}
-    counts = {name: (len(files), len(files)) for name, files in before.items()}
-    if not any(len(files) > above_parts for files in before.values()):
-        return counts
-    max_rows = max_rows_per_part or COMPACT_ROWS_PER_PART
-    vouched = {p.name for p in before[LEDGER]}
-    runs = {name: _runs(files, name, vouched, max_rows) for name, files in before.items()}
-    if not any(len(run) > 1 for table_runs in runs.values() for run in table_runs):
-        return counts  # nothing to gain: every part is full, alone or not ours to merge
-    token = f"compact-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
-    for name in (*DATA_TABLES, LEDGER):
-        _merge_runs(out, name, runs[name], token, max_rows)
-    supersedes = {name: [p.name for run in runs[name] for p in run] for name in SCHEMAS}
-    _write_commit(out, token, supersedes)
-    _settle_compactions(out)  # deletes what it superseded, then drops the list
-    return {name: (len(before[name]), len(parts(out, name))) for name in SCHEMAS}
-
-
-def _runs(files: list[Path], name: str, vouched: set[str], max_rows: int) -> list[list[Path]]:
-    """The stretches of consecutive parts to merge (see compact_tables: what merges)."""
-    runs: list[list[Path]] = [[]]
-    for part in files:
-        if _left_alone(part, name, vouched, max_rows):
-            runs.append([])
-        else:
-            runs[-1].append(part)
-    return [run for run in runs if len(run) > 1 or any(_token(p.name) is None for p in run)]
-
-
-def _left_alone(part: Path, name: str, vouched: set[str], max_rows: int) -> bool:
-    if part.name == REPLACED_PART:
-        return True
-    if _token(part.name) is None:
-        return name != LEDGER and part.name not in vouched  # an orphan
-    return pq.read_metadata(part).num_rows >= max_rows // 2  # compacted, already full
-
-
-def _merge_runs(out: Path, name: str, runs: list[list[Path]], token: str, max_rows: int) -> None:
-    """Write the compacted parts of one table (not yet committed)."""
-    folder = Path(out) / TABLES / name
-    schema = SCHEMAS[name]
-    numbers = itertools.count()
-    for run in runs:
-        for first, batches in _chunks(_tagged_batches(run, schema), max_rows):
-            key = _flush_key(Path(first).name)
-            path = folder / f"part-{key}.{token}-{next(numbers):04d}.parquet"
-            with atomic_path(path) as temporary:
-                with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
-                    for table in _row_groups(batches, schema, _ROW_GROUP_ROWS):
-                        writer.write_table(table, row_group_size=len(table))
-                _fsync(temporary)
-    _fsync(folder)
-
-
-def _tagged_batches(files: list[Path], schema: pa.Schema) -> Iterator[tuple[str, pa.RecordBatch]]:
-    """The rows of `files` in their order, as (part, batch); scan_batches keeps the
-    order of the files, and says which file each batch came from."""
-    for some in _slices(files):
-        scanner = _dataset(some, schema).scanner(batch_size=_ROW_GROUP_ROWS)
-        for tagged in scanner.scan_batches():
-            yield tagged.fragment.path, tagged.record_batch
-
-
-def _chunks(
-    tagged: Iterator[tuple[str, pa.RecordBatch]], max_rows: int
-) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
-    """Split an ordered stream of (part, batch) into compacted parts: a new one starts
-    at the first part boundary after `max_rows` rows (parts are never split). Yields
-    the first part's path and that compacted part's batches (consume before the next)."""
-    state = {"number": 0, "rows": 0, "part": None}
-    firsts: dict[int, str] = {}  # compacted part number -> the first part it holds
-
-    def number(item: tuple[str, pa.RecordBatch]) -> int:
-        part, batch = item
-        if part != state["part"]:
-            state["part"] = part
-            if state["rows"] >= max_rows:
-                state["number"], state["rows"] = state["number"] + 1, 0
-        state["rows"] += batch.num_rows
-        firsts.setdefault(state["number"], part)
-        return state["number"]
-
-    for chunk, group in itertools.groupby(tagged, key=number):
-        yield firsts[chunk], (batch for _, batch in group)
-
-
-def _row_groups(
-    batches: Iterable[pa.RecordBatch], schema: pa.Schema, rows: int
-) -> Iterator[pa.Table]:
-    """Gather small batches (one flush each) into tables of at least `rows` rows.
-
-    Every _BATCHES_PER_CHUNK batches are copied into one: a batch of one row costs
-    ~10 KiB of bookkeeping, so 100,000 of them held at once would cost a gigabyte."""
-    chunks: list[pa.Table] = []
-    small: list[pa.RecordBatch] = []
-    buffered = 0
-    for batch in batches:
-        small.append(batch)
-        buffered += batch.num_rows
-        if len(small) >= _BATCHES_PER_CHUNK:
-            chunks.append(pa.Table.from_batches(small, schema).combine_chunks())
-            small = []
-        if buffered >= rows:
-            yield pa.concat_tables([*chunks, pa.Table.from_batches(small, schema)])
-            chunks, small, buffered = [], [], 0
-    if buffered:
-        yield pa.concat_tables([*chunks, pa.Table.from_batches(small, schema)])

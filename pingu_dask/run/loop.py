@@ -21,41 +21,34 @@
   while it waits, so a crash loses at most the unflushed tail, which a rerun redoes.
 - Ctrl-C (or SIGTERM/SIGHUP, turned into KeyboardInterrupt by the CLI) cancels what is
   in flight, flushes what finished, and re-raises.
-- A scheduler plugin (dashboard.py) watches the run's task keys; the driver only tells
+- A scheduler plugin (monitor/plugin.py) watches the run's task keys; the driver only tells
   it the verdicts (failed for good, or retried), which it alone decides.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
-import platform
 import queue
-import statistics
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import metadata
-from pathlib import Path
 from typing import NamedTuple
 
 from distributed import Client, Future
 
-from pingu_dask import __version__
-from pingu_dask.config import setting
+from pingu_dask.config import INFERENCE_RESOURCE, setting
 from pingu_dask.errors import ErrorReport, Verdict, describe
 from pingu_dask.inputs.manifest import Scan
-from pingu_dask.monitor import plugin as dashboard
+from pingu_dask.monitor.feed import RunFeed
+from pingu_dask.monitor.plugin import RunMonitor
 from pingu_dask.output import layout, ledger, tables
 from pingu_dask.run import stages
-from pingu_dask.run.clusters import INFERENCE_RESOURCE, Capacity, PresentWorkers
+from pingu_dask.run.capacity import Capacity, PresentWorkers
+from pingu_dask.run.policies import CircuitBreaker, FeedWindow
 
-SCANS_IN_FLIGHT_PER_WORKER = 3  #: one per stage: before any stage time is known
-STAGES = ("preprocess", "predict", "finish")
 RETRY = "retry"  #: an attempt's record status when another attempt follows
 TICK_SECONDS = 1.0  #: the longest the loop waits without flushing or checking time limits
 
@@ -98,85 +91,6 @@ class RunStopped(RuntimeError):
     def __init__(self, message: str, records: list[dict]) -> None:
         super().__init__(message)
         self.records = records
-
-
-class CircuitBreaker:
-    """Notices a run whose scans all fail the same way (a broken model, a broken image
-    of the software, a missing GPU driver), which would otherwise fail 100,000 scans
-    one by one.
-
-    It trips when the first attempts of `threshold` different scans in a row fail with
-    the same error type on at least 2 workers (or on every worker seen, when fewer have
-    worked). Input errors neither count nor break the streak: they belong to one scan.
-    A success, or a first attempt failing otherwise, starts the count again. Retries
-    are not counted: they are the same scan again.
-    """
-
-    def __init__(self, threshold: int) -> None:
-        self.threshold = threshold
-        self.streak: list[ErrorReport] = []
-        self.workers_seen: set[str] = set()
-
-    def succeeded(self, worker: str | None) -> None:
-        if worker:
-            self.workers_seen.add(worker)
-        self.streak.clear()
-
-    def failed(self, attempt: int, report: ErrorReport) -> str | None:
-        """Record a failed attempt; the reason to stop, once the breaker trips."""
-        if report.worker:
-            self.workers_seen.add(report.worker)
-        if attempt != 1 or report.verdict is Verdict.INPUT or self.threshold <= 0:
-            return None
-        if self.streak and self.streak[-1].error_type != report.error_type:
-            self.streak.clear()
-        self.streak.append(report)
-        workers = {r.worker for r in self.streak if r.worker}
-        needed = min(2, max(1, len(self.workers_seen)))
-        if len(self.streak) >= self.threshold and len(workers) >= needed:
-            return (
-                f"stopped: the first attempts of {len(self.streak)} scans in a row failed "
-                f"with {report.error_type} on {len(workers)} worker(s): {report.message}"
-            )
-        return None
-
-
-class FeedWindow:
-    """How many scans to keep in flight per inference slot, from the stage times seen.
-
-    Enough that a preprocessed scan is waiting whenever predict frees: at one scan per
-    predict time, a scan spends (preprocess + predict + finish) / predict predict-times
-    in flight (Little's law), plus one waiting, i.e. 2 + ceil((preprocess + finish) /
-    predict) per slot, with the CPU stages' time taken as its mean plus one standard
-    deviation: a cohort mixing 1 mm and 0.5 mm heads needs a buffer for the slow ones
-    (GPU stand-in, 2 slots on 2 cores: 89 % busy with the median, 98 % with this;
-    docs/benchmarks.md, bench_feed). A GPU predicts in a second
-    or two while a 0.5 mm head takes longer than that to read and preprocess, so a slot
-    needs several scans in the CPU stages at once; on a CPU the network dominates and 3
-    suffice. Never fewer than 3 (one per stage, the start), never more than the threads
-    a slot has (beyond them the scans only queue, and predict could wait for a thread)
-    or `maximum` (pingu.max-scans-per-slot: memory). Times are those of the last 32
-    scans that succeeded, so a changing mix of scan sizes is followed.
-    """
-
-    def __init__(self, maximum: int) -> None:
-        self.maximum = max(SCANS_IN_FLIGHT_PER_WORKER, maximum)
-        self.recent: deque[tuple[float, ...]] = deque(maxlen=32)
-
-    def observe(self, seconds: dict[str, float] | None) -> None:
-        """A finished scan's seconds per stage (its record's `seconds`)."""
-        if seconds and all(stage in seconds for stage in STAGES):
-            self.recent.append(tuple(seconds[stage] for stage in STAGES))
-
-    def per_slot(self, threads_per_slot: int | None = None) -> int:
-        if not self.recent:
-            return SCANS_IN_FLIGHT_PER_WORKER
-        cpu = [preprocess + finish for preprocess, _, finish in self.recent]
-        predict = max(statistics.fmean(predict for _, predict, _ in self.recent), 1e-3)
-        spread = statistics.pstdev(cpu) if len(cpu) > 1 else 0.0
-        wanted = 2 + math.ceil((statistics.fmean(cpu) + spread) / predict)
-        ceiling = min(self.maximum, threads_per_slot or self.maximum)
-        return max(SCANS_IN_FLIGHT_PER_WORKER, min(wanted, ceiling))
 
 
 @dataclass(kw_only=True)
@@ -234,7 +148,7 @@ def segment_cohort(
     token = uuid.uuid4().hex[:8]  # this run's task keys: (f"{stage}-{token}", index, attempt)
     feed = None
     if watch:
-        monitor = dashboard.RunMonitor(
+        monitor = RunMonitor(
             token,
             run_id,
             len(scans),
@@ -242,7 +156,7 @@ def segment_cohort(
             out=str(pipeline.out),
             model=pipeline.model.name,
         )
-        feed = dashboard.RunFeed(client, monitor)
+        feed = RunFeed(client, monitor)
     with tables.TableWriter(pipeline.out) as writer:
         if extra_ledger_rows:
             writer.add({}, ledger_rows=extra_ledger_rows)
@@ -280,7 +194,7 @@ class _Loop:
     keep_details: bool
     functions: StageFunctions
     token: str
-    feed: dashboard.RunFeed | None  # the run's dashboard, if watched
+    feed: RunFeed | None  # the run's dashboard, if watched
     capacity: Capacity
     window: int | None  # fixed number of scans in flight, or None: from capacity
     scan_timeout: float | None
@@ -515,54 +429,3 @@ class _Loop:
             self.client.restart_workers(sorted(workers), raise_for_error=False)
         except Exception as error:  # e.g. workers without a nanny (tcp:// clusters)
             logger.warning("could not restart hung worker(s) %s: %s", sorted(workers), error)
-
-
-def manifest_info(manifest: Path | None) -> dict | None:
-    """Where the manifest is and its SHA-256 (run.json: which cohort this was)."""
-    if manifest is None:
-        return None
-    return {
-        "path": str(Path(manifest).resolve()),
-        "sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
-    }
-
-
-LIBRARIES = ("nnunetv2", "torch", "dask", "distributed", "zarr", "numpy")
-
-
-def package_versions(packages: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
-    """Installed versions of these packages (None where one is missing)."""
-    versions: dict[str, str | None] = {}
-    for package in packages:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
-def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -> dict:
-    """What run.json records: tool and library versions, model, settings, manifest."""
-    versions = package_versions()
-    return {
-        "tool": "pingu-dask",
-        "version": __version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "libraries": versions,
-        "model": {
-            "folder": str(pipeline.model.folder),
-            "name": pipeline.model.name,
-            "folds": list(pipeline.model.folds),
-            "checkpoint": pipeline.model.checkpoint,
-            "fingerprint": pipeline.model.fingerprint,
-        },
-        "inference": asdict(pipeline.inference),
-        "clusters": asdict(pipeline.clusters),
-        "regions": {"table": pipeline.regions.name, "regions": dict(pipeline.regions.regions)},
-        "pipeline_fingerprint": pipeline.fingerprint(),
-        "manifest": manifest_info(manifest),
-        "n_scans": n_scans,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "finished": None,
-    }

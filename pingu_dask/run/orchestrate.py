@@ -17,26 +17,15 @@ from pathlib import Path
 from distributed import Client
 
 from pingu_dask.inputs.manifest import ManifestReport
-from pingu_dask.monitor import plugin as dashboard
+from pingu_dask.monitor.http import page_link
 from pingu_dask.nnunet.predictor import uses_gpu
-from pingu_dask.output import layout, ledger, masks, tables
+from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
 from pingu_dask.output.lock import OutputLock
-from pingu_dask.run.clusters import (
-    BATCH_SYSTEMS,
-    Capacity,
-    FixedCapacity,
-    JobOptions,
-    LocalLayout,
-    PresentWorkers,
-)
-from pingu_dask.run.loop import (
-    Progress,
-    RunStopped,
-    manifest_info,
-    package_versions,
-    provenance,
-    segment_cohort,
-)
+from pingu_dask.run.capacity import Capacity, FixedCapacity, PresentWorkers
+from pingu_dask.run.clusters import LocalLayout
+from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions
+from pingu_dask.run.loop import Progress, RunStopped, segment_cohort
+from pingu_dask.run.provenance import manifest_info, package_versions, provenance
 from pingu_dask.run.stages import Pipeline
 
 KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok records shrink to id + status
@@ -76,7 +65,7 @@ class RunOutcome:
     @property
     def page(self) -> str | None:
         """This run's page (/pingu), beside Dask's dashboard."""
-        return dashboard.page_link(self.dashboard)
+        return page_link(self.dashboard)
 
     @property
     def ok(self) -> bool:
@@ -167,11 +156,11 @@ def run_cohort(
     with OutputLock(out) as lock:
         outcome.took_over_lock = lock.took_over
         check_settings(out, pipeline, request.force, request.allow_version_change)
-        tables.remove_orphan_parts(out)
+        parts.remove_orphan_parts(out)
         masks.remove_partial_masks(out)
         plan = ledger.plan_resume(out, request.report.scans, pipeline.fingerprint())
         tables.drop_scans(out, plan.redo)
-        tables.compact_if_fragmented(out)  # a resumed run's tables: few files before adding
+        compaction.compact_if_fragmented(out)  # a resumed run's tables: few files before adding
         outcome.done_before, outcome.redone = len(plan.done), len(plan.redo)
         invalid = ledger.invalid_rows(request.report.problems, outcome.run_id)
         outcome.invalid = len(invalid)
@@ -213,7 +202,7 @@ def run_cohort(
                     )
                 except RunStopped as stopped:
                     outcome.records, outcome.stopped = stopped.records, str(stopped)
-            tables.compact_if_fragmented(out)  # not after Ctrl-C or an error: next run's start
+            compaction.compact_if_fragmented(out)  # not after Ctrl-C or an error: next run's start
         finally:
             outcome.seconds = time.perf_counter() - started
             run_info["runs"][-1]["finished"] = _now()
@@ -229,7 +218,8 @@ def _now() -> str:
 @contextmanager
 def _client(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, Capacity]]:
     """A client on the cluster the request names, and how many workers to plan for."""
-    from pingu_dask.run.clusters import jobqueue_cluster, local_cluster, scale_from_work
+    from pingu_dask.run.clusters import local_cluster
+    from pingu_dask.run.jobs import jobqueue_cluster, scale_from_work
 
     if request.cluster in BATCH_SYSTEMS:
         # Jobs are asked for from the scans left (scale_from_work), and released as

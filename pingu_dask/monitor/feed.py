@@ -1,0 +1,55 @@
+"""The driver's side of watching a run: it registers the run's monitor on the scheduler and
+sends it the verdicts only the driver knows (a failure is final, or will be retried).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pingu_dask.monitor.plugin import FAILURE_FIELDS, PLUGIN_NAME, TOPIC, RunMonitor
+
+logger = logging.getLogger(__name__)
+
+
+class RunFeed:
+    """The driver's link to its run's monitor: registers it, sends it the verdicts.
+
+    Whatever goes wrong here (a scheduler without pingu-dask installed, a scheduler
+    that is going away) is logged and otherwise ignored: watching must never stop a run.
+    """
+
+    def __init__(self, client, monitor: RunMonitor) -> None:
+        self.client = client
+        self.token = monitor.token
+        self.active = False
+        try:
+            # A run before this one on the same scheduler left its monitor: replace it
+            # (the scheduler would warn on an overwrite).
+            if PLUGIN_NAME in client.run_on_scheduler(_plugin_names):
+                client.unregister_scheduler_plugin(PLUGIN_NAME)
+            client.register_plugin(monitor, name=PLUGIN_NAME)
+            self.active = True
+        except Exception as error:  # see the class docstring
+            logger.warning("the pingu dashboard is off for this run: %s", error)
+
+    def failed(self, index: int, record: dict, site: str | None, final: bool) -> None:
+        """A scan's attempt failed: for good (final) or to be retried."""
+        message = {key: record.get(key) for key in FAILURE_FIELDS}
+        message["site"] = site
+        self._send(event="failed" if final else "retry", index=index, **message)
+
+    def ended(self, status: str) -> None:
+        self._send(event="ended", status=status)
+
+    def _send(self, **message) -> None:
+        if not self.active:
+            return
+        try:
+            self.client.log_event(TOPIC, {"token": self.token, **message})
+        except Exception as error:  # see the class docstring
+            logger.warning("could not update the pingu dashboard: %s", error)
+            self.active = False
+
+
+def _plugin_names(dask_scheduler) -> list[str]:
+    return list(dask_scheduler.plugins)
