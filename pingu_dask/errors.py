@@ -21,26 +21,29 @@ a traceback.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
-
-from pingu_dask.analysis.regions import RegionError
-from pingu_dask.inputs.imaging import ImageError
 
 
 class PinguError(Exception):
-    """Root of pingu-dask's own errors."""
+    """Root of pingu-dask's own errors; each layer derives its own from these."""
 
 
 class InputError(PinguError, ValueError):
-    """A scan's input cannot be used; the message names the file and the problem."""
+    """A scan's input cannot be used; the message names the file and the problem.
+
+    The input layer's errors (an unreadable image, an unusable parcellation, a bad
+    manifest) derive from it, so a stage's verdict needs no list of them.
+    """
 
 
 class ModelError(PinguError, ValueError):
     """A model that cannot be used; the message says what is wrong and what to pass."""
 
 
-INPUT_ERRORS: tuple[type[BaseException], ...] = (ImageError, RegionError, InputError)
+class RunError(PinguError, RuntimeError):
+    """A run that cannot start or go on as asked (another run holds OUT, other
+    settings in OUT, the circuit breaker stopped it)."""
 
 
 class Verdict(StrEnum):
@@ -64,7 +67,7 @@ def verdict_of(error: BaseException) -> Verdict:
     """The verdict for an error raised by a scan's attempt (or by Dask about it)."""
     if isinstance(error, StageFailure):
         return error.verdict
-    if isinstance(error, INPUT_ERRORS):
+    if isinstance(error, InputError):
         return Verdict.INPUT
     if isinstance(error, _transient_types()):
         return Verdict.TRANSIENT
@@ -94,25 +97,26 @@ class StageFailure(Exception):
         return f"{self.error_type} in {self.stage}: {self.message}"
 
 
-class ErrorReport(NamedTuple):
+@dataclass(frozen=True, kw_only=True)
+class ErrorReport:
     """What the ledger records about a failed attempt."""
 
     error_type: str
     message: str
-    retryable: bool
-    worker: str | None
+    worker: str | None = None
     verdict: Verdict = Verdict.REPEATS
+
+    @property
+    def retryable(self) -> bool:
+        return self.verdict is Verdict.TRANSIENT
 
 
 def describe(error: BaseException) -> ErrorReport:
     """The report for any error a scan's future raised."""
     if isinstance(error, StageFailure):
+        message = f"{error.stage}: {error.message}"
         return ErrorReport(
-            error.error_type,
-            f"{error.stage}: {error.message}",
-            error.retryable,
-            error.worker,
-            error.verdict,
+            error_type=error.error_type, message=message, worker=error.worker, verdict=error.verdict
         )
     verdict = verdict_of(error)
     name = type(error).__name__
@@ -122,5 +126,6 @@ def describe(error: BaseException) -> ErrorReport:
             "the worker process died while working on this scan (killed, pre-empted, "
             f"or out of memory); Dask says: {error}"
         )
-        return ErrorReport(name, message, True, getattr(last, "address", None), verdict)
-    return ErrorReport(name, str(error) or name, verdict is Verdict.TRANSIENT, None, verdict)
+        worker = getattr(last, "address", None)
+        return ErrorReport(error_type=name, message=message, worker=worker, verdict=verdict)
+    return ErrorReport(error_type=name, message=str(error) or name, verdict=verdict)

@@ -22,6 +22,7 @@ import nibabel as nib
 import nibabel.processing
 import numpy as np
 
+from pingu_dask.errors import InputError
 from pingu_dask.inputs.imaging import LABEL_MAP_SUFFIXES, load_volume
 
 OTHER = "other"
@@ -31,7 +32,7 @@ REGION_NAME = re.compile(r"[a-z][a-z0-9_]*")
 AFFINE_TOLERANCE_MM = 1e-3
 
 
-class RegionError(ValueError):
+class RegionError(InputError):
     """A region table or parcellation that cannot be used; the message says why."""
 
 

@@ -33,8 +33,9 @@ def import_model(source: Path, out: Path, channel_names: str | None) -> None:
     """Convert the nnU-Net v1 model in SOURCE (a folder or zip, e.g. PINGU-All_v0.zip)
     into an nnU-Net v2 model folder under OUT, for `run --model`. A checkpoint is code
     (Python pickles): import only models from a source you trust."""
+    from pingu_dask.errors import ModelError
     from pingu_dask.nnunet.convert_v1 import import_v1_model
-    from pingu_dask.nnunet.model import ModelError, resolve_model
+    from pingu_dask.nnunet.model import resolve_model
 
     names = tuple(split(channel_names)) if channel_names else None
     try:

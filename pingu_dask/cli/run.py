@@ -25,8 +25,9 @@ from pingu_dask.cli.progress import (
     print_status,
 )
 from pingu_dask.config import ClusterSettings, InferenceSettings
+from pingu_dask.errors import ModelError
 from pingu_dask.inputs.manifest import load_manifest
-from pingu_dask.nnunet.model import ModelError, resolve_model
+from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output.ledger import ResumePlan
 from pingu_dask.output.lock import LockedError
 from pingu_dask.run import orchestrate

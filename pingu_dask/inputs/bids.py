@@ -26,13 +26,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from pingu_dask.errors import InputError
+
 #: model channel name -> BIDS suffix
 SUFFIXES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "pd": "PD", "t2starw": "T2starw"}
 ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
 SITE_COLUMNS = ("site", "scanner", "centre", "center")
 
 
-class BidsError(ValueError):
+class BidsError(InputError):
     """The folder is not a BIDS dataset this tool can read."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pingu_dask.errors import InputError
 from pingu_dask.output.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -22,7 +23,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LABEL_MAP_SUFFIXES = (*NIFTI_SUFFIXES, ".mgz")
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image file that cannot be used; the message says why in plain words."""
 
 

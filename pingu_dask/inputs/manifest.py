@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pingu_dask.errors import InputError
 from pingu_dask.inputs.imaging import LABEL_MAP_SUFFIXES, ImageError, ImageInfo, read_info
 
 DEFAULT_CHANNELS = ("t1w",)
@@ -96,7 +97,7 @@ class ManifestReport:
         return not self.problems
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """Raised by `require_valid` when a manifest has problems; carries the full report."""
 
     def __init__(self, report: ManifestReport) -> None:

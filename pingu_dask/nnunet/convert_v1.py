@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pingu_dask import __version__
-from pingu_dask.nnunet.model import ModelError, sha256_of_files, unpack_zip
+from pingu_dask.errors import ModelError
+from pingu_dask.nnunet.model import sha256_of_files, unpack_zip
 from pingu_dask.nnunet.v1_network import (
     Architecture,
     arch_kwargs,

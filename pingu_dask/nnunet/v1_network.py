@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pingu_dask.nnunet.model import ModelError
+from pingu_dask.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def invalid_rows(problems: Sequence[Problem], run_id: str) -> list[dict]:
     for row, found in by_row.items():
         scan_id = next((p.scan_id for p in found if p.scan_id), "") or f"(row {row})"
         message = "; ".join(str(p) for p in found)
-        error = ErrorReport("ManifestError", message, False, None, Verdict.INPUT)
+        error = ErrorReport(error_type="ManifestError", message=message, verdict=Verdict.INPUT)
         rows.append(attempt_row(scan_id, None, INVALID, 0, run_id, started, error=error))
     return rows
 

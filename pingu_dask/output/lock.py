@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pingu_dask.config import setting
+from pingu_dask.errors import RunError
 
 LOCK_NAME = ".lock"
 UNREADABLE_GRACE_SECONDS = 5.0  # an unreadable / pid-less lock younger than this is left be
@@ -58,7 +59,7 @@ ACQUIRE_PATIENCE_SECONDS = 30.0  # give up waiting for another contender's takeo
 log = logging.getLogger(__name__)
 
 
-class LockedError(RuntimeError):
+class LockedError(RunError):
     """Another run holds the output directory."""
 
 

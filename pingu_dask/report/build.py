@@ -20,6 +20,7 @@ import pandas as pd
 
 from pingu_dask import __version__
 from pingu_dask.analysis.evaluate import count_agreement, reference_handling, summarise
+from pingu_dask.errors import PinguError
 from pingu_dask.output import layout, ledger, tables
 from pingu_dask.output.files import atomic_path
 from pingu_dask.report import figures
@@ -34,7 +35,7 @@ GALLERY_FIRST = 48  # pictures on the report page itself
 GALLERY_PAGE = 100  # pictures per further gallery page
 
 
-class ReportError(RuntimeError):
+class ReportError(PinguError, RuntimeError):
     """OUT holds no run to report on."""
 
 

@@ -40,7 +40,7 @@ from typing import NamedTuple
 from distributed import Client, Future
 
 from pingu_dask.config import INFERENCE_RESOURCE, setting
-from pingu_dask.errors import ErrorReport, Verdict, describe
+from pingu_dask.errors import ErrorReport, RunError, Verdict, describe
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.monitor.feed import RunFeed
 from pingu_dask.monitor.plugin import RunMonitor
@@ -81,7 +81,7 @@ class Progress:
     stopping: str | None = None  # why the run stopped submitting (circuit breaker)
 
 
-class RunStopped(RuntimeError):
+class RunStopped(RunError):
     """The circuit breaker stopped the run; `records` are the scans that were settled.
 
     Everything written stays valid: scans not started have no ledger row and are done
@@ -405,12 +405,11 @@ class _Loop:
                 (f.key[0].split("-")[0] for f in attempt.futures if where.get(f.key)), "a stage"
             )
             report = ErrorReport(
-                "TimeoutError",
-                f"{stage}: no result after {self.scan_timeout:.0f} s (--scan-timeout) on "
-                f"{holder or 'a worker'}; cancelled, and the worker restarted",
-                True,
-                holder,
-                Verdict.TRANSIENT,
+                error_type="TimeoutError",
+                message=f"{stage}: no result after {self.scan_timeout:.0f} s (--scan-timeout) "
+                f"on {holder or 'a worker'}; cancelled, and the worker restarted",
+                worker=holder,
+                verdict=Verdict.TRANSIENT,
             )
             record = self._failed(attempt, report)
             for each in attempt.futures:

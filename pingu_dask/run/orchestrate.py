@@ -16,6 +16,7 @@ from pathlib import Path
 
 from distributed import Client
 
+from pingu_dask.errors import RunError
 from pingu_dask.inputs.manifest import ManifestReport
 from pingu_dask.monitor.http import page_link
 from pingu_dask.nnunet.predictor import uses_gpu
@@ -31,7 +32,7 @@ from pingu_dask.run.stages import Pipeline
 KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok records shrink to id + status
 
 
-class RunRefused(RuntimeError):
+class RunRefused(RunError):
     """The run cannot start as asked (another run, or different settings in OUT)."""
 
 
