@@ -149,8 +149,9 @@ def before_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
         convert_predicted_logits_to_segmentation_with_correct_shape,
     )
 
-    from pingu_dask.analysis.scan import analyse_mask, input_fingerprint
+    from pingu_dask.analysis.scan import analyse_mask
     from pingu_dask.inputs.imaging import check_image_data, save_nifti
+    from pingu_dask.inputs.manifest import input_fingerprint
     from pingu_dask.nnunet.plans import model_plan
     from pingu_dask.output import masks
 
@@ -261,8 +262,8 @@ def demo_agreement(scans: dict[str, Path], work: Path) -> list[tuple[str, float,
             scan = Scan(kind, (("t1w", path),))
             out = work / f"demo_run_{kind}"
             records = segment_cohort(client, [scan], Pipeline(model, settings, out), watch=False)
-            assert records[0]["status"] == "ok", records
-            ours = cleaned(records[0]["nifti"])
+            assert records[0].ok, records
+            ours = cleaned(records[0].nifti)
             theirs = cleaned(str(work / "nnunet_out" / f"{kind}.nii.gz"))
             both = np.logical_and(ours, theirs).sum()
             dice = 2 * both / max(1, ours.sum() + theirs.sum())

@@ -93,7 +93,7 @@ def runner_rate(client: Client, scans: list[Scan], pipeline: Pipeline, watch: bo
         client, scans, pipeline, keep_details=False, stage_functions=NOOP_STAGES, watch=watch
     )
     seconds = time.perf_counter() - started
-    assert sum(r["status"] == "ok" for r in records) == len(scans)
+    assert sum(r.status == "ok" for r in records) == len(scans)
     return len(scans) / seconds
 
 

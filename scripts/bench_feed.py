@@ -101,10 +101,10 @@ def run_once(scans: list[Scan], model, workers: int, mode: str, seconds: float, 
                                  watch=False, capacity=capacity)  # fmt: skip
         wall = time.perf_counter() - started
         cpu = worker_cpu_seconds(client) - cpu_before
-    assert all(r["status"] == "ok" for r in records), records
-    busy = sum(r["seconds"]["predict"] for r in records)
-    first = min(r["seconds"]["predict_started"] for r in records)
-    last = max(r["seconds"]["predict_ended"] for r in records)
+    assert all(r.status == "ok" for r in records), records
+    busy = sum(r.seconds["predict"] for r in records)
+    first = min(r.seconds["predict_started"] for r in records)
+    last = max(r.seconds["predict_ended"] for r in records)
     return {
         "layout": layout,
         "scans_per_min": len(scans) / wall * 60,
@@ -112,8 +112,8 @@ def run_once(scans: list[Scan], model, workers: int, mode: str, seconds: float, 
         "busy_steady": busy / (workers * (last - first)),
         "cpu_busy": cpu / (wall * available_cores()),
         "core_s_per_scan": cpu / len(scans),
-        "preprocess": float(np.median([r["seconds"]["preprocess"] for r in records])),
-        "finish": float(np.median([r["seconds"]["finish"] for r in records])),
+        "preprocess": float(np.median([r.seconds["preprocess"] for r in records])),
+        "finish": float(np.median([r.seconds["finish"] for r in records])),
     }
 
 

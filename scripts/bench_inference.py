@@ -107,7 +107,7 @@ def run_dask(
             started = time.perf_counter()
             records = segment_cohort(client, scans, Pipeline(model, settings, out), watch=False)
             seconds = time.perf_counter() - started
-    assert all(r["status"] == "ok" for r in records), records
+    assert all(r.status == "ok" for r in records), records
     return seconds, records, sampler
 
 
@@ -180,13 +180,13 @@ def agreement_by_kind(records: list[dict], folder: Path, kinds: dict[str, str]) 
     """Voxels agreeing, (a) vs (b), per input kind (min over its scans)."""
     by_kind: dict[str, list[float]] = {}
     for record in records:
-        ours = np.asarray(nib.load(record["nifti"]).dataobj)
+        ours = np.asarray(nib.load(record.nifti).dataobj)
         # Ours went through the cluster-size filter; put theirs through the same one.
-        image = nib.load(folder / f"{record['scan_id']}.nii.gz")
+        image = nib.load(folder / f"{record.scan_id}.nii.gz")
         theirs = clean_mask(
             np.asarray(image.dataobj), voxel_volume(image.affine), ClusterSettings()
         )
-        by_kind.setdefault(kinds[record["scan_id"]], []).append(float((ours == theirs).mean()))
+        by_kind.setdefault(kinds[record.scan_id], []).append(float((ours == theirs).mean()))
     return by_kind
 
 
@@ -235,10 +235,10 @@ def main() -> None:
                 seconds, records, gpu = run_dask(scans, model, settings, workers, out)
                 rows.append((tag, f"(a) pingu-dask, {workers} worker(s)", seconds, gpu))
                 for stage in ("preprocess", "predict", "finish"):
-                    per_scan = np.mean([r["seconds"][stage] for r in records])
+                    per_scan = np.mean([r.seconds[stage] for r in records])
                     stage_rows.append((tag, f"{workers} worker(s)", stage, per_scan))
                 # Share of the run's wall time the inference slots spent in predict.
-                busy = sum(r["seconds"]["predict"] for r in records) / (seconds * workers)
+                busy = sum(r.seconds["predict"] for r in records) / (seconds * workers)
                 busy_rows.append((tag, f"{workers} worker(s)", busy, gpu.shown(args.device)))
                 if best is None or seconds < best[0]:
                     best = (seconds, records)

@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import git_revision, machine, write_section
 from distributed import Client
 
-from pingu_dask.analysis.scan import input_fingerprint
 from pingu_dask.config import InferenceSettings
-from pingu_dask.inputs.manifest import Scan, load_manifest
+from pingu_dask.inputs.manifest import Scan, input_fingerprint, load_manifest
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
+from pingu_dask.records import ScanCounts, ScanResult
 from pingu_dask.run.clusters import local_cluster
 from pingu_dask.run.loop import StageFunctions, segment_cohort
 from pingu_dask.run.stages import Pipeline
@@ -59,7 +59,7 @@ def noop_predict(item: str, pipeline: Pipeline) -> str:
     return item
 
 
-def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
+def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> ScanResult:
     mask = np.zeros((4, 4, 4), np.uint8)
     attrs = {
         "model_fingerprint": pipeline.model.fingerprint,
@@ -70,16 +70,13 @@ def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | Non
     fingerprint = attrs["input_fingerprint"]
     row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0}
     row.update(n_voxels=0, total_volume_mm3=0.0)
-    return {
-        "scan_id": scan.scan_id,
-        "status": "ok",
-        "n_clusters": 0,
-        "volume_mm3": 0.0,
-        "seconds": {"preprocess": 0.0, "predict": 0.0, "finish": 0.0},
-        "workers": {},
-        "input_fingerprint": fingerprint,
-        "tables": {"regions": tables.to_table("regions", [row])},
-    }
+    return ScanResult.counted(
+        scan.scan_id,
+        ScanCounts(n_clusters=0, n_voxels=0, volume_mm3=0.0),
+        seconds={"preprocess": 0.0, "predict": 0.0, "finish": 0.0},
+        input_fingerprint=fingerprint,
+        tables={"regions": tables.to_table("regions", [row])},
+    )
 
 
 NOOP_STAGES = StageFunctions(noop_preprocess, noop_predict, noop_finish)
@@ -234,7 +231,7 @@ def main() -> None:
                 keep_details=False,
                 stage_functions=NOOP_STAGES,
             )
-        assert sum(r["status"] == "ok" for r in records) == len(run_scans)
+        assert sum(r.status == "ok" for r in records) == len(run_scans)
         rss = np.array([m for _, m in sampler.samples]) / 2**20
         tenth = max(1, len(rss) // 10)
         results.append(

@@ -219,8 +219,8 @@ def evaluate(work: Path, n_scans: int, train_args: argparse.Namespace) -> str:
     ]
     for site in [*sorted({s for s, _ in records}), "all"]:
         chosen = [r for s, r in records if site in ("all", s)]
-        dice = np.array([r["voxel_dice"] for r in chosen])
-        f1 = np.array([r["cluster_f1"] for r in chosen])
+        dice = np.array([r.voxel_dice for r in chosen])
+        f1 = np.array([r.cluster_f1 for r in chosen])
         lines.append(
             f"| {site} | {len(chosen)} | {dice.mean():.3f} ± {dice.std():.3f} | "
             f"{f1.mean():.3f} ± {f1.std():.3f} |"

@@ -17,6 +17,7 @@ from pathlib import Path
 from pingu_dask.errors import ModelError
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import tables
+from pingu_dask.records import ScanCounts, ScanResult
 from pingu_dask.run.stages import Pipeline, stage
 
 
@@ -81,7 +82,7 @@ def predict(item: dict, pipeline: Pipeline) -> dict:
 
 
 @stage("finish")
-def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
+def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> ScanResult:
     """`hold`: listed scans wait (up to 60 s) until the file `release` exists;
     `finish-sleep`: seconds per scan."""
     started = time.perf_counter()
@@ -91,13 +92,10 @@ def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         while not _control(pipeline, "release").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0, "n_voxels": 0}
-    return {
-        "scan_id": scan.scan_id,
-        "status": "ok",
-        "n_clusters": 0,
-        "volume_mm3": 0.0,
-        "seconds": {**predicted["seconds"], "finish": time.perf_counter() - started},
-        "workers": {**predicted["workers"], "finish": _worker()},
-        "input_fingerprint": None,
-        "tables": {"regions": tables.to_table("regions", [row])},
-    }
+    return ScanResult.counted(
+        scan.scan_id,
+        ScanCounts(n_clusters=0, n_voxels=0, volume_mm3=0.0),
+        seconds={**predicted["seconds"], "finish": time.perf_counter() - started},
+        workers={**predicted["workers"], "finish": _worker()},
+        tables={"regions": tables.to_table("regions", [row])},
+    )

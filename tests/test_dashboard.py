@@ -288,7 +288,7 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
 
 def test_status_json_at_the_end_matches_the_ledger(watched_run) -> None:
     status, ledger = watched_run["status"], watched_run["ledger"]
-    assert sum(r["status"] == "ok" for r in watched_run["records"]) == 7
+    assert sum(r.ok for r in watched_run["records"]) == 7
     assert (ledger.status == "ok").sum() == 7 and (ledger.status == "failed").sum() == 2
     counts = status["counts"]
     assert {k: counts[k] for k in ("done", "failed", "retried", "in_flight", "queued")} == {

@@ -26,7 +26,7 @@ from pingu_dask.analysis.evaluate import (
     reference_handling,
 )
 from pingu_dask.analysis.regions import ASEG
-from pingu_dask.analysis.scan import evaluate_against_reference, evaluate_stored
+from pingu_dask.analysis.scan import evaluate_against_reference
 from pingu_dask.cli import main
 from pingu_dask.cli.common import cluster_settings
 from pingu_dask.config import ClusterSettings
@@ -34,6 +34,7 @@ from pingu_dask.inputs.imaging import save_nifti
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import parts, tables
 from pingu_dask.report.build import agreement_rows
+from pingu_dask.run.evaluation import evaluate_stored
 
 AS_GIVEN = ClusterSettings(max_outside_brain=None)
 FILTERED = ClusterSettings(max_outside_brain=None, filter_reference=True)
@@ -57,8 +58,10 @@ def scan_with(reference: Path) -> Scan:
     return Scan("s1", (("t1w", Path("t1.nii.gz")),), site="A", reference=reference)
 
 
-def whole_brain(evaluation: pa.Table) -> dict:
-    return evaluation.to_pylist()[-1]
+def whole_brain(evaluation: pa.Table | list[dict]) -> dict:
+    """The whole-brain row (the last) of a scan's evaluation rows or table."""
+    rows = evaluation.to_pylist() if isinstance(evaluation, pa.Table) else evaluation
+    return rows[-1]
 
 
 def test_the_reference_is_compared_as_given_by_default(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
         records = segment_cohort(client, scans_in(tmp_path, 30), pipeline_in(tmp_path),
                                  stage_functions=STANDINS, watch=False, on_progress=seen,
                                  capacity=FixedCapacity(1, layout.threads_per_slot))  # fmt: skip
-    assert len(records) == 30 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 30 and all(r.status == "ok" for r in records)
     # Sleeps measure a little longer than they are (0.5 / 0.1 may read 5.x): 7 or 8.
     assert 7 <= max(in_flight) <= layout.threads_per_slot
 
@@ -137,7 +137,7 @@ def test_cpu_workers_beside_a_gpu_worker_take_only_cpu_stages(tmp_path: Path) ->
                                  stage_functions=STANDINS, watch=False,
                                  capacity=FixedCapacity(1, layout.threads_per_slot))  # fmt: skip
     assert len(records) == 12
-    assert {r["workers"]["predict"] for r in records} == slotted
-    cpu_stage_workers = {r["workers"][s] for r in records for s in ("preprocess", "finish")}
+    assert {r.workers["predict"] for r in records} == slotted
+    cpu_stage_workers = {r.workers[s] for r in records for s in ("preprocess", "finish")}
     assert cpu_stage_workers - slotted  # the CPU-only workers did take CPU stages
     assert set(tables.read_table(pipeline.out, "ledger").status) == {"ok"}

@@ -152,35 +152,35 @@ def dask_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_dask_stages_write_masks_on_the_original_grid(dask_run, cohort: Path) -> None:
     out, _, records, _ = dask_run
-    assert [r["status"] for r in records] == ["ok"] * 3
+    assert [r.status for r in records] == ["ok"] * 3
     for record in records:
-        mask = nib.load(record["nifti"])
-        assert Path(record["nifti"]).name == f"{record['scan_id']}_desc-pvs_mask.nii.gz"
-        t1 = nib.load(cohort / record["scan_id"] / "anat" / f"{record['scan_id']}_T1w.nii.gz")
+        mask = nib.load(record.nifti)
+        assert Path(record.nifti).name == f"{record.scan_id}_desc-pvs_mask.nii.gz"
+        t1 = nib.load(cohort / record.scan_id / "anat" / f"{record.scan_id}_T1w.nii.gz")
         assert mask.shape == t1.shape
         assert np.allclose(mask.affine, t1.affine)
         data = np.asarray(mask.dataobj)
-        assert int(data.sum()) == record["n_voxels"] > 0
+        assert int(data.sum()) == record.n_voxels > 0
         assert set(np.unique(data).tolist()) <= {0, 1}
-        stored, affine = masks.read_mask(out, record["scan_id"])
+        stored, affine = masks.read_mask(out, record.scan_id)
         assert np.array_equal(stored, data) and np.allclose(affine, t1.affine)
-        assert set(record["seconds"]) == {"preprocess", "predict", "finish"}
-        assert record["voxel_dice"] > 0.3  # the model really segments (see docs for figures)
+        assert set(record.seconds) == {"preprocess", "predict", "finish"}
+        assert record.voxel_dice > 0.3  # the model really segments (see docs for figures)
 
 
 def test_the_pipeline_writes_regions_clusters_and_evaluation(dask_run) -> None:
     out, model, records, _ = dask_run
     results = pingu_dask.open_results(out)
     regions = tables.read_table(out, "regions")
-    assert sorted(set(regions.scan_id)) == sorted(r["scan_id"] for r in records)
+    assert sorted(set(regions.scan_id)) == sorted(r.scan_id for r in records)
     assert len(regions) == 3 * (len(ASEG.names) + 2)
     whole = regions[regions.region == "whole_brain"].set_index("scan_id")
     clusters = tables.read_table(out, "clusters")
     for record in records:
-        scan_id = record["scan_id"]
-        assert whole.loc[scan_id, "n_clusters"] == record["n_clusters"]
-        assert (clusters.scan_id == scan_id).sum() == record["n_clusters"]
-        assert whole.loc[scan_id, "n_voxels"] == record["n_voxels"]
+        scan_id = record.scan_id
+        assert whole.loc[scan_id, "n_clusters"] == record.n_clusters
+        assert (clusters.scan_id == scan_id).sum() == record.n_clusters
+        assert whole.loc[scan_id, "n_voxels"] == record.n_voxels
         attrs = masks.mask_attrs(out, scan_id)
         assert attrs["complete"] and attrs["model_fingerprint"] == model.fingerprint
     # Synthetic PVS are drawn in WM and BG only, so the model's clusters land there.
@@ -191,7 +191,7 @@ def test_the_pipeline_writes_regions_clusters_and_evaluation(dask_run) -> None:
     assert set(evaluation.region) == {*ASEG.names, "whole_brain"}
     brain = evaluation[evaluation.region == "whole_brain"].set_index("scan_id")
     for record in records:
-        assert brain.loc[record["scan_id"], "voxel_dice"] == record["voxel_dice"]
+        assert brain.loc[record.scan_id, "voxel_dice"] == record.voxel_dice
     assert results.regions["n_clusters"].sel(region="whole_brain").sum() == whole.n_clusters.sum()
 
 
@@ -222,7 +222,7 @@ def test_evaluate_command_reproduces_the_pipeline_figures(
 
 def test_each_worker_loads_the_model_once_and_reuses_it(dask_run) -> None:
     _, model, records, loads = dask_run
-    predicted_on = [r["workers"]["predict"] for r in records]
+    predicted_on = [r.workers["predict"] for r in records]
     for worker in set(predicted_on):
         assert loads[worker] == {model.fingerprint: 1}
     assert len(predicted_on) == 3 > len(set(predicted_on))  # some worker predicted twice
@@ -274,16 +274,16 @@ def test_masks_agree_with_nnunetv2_predict(dask_run, cohort: Path, tmp_path: Pat
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for record in records:
-        scan_id = record["scan_id"]
+        scan_id = record.scan_id
         (inputs / f"{scan_id}_0000.nii.gz").symlink_to(
             cohort / scan_id / "anat" / f"{scan_id}_T1w.nii.gz"
         )
     nnunet_predict(inputs, tmp_path / "nnunet", tmp_path / "results")
     agreement = []
     for record in records:
-        ours = np.asarray(nib.load(record["nifti"]).dataobj)
-        theirs_image = nib.load(tmp_path / "nnunet" / f"{record['scan_id']}.nii.gz")
-        assert np.allclose(theirs_image.affine, nib.load(record["nifti"]).affine, atol=1e-4)
+        ours = np.asarray(nib.load(record.nifti).dataobj)
+        theirs_image = nib.load(tmp_path / "nnunet" / f"{record.scan_id}.nii.gz")
+        assert np.allclose(theirs_image.affine, nib.load(record.nifti).affine, atol=1e-4)
         # Ours went through the size filter; put theirs through the same one.
         voxel_volume = abs(np.linalg.det(theirs_image.affine[:3, :3]))
         theirs = clean_mask(np.asarray(theirs_image.dataobj), voxel_volume, ClusterSettings())

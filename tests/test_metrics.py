@@ -30,6 +30,7 @@ from pingu_dask.analysis.scan import Regions, analyse_mask
 from pingu_dask.config import ClusterSettings
 from pingu_dask.inputs.imaging import save_nifti
 from pingu_dask.inputs.manifest import Scan
+from pingu_dask.output import tables
 
 WM, BG = 2, 11
 
@@ -56,7 +57,9 @@ def analyse(mask, parcellation, affine=None, settings=None, reference=None):
     affine = np.eye(4) if affine is None else affine
     regions = Regions(ASEG.index_map(parcellation), None) if parcellation is not None else None
     scan = Scan("s1", (("t1w", Path("t1.nii.gz")),), site="siteA", reference=reference)
-    return analyse_mask(mask, affine, scan, regions, settings, ASEG)[:2]
+    analysis = analyse_mask(mask, affine, scan, regions, settings, ASEG)
+    # the counts and the Arrow tables the driver writes, by name, as a record
+    return analysis.mask, {**vars(analysis.counts), "tables": tables.scan_tables(analysis.rows)}
 
 
 def by_region(record: dict) -> dict[str, dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dask.config
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -151,12 +152,12 @@ def analyse(
 
 
 def counts(analysis: MaskAnalysis) -> dict[str, int]:
-    rows = analysis.record["tables"]["regions"].to_pylist()
+    rows = analysis.rows.regions
     return {row["region"]: row["n_clusters"] for row in rows}
 
 
 def outside_column(analysis: MaskAnalysis) -> dict[str, int | None]:
-    rows = analysis.record["tables"]["regions"].to_pylist()
+    rows = analysis.rows.regions
     return {row["region"]: row["n_clusters_outside_brain"] for row in rows}
 
 
@@ -173,7 +174,7 @@ def test_pvs_regions_count_each_side_as_placed(tmp_path: Path, numbering: str) -
         assert (found["white_matter_unlateralised"], found["other"]) == (0, 2)
     assert found["whole_brain"] == placed
     assert list(found) == [*ASEG_PVS.names, "other", "whole_brain"]
-    assert analysis.record["clusters_outside_brain"] == 0
+    assert analysis.counts.clusters_outside_brain == 0
 
 
 @pytest.mark.parametrize("numbering", ["synthseg", "aseg"])
@@ -226,12 +227,12 @@ def test_brain_rule_drops_a_cluster_30_percent_outside(tmp_path: Path, numbering
         **{name: None for name in found if name != "whole_brain"},
         "whole_brain": 1,
     }
-    assert analysis.record["clusters_outside_brain"] == 1
+    assert analysis.counts.clusters_outside_brain == 1
     # The dropped tube is gone from the stored mask and the cluster table too.
     start, stop = EDGE_TUBES[6]
     assert not analysis.mask[start:stop, slab(6)[0] + 1, EDGE_Z].any()
     assert analysis.mask.sum() == mask.sum() - (stop - start)
-    clusters = analysis.record["tables"]["clusters"].to_pandas()
+    clusters = pd.DataFrame(analysis.rows.clusters)
     assert len(clusters) == found["whole_brain"] == analysis.labels.max()
     assert clusters["cluster"].tolist() == list(range(1, len(clusters) + 1))
     assert sorted(clusters["n_voxels"]) == sorted(np.bincount(analysis.labels.ravel())[1:].tolist())
@@ -262,7 +263,7 @@ def test_without_a_brain_mask_the_rule_does_not_run() -> None:
     for given in (regions, None):
         analysis = analyse_mask(mask, np.eye(4), scan, given, ClusterSettings(), ASEG_PVS)
         assert counts(analysis)["whole_brain"] == sum(EXPECTED.values()) + 2 + 3
-        assert analysis.record["clusters_outside_brain"] is None
+        assert analysis.counts.clusters_outside_brain is None
 
 
 def test_drop_outside_brain_renumbers_in_order() -> None:

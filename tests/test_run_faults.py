@@ -65,7 +65,7 @@ def test_transient_errors_are_retried_and_repeating_ones_fail_at_once(
     (tmp_path / "io-once").write_text("sub-001 sub-004")
     (tmp_path / "type-error").write_text("sub-002")
     records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False)
-    status = {r["scan_id"]: r["status"] for r in records}
+    status = {r.scan_id: r.status for r in records}
     assert status == {s.scan_id: "failed" if s.scan_id == "sub-002" else "ok" for s in scans}
     ledger = ledger_of(pipeline)
     for scan_id in ("sub-001", "sub-004"):
@@ -97,7 +97,7 @@ def test_the_circuit_breaker_stops_a_run_whose_every_scan_fails_alike(
     assert set(ledger.status) == {"failed"} and not ledger.retryable.any()
     assert (ledger.attempt == 1).all() and ledger.scan_id.is_unique
     assert len(set(ledger.worker)) == 2
-    assert len(stopped.value.records) == len(ledger)  # the rest: no row, done next run
+    assert len(stopped.value.results) == len(ledger)  # the rest: no row, done next run
 
 
 def test_the_breaker_does_not_trip_on_scattered_failures(client: Client, tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_the_breaker_does_not_trip_on_scattered_failures(client: Client, tmp_pat
     records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
                              window=2, breaker_scans=3)  # fmt: skip
     assert len(records) == 24  # every second scan fails: never 3 first attempts in a row
-    assert sum(r["status"] == "failed" for r in records) == 12
+    assert sum(r.status == "failed" for r in records) == 12
 
 
 def test_a_hanging_stage_is_timed_out_and_retried(client: Client, tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def test_a_hanging_stage_is_timed_out_and_retried(client: Client, tmp_path: Path
     records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
                              scan_timeout=3)  # fmt: skip
     assert time.monotonic() - started < 120  # not the 300 s of the hang
-    assert all(r["status"] == "ok" for r in records) and len(records) == 4
+    assert all(r.status == "ok" for r in records) and len(records) == 4
     ledger = ledger_of(pipeline)
     hung = ledger[ledger.scan_id == "sub-002"]
     assert hung.attempt.tolist() == [1, 2] and hung.status.tolist() == ["failed", "ok"]
@@ -194,7 +194,7 @@ def test_scaling_from_the_work_grows_to_the_maximum_and_releases_workers(tmp_pat
                       minimum=0, maximum=3, interval="200ms", wait_count=2)  # fmt: skip
         records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS,
                                  watch=False, capacity=capacity)  # fmt: skip
-        assert all(r["status"] == "ok" for r in records) and len(records) == 9
+        assert all(r.status == "ok" for r in records) and len(records) == 9
         workers = set(tables.read_table(pipeline.out, "ledger").worker)
         assert len(workers) == 3  # every worker asked for got work
         assert capacity.wanted == 0

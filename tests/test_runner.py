@@ -71,8 +71,8 @@ def test_a_worker_killed_mid_run_is_survived(cohort20: Path, tmp_path: Path) -> 
 
         records = segment_cohort(client, scans, pipeline, on_progress=kill_one_worker)
     assert killed
-    assert sorted(r["scan_id"] for r in records) == sorted(s.scan_id for s in scans)
-    assert all(r["status"] == "ok" for r in records)
+    assert sorted(r.scan_id for r in records) == sorted(s.scan_id for s in scans)
+    assert all(r.status == "ok" for r in records)
     counts = whole_brain_rows(out)
     assert len(counts) == 20 and set(counts) == {1}  # every scan exactly once
     ledger = tables.read_table(out, "ledger")

@@ -48,9 +48,9 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for seed, scan in enumerate(scans):
             mask, parcellation = fake_mask(seed)
             regions = Regions(ASEG.index_map(parcellation), None)
-            cleaned, record, *_ = analyse_mask(mask, AFFINE, scan, regions, ClusterSettings(), ASEG)
-            masks.write_mask(out, scan.scan_id, cleaned, AFFINE, {"model_fingerprint": "abc"})
-            writer.add(record["tables"])
+            analysis = analyse_mask(mask, AFFINE, scan, regions, ClusterSettings(), ASEG)
+            masks.write_mask(out, scan.scan_id, analysis.mask, AFFINE, {"model_fingerprint": "abc"})
+            writer.add(tables.scan_tables(analysis.rows))
     layout.write_json(out / layout.RUN_JSON, {"tool": "pingu-dask", "n_scans": 3})
     return out
 

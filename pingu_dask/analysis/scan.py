@@ -10,13 +10,10 @@ nnU-Net stages so that it can be tested on hand-made volumes.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
 
 from pingu_dask.analysis import metrics
 from pingu_dask.analysis.clusters import find_clusters
@@ -32,9 +29,9 @@ from pingu_dask.analysis.regions import (
     region_names,
 )
 from pingu_dask.config import ClusterSettings
-from pingu_dask.inputs.imaging import load_volume, voxel_volume
-from pingu_dask.inputs.manifest import Scan
-from pingu_dask.output import masks, tables
+from pingu_dask.inputs.imaging import voxel_volume
+from pingu_dask.inputs.manifest import Scan, scan_columns
+from pingu_dask.records import ScanCounts, ScanRows
 
 
 @dataclass
@@ -88,7 +85,8 @@ def keep_inside_brain(
 
 class MaskAnalysis(NamedTuple):
     mask: np.ndarray  # uint8 0/1: exclusions and size filter applied; what is stored
-    record: dict  # counts and the scan's table rows as Arrow tables
+    counts: ScanCounts  # whole-brain figures
+    rows: ScanRows  # the scan's table rows
     labels: np.ndarray  # cluster labels 1..n on the image grid (0: no PVS)
     cluster_regions: list[str]  # the region each cluster was counted in, by label - 1
     region_names: tuple[str, ...]  # the regions a cluster could be counted in
@@ -104,7 +102,7 @@ def analyse_mask(
 ) -> MaskAnalysis:
     """Clusters, regions, metrics and (with a reference) evaluation of one predicted mask.
 
-    Returns the cleaned mask, a small record with the scan's table rows, and the
+    Returns the cleaned mask, the whole-brain counts, the scan's table rows, and the
     clusters with their regions (for the QC picture).
     """
     volume = voxel_volume(affine)
@@ -125,31 +123,30 @@ def analyse_mask(
         columns["volume_mm3"], columns["n_voxels"], cluster_regions, report_order
     )
     region_rows[-1]["n_clusters_outside_brain"] = n_outside  # whole_brain's row only
-    identity = tables.scan_columns(scan)
-    cluster_columns = {"scan_id": [scan.scan_id] * n_clusters, **columns}
-    scan_tables = {
-        "regions": tables.to_table("regions", [{**identity, **row} for row in region_rows]),
-        "clusters": tables.to_table("clusters", cluster_columns),
-        "evaluation": None,
-    }
+    identity = scan_columns(scan)
+    rows = ScanRows(
+        regions=[{**identity, **row} for row in region_rows],
+        clusters={"scan_id": [scan.scan_id] * n_clusters, **columns},
+    )
     whole = region_rows[-1]
-    record = {
-        "scan_id": scan.scan_id,
-        "status": "ok",
+    counts = {
         "n_clusters": whole["n_clusters"],
         "n_voxels": whole["n_voxels"],
         "volume_mm3": whole["total_volume_mm3"],
         "clusters_outside_brain": n_outside,
-        "tables": scan_tables,
     }
     if scan.reference is not None:
-        evaluation = evaluate_against_reference(cleaned, affine, scan, regions, settings, table)
-        scan_tables["evaluation"] = evaluation
-        whole = evaluation.slice(evaluation.num_rows - 1).to_pylist()[0]
-        record["reference_clusters"] = whole["n_reference_clusters"]
-        record["voxel_dice"] = whole["voxel_dice"]
-        record["cluster_f1"] = whole["cluster_f1"]
-    return MaskAnalysis(cleaned.astype(np.uint8), record, labels, cluster_regions, names)
+        rows.evaluation = evaluate_against_reference(
+            cleaned, affine, scan, regions, settings, table
+        )
+        whole = rows.evaluation[-1]
+        counts.update(
+            reference_clusters=whole["n_reference_clusters"],
+            voxel_dice=whole["voxel_dice"],
+            cluster_f1=whole["cluster_f1"],
+        )
+    analysis = (cleaned.astype(np.uint8), ScanCounts(**counts), rows)
+    return MaskAnalysis(*analysis, labels, cluster_regions, names)
 
 
 def evaluate_against_reference(
@@ -159,7 +156,7 @@ def evaluate_against_reference(
     regions: Regions | None,
     settings: ClusterSettings,
     table: RegionTable,
-) -> pa.Table:
+) -> list[dict]:
     """The scan's evaluation rows (per region, whole brain last) against its reference.
 
     The reference is ground truth: it is compared as given (resampled onto the mask's
@@ -177,26 +174,8 @@ def evaluate_against_reference(
     names = region_names(None if regions is None else table)
     volume = voxel_volume(affine)
     rows = evaluate_by_region(mask, reference, codes, names, settings.connectivity, volume)
-    identity = {**tables.scan_columns(scan), "reference_filtered": settings.filter_reference}
-    return tables.to_table("evaluation", [{**identity, **row} for row in rows])
-
-
-def evaluate_stored(
-    source: Path, scan: Scan, settings: ClusterSettings, table: RegionTable
-) -> pa.Table:
-    """Evaluate an existing mask: group `scan_id` of OUT/masks.zarr, or a NIfTI file.
-
-    For `pingu-dask evaluate`; runs on Dask workers. The pipeline's filter is applied
-    to the mask again (a no-op for masks this tool wrote with the same settings), so
-    masks from other tools are judged by the same rules.
-    """
-    if Path(source).is_dir():
-        mask, affine = masks.read_mask(source, scan.scan_id)
-    else:
-        mask, affine = load_volume(source)
-    regions = scan_regions(scan, mask.shape, affine, table, settings)
-    cleaned = pipeline_filter(mask > 0, affine, regions, settings)
-    return evaluate_against_reference(cleaned, affine, scan, regions, settings, table)
+    identity = {**scan_columns(scan), "reference_filtered": settings.filter_reference}
+    return [{**identity, **row} for row in rows]
 
 
 def pipeline_filter(
@@ -210,14 +189,3 @@ def pipeline_filter(
     excluded = regions.excluded if regions is not None else None
     cleaned, labels, n_clusters = find_clusters(mask, voxel_volume(affine), settings, excluded)
     return keep_inside_brain(cleaned, labels, n_clusters, regions, settings)[0]
-
-
-def input_fingerprint(scan: Scan) -> str:
-    """Path, size and modification time of every input file: changes when one is replaced."""
-    paths = [*scan.channel_paths, scan.parcellation, scan.reference]
-    parts = []
-    for path in paths:
-        if path is not None:
-            stat = Path(path).stat()
-            parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -177,8 +177,8 @@ def _evaluate_on_dask(sources, settings, table, workers: int):
     """Evaluate each (scan, mask) on a LocalCluster, a bounded window at a time."""
     from distributed import Client, as_completed
 
-    from pingu_dask.analysis.scan import evaluate_stored
     from pingu_dask.run.clusters import local_cluster
+    from pingu_dask.run.evaluation import evaluate_stored
 
     rows: list[pa.Table] = []
     failures: list[tuple[str, str]] = []

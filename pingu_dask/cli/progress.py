@@ -11,6 +11,7 @@ from rich.table import Table
 from pingu_dask.cli.common import console, print_evaluation
 from pingu_dask.output import layout, ledger, parts, tables
 from pingu_dask.output.lock import read_lock
+from pingu_dask.records import ScanResult, Status
 from pingu_dask.run.loop import Progress as RunProgress
 
 PER_SCAN_LINES_UP_TO = 30  # print a line per finished scan in runs up to this size
@@ -64,24 +65,25 @@ class ProgressBar:
             rate=f"{rate:.1f}",
             eta=eta,
         )
-        last = progress.last or {}
-        if last.get("status") in ("failed", "retry"):
-            verb = "will retry" if last["status"] == "retry" else "failed"
+        last = progress.last
+        if last is None:
+            return
+        if not last.ok:
+            verb = "will retry" if last.status is Status.RETRY else "failed"
             self.bar.console.print(
-                f"  [red]{last['scan_id']} {verb}[/red] (attempt {last['attempt']}, "
-                f"{last['error_type']}): {last['message']}",
+                f"  [red]{last.scan_id} {verb}[/red] (attempt {last.attempt}, "
+                f"{last.error_type}): {last.message}",
                 soft_wrap=True,
             )
-        elif last.get("status") == "ok" and self.total <= PER_SCAN_LINES_UP_TO:
+        elif self.total <= PER_SCAN_LINES_UP_TO:
             self.bar.console.print(
-                f"  {last['scan_id']}: {last['n_clusters']} PVS clusters, "
-                f"{last['volume_mm3']:.0f} mm³"
+                f"  {last.scan_id}: {last.n_clusters} PVS clusters, {last.volume_mm3:.0f} mm³"
             )
 
 
-def print_scan_table(records: list[dict]) -> None:
+def print_scan_table(results: list[ScanResult]) -> None:
     """Per-scan counts, timings and agreement with the reference (small runs)."""
-    done = [r for r in records if r["status"] == "ok"]
+    done = [r for r in results if r.ok]
     if not done:
         return
     table = Table(
@@ -89,25 +91,26 @@ def print_scan_table(records: list[dict]) -> None:
         caption="PVS: clusters after the size filter; mm³: PVS volume; s: seconds per "
         "stage; truth / Dice / cluster F1: against the manifest's reference mask",
     )
-    with_reference = any("voxel_dice" in r for r in done)
+    with_reference = any(r.voxel_dice is not None for r in done)
     headings = ["scan", "PVS", "mm³", "s: pre/pred/fin"]
     if with_reference:
         headings += ["truth PVS", "Dice", "cluster F1"]
     for heading in headings:
         table.add_column(heading)
-    for r in sorted(done, key=lambda r: r["scan_id"]):
-        s = r["seconds"]
+    nan = float("nan")
+    for r in sorted(done, key=lambda r: r.scan_id):
+        s = r.seconds
         row = [
-            r["scan_id"],
-            str(r["n_clusters"]),
-            f"{r['volume_mm3']:.0f}",
+            r.scan_id,
+            str(r.n_clusters),
+            f"{r.volume_mm3:.0f}",
             f"{s['preprocess']:.1f} / {s['predict']:.1f} / {s['finish']:.1f}",
         ]
         if with_reference:
             row += [
-                str(r.get("reference_clusters", "")),
-                f"{r.get('voxel_dice', float('nan')):.3f}",
-                f"{r.get('cluster_f1', float('nan')):.3f}",
+                "" if r.reference_clusters is None else str(r.reference_clusters),
+                f"{nan if r.voxel_dice is None else r.voxel_dice:.3f}",
+                f"{nan if r.cluster_f1 is None else r.cluster_f1:.3f}",
             ]
         table.add_row(*row)
     console.print(table)

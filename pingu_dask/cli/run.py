@@ -353,12 +353,12 @@ def run_manifest(
         raise SystemExit(exit_code(interrupt)) from None
     finally:
         bar.stop()
-    if len(outcome.records) <= PER_SCAN_LINES_UP_TO:
-        print_scan_table(outcome.records)
-    done = sum(r["status"] == "ok" for r in outcome.records)
+    if len(outcome.results) <= PER_SCAN_LINES_UP_TO:
+        print_scan_table(outcome.results)
+    done = sum(r.ok for r in outcome.results)
     rate = done / outcome.seconds * 60 if outcome.seconds else 0.0
     console.print(
-        f"this run: {done} of {len(outcome.records)} scans segmented in "
+        f"this run: {done} of {len(outcome.results)} scans segmented in "
         f"{outcome.seconds:.1f} s ({rate:.1f} scans/min)"
         + (f"; {outcome.done_before} were done before" if outcome.done_before else "")
     )

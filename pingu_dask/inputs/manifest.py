@@ -14,6 +14,7 @@ alphabet: this is what keeps a manifest from writing outside the output folder.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -340,3 +341,24 @@ def channel_grid_mismatch(scan: Scan, infos: dict[Path, ImageInfo | str]) -> str
         if not np.allclose(other.affine, first.affine, atol=1e-3):
             return f"channels {first_name} and {name} have different affines (not co-registered?)"
     return None
+
+
+def scan_columns(scan: Scan) -> dict[str, str | None]:
+    """The identifying columns every per-scan table row starts with."""
+    return {
+        "scan_id": scan.scan_id,
+        "subject": scan.subject,
+        "session": scan.session,
+        "site": scan.site,
+    }
+
+
+def input_fingerprint(scan: Scan) -> str:
+    """Path, size and modification time of every input file: changes when one is replaced."""
+    paths = [*scan.channel_paths, scan.parcellation, scan.reference]
+    parts = []
+    for path in paths:
+        if path is not None:
+            stat = Path(path).stat()
+            parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from pingu_dask.monitor.plugin import FAILURE_FIELDS, PLUGIN_NAME, TOPIC, RunMonitor
+from pingu_dask.records import ScanResult
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,9 @@ class RunFeed:
         except Exception as error:  # see the class docstring
             logger.warning("the pingu dashboard is off for this run: %s", error)
 
-    def failed(self, index: int, record: dict, site: str | None, final: bool) -> None:
+    def failed(self, index: int, result: ScanResult, site: str | None, final: bool) -> None:
         """A scan's attempt failed: for good (final) or to be retried."""
-        message = {key: record.get(key) for key in FAILURE_FIELDS}
+        message = {key: getattr(result, key, None) for key in FAILURE_FIELDS}
         message["site"] = site
         self._send(event="failed" if final else "retry", index=index, **message)
 

@@ -19,8 +19,9 @@ import pandas as pd
 from pingu_dask.errors import ErrorReport, Verdict
 from pingu_dask.inputs.manifest import Problem, Scan
 from pingu_dask.output import masks, tables
+from pingu_dask.records import ScanResult, Status
 
-OK, FAILED, INVALID = "ok", "failed", "invalid"
+OK, FAILED, INVALID = Status.OK.value, Status.FAILED.value, Status.INVALID.value
 # The scan ids of the manifest the latest run was given: `status` counts these only, so
 # that scans of an earlier, larger manifest in the same OUT are not "pending" forever.
 MANIFEST_SCANS = "manifest_scans.parquet"
@@ -54,36 +55,38 @@ def now() -> datetime:
 def attempt_row(
     scan_id: str,
     site: str | None,
-    status: str,
+    status: Status,
     attempt: int,
     run_id: str,
     started: datetime,
     *,
-    record: dict | None = None,
+    result: ScanResult | None = None,
     error: ErrorReport | None = None,
-    input_fingerprint: str | None = None,
     pipeline_fingerprint: str | None = None,
 ) -> dict:
-    """One ledger row. `record` is a finished scan's record; `error` is errors.describe()."""
-    seconds = (record or {}).get("seconds", {})
-    workers = (record or {}).get("workers", {})
-    error_type, message, retryable, worker = error[:4] if error else (None,) * 4
+    """One ledger row. `result` is a finished scan's; `error` is errors.describe()'s.
+
+    The input fingerprint comes from the worker that read the files (in `result`): no
+    file system calls here, once per scan.
+    """
+    seconds = result.seconds if result else {}
+    workers = result.workers if result else {}
     return {
         "scan_id": scan_id,
         "site": site,
-        "status": status,
-        "error_type": error_type,
-        "message": message,
-        "retryable": retryable,
+        "status": Status(status).value,
+        "error_type": error.error_type if error else None,
+        "message": error.message if error else None,
+        "retryable": error.retryable if error else None,
         "attempt": attempt,
-        "worker": workers.get("predict") or worker,
+        "worker": workers.get("predict") or (error.worker if error else None),
         "seconds_preprocess": seconds.get("preprocess"),
         "seconds_predict": seconds.get("predict"),
         "seconds_finish": seconds.get("finish"),
         "started": started,
         "finished": now(),
         "run_id": run_id,
-        "input_fingerprint": input_fingerprint,
+        "input_fingerprint": result.input_fingerprint if result else None,
         "pipeline_fingerprint": pipeline_fingerprint,
     }
 
@@ -99,7 +102,7 @@ def invalid_rows(problems: Sequence[Problem], run_id: str) -> list[dict]:
         scan_id = next((p.scan_id for p in found if p.scan_id), "") or f"(row {row})"
         message = "; ".join(str(p) for p in found)
         error = ErrorReport(error_type="ManifestError", message=message, verdict=Verdict.INPUT)
-        rows.append(attempt_row(scan_id, None, INVALID, 0, run_id, started, error=error))
+        rows.append(attempt_row(scan_id, None, Status.INVALID, 0, run_id, started, error=error))
     return rows
 
 
@@ -149,7 +152,7 @@ def plan_resume(out: Path, scans: Sequence[Scan], pipeline_fingerprint: str) -> 
 
 
 def _safe_fingerprint(scan: Scan) -> str | None:
-    from pingu_dask.analysis.scan import input_fingerprint
+    from pingu_dask.inputs.manifest import input_fingerprint
 
     try:
         return input_fingerprint(scan)

@@ -32,9 +32,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pingu_dask.inputs.manifest import Scan
+from pingu_dask.inputs.manifest import scan_columns  # noqa: F401 (re-exported)
 from pingu_dask.output.files import atomic_path
 from pingu_dask.output.parts import DATA_TABLES, LEDGER, REPLACED_PART, TABLES, parts
+from pingu_dask.records import ScanRows
 
 _FILES_PER_SCAN = 256  # parts read by one pyarrow scan (see in_slices)
 
@@ -119,13 +120,13 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
-def scan_columns(scan: Scan) -> dict[str, str | None]:
-    """The identifying columns every per-scan table row starts with."""
+def scan_tables(rows: ScanRows) -> dict[str, pa.Table | None]:
+    """One scan's rows as Arrow tables with the fixed schemas."""
+    evaluation = None if rows.evaluation is None else to_table("evaluation", rows.evaluation)
     return {
-        "scan_id": scan.scan_id,
-        "subject": scan.subject,
-        "session": scan.session,
-        "site": scan.site,
+        "regions": to_table("regions", rows.regions),
+        "clusters": to_table("clusters", rows.clusters),
+        "evaluation": evaluation,
     }
 
 

@@ -122,10 +122,10 @@ def scan_montage(
 ):
     """The montage of one analysed scan (analyse.MaskAnalysis), titled with its id,
     site, cluster count and volume, and the counts per region."""
-    record = analysis.record
-    counts = {row["region"]: row["n_clusters"] for row in record["tables"]["regions"].to_pylist()}
+    whole = analysis.counts
+    counts = {row["region"]: row["n_clusters"] for row in analysis.rows.regions}
     title = scan.scan_id + (f" ({scan.site})" if scan.site else "")
-    title += f": {record['n_clusters']} PVS clusters, {record['volume_mm3']:.0f} mm3"
+    title += f": {whole.n_clusters} PVS clusters, {whole.volume_mm3:.0f} mm3"
     regions_of_pvs = region_map(analysis.labels, analysis.cluster_regions, analysis.region_names)
     return montage(
         picture, regions_of_pvs, analysis.region_names, parcels, parcel_names, title, counts

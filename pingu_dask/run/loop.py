@@ -45,11 +45,11 @@ from pingu_dask.inputs.manifest import Scan
 from pingu_dask.monitor.feed import RunFeed
 from pingu_dask.monitor.plugin import RunMonitor
 from pingu_dask.output import layout, ledger, tables
+from pingu_dask.records import ScanResult, Status
 from pingu_dask.run import stages
 from pingu_dask.run.capacity import Capacity, PresentWorkers
 from pingu_dask.run.policies import CircuitBreaker, FeedWindow
 
-RETRY = "retry"  #: an attempt's record status when another attempt follows
 TICK_SECONDS = 1.0  #: the longest the loop waits without flushing or checking time limits
 
 logger = logging.getLogger(__name__)
@@ -77,24 +77,24 @@ class Progress:
     retried: int = 0
     in_flight: int = 0
     started: float = field(default_factory=time.monotonic)
-    last: dict | None = None  # the latest finished scan's record, or failed ledger row
+    last: ScanResult | None = None  # the latest settled attempt's result
     stopping: str | None = None  # why the run stopped submitting (circuit breaker)
 
 
 class RunStopped(RunError):
-    """The circuit breaker stopped the run; `records` are the scans that were settled.
+    """The circuit breaker stopped the run; `results` are the scans that were settled.
 
     Everything written stays valid: scans not started have no ledger row and are done
     by the next run, like those whose last attempt failed.
     """
 
-    def __init__(self, message: str, records: list[dict]) -> None:
+    def __init__(self, message: str, results: list[ScanResult]) -> None:
         super().__init__(message)
-        self.records = records
+        self.results = results
 
 
 @dataclass(kw_only=True)
-class _Attempt:
+class Attempt:
     """One attempt at one scan, while it is in flight."""
 
     index: int
@@ -121,13 +121,13 @@ def segment_cohort(
     capacity: Capacity | None = None,
     scan_timeout: float | None = None,
     breaker_scans: int | None = None,
-) -> list[dict]:
-    """Segment every scan and write its outputs; return one small record per scan.
+) -> list[ScanResult]:
+    """Segment every scan and write its outputs; return one ScanResult per scan.
 
-    Masks are written by the workers; the scans' table rows come back in the records
+    Masks are written by the workers; the scans' table rows come back in the results
     and are written here with the ledger rows. `extra_ledger_rows` (e.g. invalid
     manifest rows) are written with the first flush. With `keep_details` False, a
-    successful scan's record shrinks to its id and status (large cohorts: the driver's
+    successful scan's result shrinks to its id and status (large cohorts: the driver's
     memory stays flat; everything else is in the tables). With `watch`, the run's
     page (/pingu) and pingu_* metrics appear on the scheduler's web server;
     `done_before` (scans done in earlier runs) is shown there. `capacity` says how
@@ -203,9 +203,9 @@ class _Loop:
     def __post_init__(self) -> None:
         self.fingerprint = self.pipeline.fingerprint()
         self.queue: deque[tuple[int, Scan, int]] = deque()
-        self.submitted: dict = {}  # finish key -> _Attempt
+        self.submitted: dict = {}  # finish key -> Attempt
         self.ready: queue.Queue[Future] = queue.Queue()  # finished futures, from callbacks
-        self.records: list[dict] = []
+        self.results: list[ScanResult] = []
         self.feed_window = FeedWindow(int(setting("max-scans-per-slot")))
         self.stopping: str | None = None
         self._last_time_check = time.monotonic()
@@ -240,8 +240,8 @@ class _Loop:
         if self.feed:
             self.feed.ended("stopped" if self.stopping else "finished")
         if self.stopping:
-            raise RunStopped(self.stopping, self.records)
-        return self.records
+            raise RunStopped(self.stopping, self.results)
+        return self.results
 
     # --- submitting ---------------------------------------------------------------
 
@@ -260,7 +260,7 @@ class _Loop:
         while self.queue and len(self.submitted) < limit:
             index, scan, attempt = self.queue.popleft()
             futures = self._submit(index, scan, attempt)
-            self.submitted[futures[-1].key] = _Attempt(
+            self.submitted[futures[-1].key] = Attempt(
                 index=index, scan=scan, attempt=attempt, started=ledger.now(), futures=futures
             )
             futures[-1].add_done_callback(self.ready.put)
@@ -287,49 +287,46 @@ class _Loop:
         )
         return [prepared, predicted, finished]
 
-    def _cancel(self, attempts: Sequence[_Attempt]) -> None:
+    def _cancel(self, attempts: Sequence[Attempt]) -> None:
         futures = [f for attempt in attempts for f in attempt.futures]
         if futures:
             self.client.cancel(futures)
 
     # --- settling -----------------------------------------------------------------
 
-    def _settle(self, attempt: _Attempt, future: Future, progress: Progress) -> None:
+    def _settle(self, attempt: Attempt, future: Future, progress: Progress) -> None:
         """Record a finished attempt (ok, failed, or to be retried) and release it."""
         try:
             result = future.result()
         except Exception as error:
-            record = self._failed(attempt, describe(error))
+            settled = self._failed(attempt, describe(error))
         else:
-            record = self._succeeded(attempt, result)
+            settled = self._succeeded(attempt, result)
         for each in attempt.futures:
             each.release()
-        self._count(attempt, record, progress)
+        self._count(attempt, settled, progress)
 
-    def _count(self, attempt: _Attempt, record: dict, progress: Progress) -> None:
-        progress.last = record
-        if self.feed and record["status"] != ledger.OK:
-            self.feed.failed(
-                attempt.index, record, attempt.scan.site, final=record["status"] != RETRY
-            )
-        if record["status"] == RETRY:
+    def _count(self, attempt: Attempt, result: ScanResult, progress: Progress) -> None:
+        progress.last = result
+        if self.feed and not result.ok:
+            final = result.status is not Status.RETRY
+            self.feed.failed(attempt.index, result, attempt.scan.site, final=final)
+        if result.status is Status.RETRY:
             self.queue.appendleft((attempt.index, attempt.scan, attempt.attempt + 1))
             progress.retried += 1
             return
-        if record["status"] == ledger.OK and not self.keep_details:
-            record = {"scan_id": record["scan_id"], "status": record["status"]}
-        self.records.append(record)
-        progress.done += record["status"] == ledger.OK
-        progress.failed += record["status"] != ledger.OK
+        self.results.append(result if self.keep_details or not result.ok else result.brief())
+        progress.done += result.ok
+        progress.failed += not result.ok
 
-    def _failed(self, attempt: _Attempt, report: ErrorReport) -> dict:
+    def _failed(self, attempt: Attempt, report: ErrorReport) -> ScanResult:
         """The failed attempt's ledger row and record (status failed, or retry)."""
         scan = attempt.scan
         final = not report.retryable or attempt.attempt > self.retries or bool(self.stopping)
         row = ledger.attempt_row(
             scan.scan_id,
             scan.site,
-            ledger.FAILED,
+            Status.FAILED,
             attempt.attempt,
             self.run_id,
             attempt.started,
@@ -341,36 +338,35 @@ class _Loop:
         if reason and not self.stopping:
             self.stopping = reason
             self.queue.clear()  # not started: no ledger row, done by the next run
-        return {
-            "scan_id": scan.scan_id,
-            "status": ledger.FAILED if final else RETRY,
-            "error_type": report.error_type,
-            "message": report.message,
-            "attempt": attempt.attempt,
-            "worker": report.worker,
-        }
+        return ScanResult(
+            scan_id=scan.scan_id,
+            status=Status.FAILED if final else Status.RETRY,
+            attempt=attempt.attempt,
+            error_type=report.error_type,
+            message=report.message,
+            worker=report.worker,
+        )
 
-    def _succeeded(self, attempt: _Attempt, record: dict) -> dict:
+    def _succeeded(self, attempt: Attempt, result: ScanResult) -> ScanResult:
         """The ok attempt's ledger row and tables (the input fingerprint comes from the
         worker that read the files: no file system calls here, once per scan)."""
         scan = attempt.scan
         row = ledger.attempt_row(
             scan.scan_id,
             scan.site,
-            ledger.OK,
+            Status.OK,
             attempt.attempt,
             self.run_id,
             attempt.started,
-            record=record,
-            input_fingerprint=record.get("input_fingerprint"),
+            result=result,
             pipeline_fingerprint=self.fingerprint,
         )
-        scan_tables = record.pop("tables", {})
-        self.writer.add(scan_tables, ledger_rows=[row])
-        self.breaker.succeeded(record.get("workers", {}).get("predict"))
-        self.feed_window.observe(record.get("seconds"))
-        record["attempt"] = attempt.attempt
-        return record
+        self.writer.add(result.tables, ledger_rows=[row])
+        result.tables = {}
+        self.breaker.succeeded(result.workers.get("predict"))
+        self.feed_window.observe(result.seconds)
+        result.attempt = attempt.attempt
+        return result
 
     # --- time limits --------------------------------------------------------------
 
@@ -389,7 +385,7 @@ class _Loop:
             return 0
         self._last_time_check = now
         where = {key: worker for worker, keys in self.client.processing().items() for key in keys}
-        expired: list[tuple[_Attempt, str | None]] = []
+        expired: list[tuple[Attempt, str | None]] = []
         for attempt in self.submitted.values():
             holder = next((where[f.key] for f in attempt.futures if f.key in where), None)
             if attempt.running_since is None:
@@ -411,10 +407,10 @@ class _Loop:
                 worker=holder,
                 verdict=Verdict.TRANSIENT,
             )
-            record = self._failed(attempt, report)
+            failed = self._failed(attempt, report)
             for each in attempt.futures:
                 each.release()
-            self._count(attempt, record, progress)
+            self._count(attempt, failed, progress)
         self._restart({holder for _, holder in expired if holder})
         return len(expired)
 

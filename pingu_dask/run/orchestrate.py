@@ -22,6 +22,7 @@ from pingu_dask.monitor.http import page_link
 from pingu_dask.nnunet.predictor import uses_gpu
 from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
 from pingu_dask.output.lock import OutputLock
+from pingu_dask.records import ScanResult
 from pingu_dask.run.capacity import Capacity, FixedCapacity, PresentWorkers
 from pingu_dask.run.clusters import LocalLayout
 from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions
@@ -29,7 +30,7 @@ from pingu_dask.run.loop import Progress, RunStopped, segment_cohort
 from pingu_dask.run.provenance import manifest_info, package_versions, provenance
 from pingu_dask.run.stages import Pipeline
 
-KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok records shrink to id + status
+KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok results shrink to id + status
 
 
 class RunRefused(RunError):
@@ -54,7 +55,7 @@ class RunRequest:
 @dataclass
 class RunOutcome:
     run_id: str
-    records: list[dict] = field(default_factory=list)
+    results: list[ScanResult] = field(default_factory=list)
     done_before: int = 0
     redone: int = 0
     invalid: int = 0
@@ -70,11 +71,7 @@ class RunOutcome:
 
     @property
     def ok(self) -> bool:
-        return (
-            not self.stopped
-            and self.invalid == 0
-            and all(r["status"] == ledger.OK for r in self.records)
-        )
+        return not self.stopped and self.invalid == 0 and all(r.ok for r in self.results)
 
 
 # The versions whose change can change a mask: a resumed OUT would mix their outputs.
@@ -188,7 +185,7 @@ def run_cohort(
                 if on_start:
                     on_start(outcome, plan)
                 try:
-                    outcome.records = segment_cohort(
+                    outcome.results = segment_cohort(
                         client,
                         plan.todo,
                         pipeline,
@@ -202,7 +199,7 @@ def run_cohort(
                         scan_timeout=request.scan_timeout,
                     )
                 except RunStopped as stopped:
-                    outcome.records, outcome.stopped = stopped.records, str(stopped)
+                    outcome.results, outcome.stopped = stopped.results, str(stopped)
             compaction.compact_if_fragmented(out)  # not after Ctrl-C or an error: next run's start
         finally:
             outcome.seconds = time.perf_counter() - started

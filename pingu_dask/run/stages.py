@@ -32,11 +32,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pingu_dask.analysis.regions import ASEG, RegionTable
-from pingu_dask.analysis.scan import Regions, analyse_mask, input_fingerprint, scan_regions
+from pingu_dask.analysis.scan import Regions, analyse_mask, scan_regions
 from pingu_dask.config import ClusterSettings, InferenceSettings, worker_threads
 from pingu_dask.errors import InputError, StageFailure, verdict_of
 from pingu_dask.inputs.imaging import ImageInfo, check_image_data, save_nifti
-from pingu_dask.inputs.manifest import Scan, channel_grid_mismatch
+from pingu_dask.inputs.manifest import Scan, channel_grid_mismatch, input_fingerprint
 from pingu_dask.nnunet.case import (
     CaseGeometry,
     PreparedCase,
@@ -47,7 +47,8 @@ from pingu_dask.nnunet.case import (
 from pingu_dask.nnunet.model import Model
 from pingu_dask.nnunet.plans import model_plan
 from pingu_dask.nnunet.predictor import cached_predictor, uses_gpu, worker_slot
-from pingu_dask.output import layout, masks
+from pingu_dask.output import layout, masks, tables
+from pingu_dask.records import ScanResult
 from pingu_dask.report import qc
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -215,11 +216,11 @@ def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
 
 
 @stage("finish")
-def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> dict:
+def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> ScanResult:
     """Label map -> mask on the scan's grid -> clusters, regions, metrics; store the mask.
 
-    Returns a small record: counts, timings and the scan's table rows (Arrow tables
-    of a few hundred rows at most), which the driver writes.
+    Returns the scan's result: counts, timings and its table rows (Arrow tables of a
+    few hundred rows at most), which the driver writes.
     """
     started = time.perf_counter()
     source = item.source
@@ -228,22 +229,27 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
     analysis = analyse_mask(
         raw, info.affine, scan, source.regions, pipeline.clusters, pipeline.regions
     )
-    mask, result = analysis.mask, analysis.record
+    mask = analysis.mask
     attrs = {
         "model_fingerprint": pipeline.model.fingerprint,
         "pipeline_fingerprint": pipeline.fingerprint(),
         "input_fingerprint": source.input_fingerprint,
     }
-    result["input_fingerprint"] = source.input_fingerprint
-    result["mask"] = masks.write_mask(pipeline.out, scan.scan_id, mask, info.affine, attrs)
+    result = ScanResult.counted(
+        scan.scan_id,
+        analysis.counts,
+        input_fingerprint=source.input_fingerprint,
+        mask=masks.write_mask(pipeline.out, scan.scan_id, mask, info.affine, attrs),
+        tables=tables.scan_tables(analysis.rows),
+    )
     if pipeline.write_nifti and nifti_name:
         path = Path(pipeline.out) / layout.NIFTI / nifti_name
         save_nifti(path, mask, info.affine)
-        result["nifti"] = str(path)
+        result.nifti = str(path)
     if source.picture is not None:
         parcels = source.regions.codes if source.regions is not None else None
         sheet = qc.scan_montage(scan, analysis, source.picture, parcels, pipeline.regions.names)
-        result["qc"] = str(qc.write_png(pipeline.out, scan.scan_id, sheet))
-    result["seconds"] = dict(item.seconds, finish=time.perf_counter() - started)
-    result["workers"] = dict(item.workers, finish=_worker_name())
+        result.qc = str(qc.write_png(pipeline.out, scan.scan_id, sheet))
+    result.seconds = dict(item.seconds, finish=time.perf_counter() - started)
+    result.workers = dict(item.workers, finish=_worker_name())
     return result
