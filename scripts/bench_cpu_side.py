@@ -150,10 +150,11 @@ def before_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
     )
 
     from pingu_dask.analysis.scan import analyse_mask
-    from pingu_dask.inputs.imaging import check_image_data, save_nifti
+    from pingu_dask.inputs.imaging import check_image_data
     from pingu_dask.inputs.manifest import input_fingerprint
     from pingu_dask.nnunet.plans import model_plan
     from pingu_dask.output import masks
+    from pingu_dask.output.files import save_nifti
 
     plan = model_plan(pipeline.model)
     with clock.step("preprocess"):

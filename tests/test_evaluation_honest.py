@@ -30,9 +30,9 @@ from pingu_dask.analysis.scan import evaluate_against_reference
 from pingu_dask.cli import main
 from pingu_dask.cli.common import cluster_settings
 from pingu_dask.config import ClusterSettings
-from pingu_dask.inputs.imaging import save_nifti
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import parts, tables
+from pingu_dask.output.files import save_nifti
 from pingu_dask.report.build import agreement_rows
 from pingu_dask.run.evaluation import evaluate_stored
 

@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from pingu_dask.cli import main
-from pingu_dask.inputs.imaging import save_nifti
 from pingu_dask.inputs.manifest import (
     ManifestError,
     load_manifest,
     require_valid,
     unsafe_id_reason,
 )
+from pingu_dask.output.files import save_nifti
 
 
 def write(table: pd.DataFrame, path: Path) -> Path:

@@ -28,9 +28,9 @@ from pingu_dask.analysis.regions import (
 )
 from pingu_dask.analysis.scan import Regions, analyse_mask
 from pingu_dask.config import ClusterSettings
-from pingu_dask.inputs.imaging import save_nifti
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import tables
+from pingu_dask.output.files import save_nifti
 
 WM, BG = 2, 11
 

@@ -32,9 +32,9 @@ from pingu_dask.analysis.scan import MaskAnalysis, Regions, analyse_mask, scan_r
 from pingu_dask.cli import main
 from pingu_dask.cli.common import cluster_settings
 from pingu_dask.config import ClusterSettings
-from pingu_dask.inputs.imaging import save_nifti
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import parts, tables
+from pingu_dask.output.files import save_nifti
 
 SHAPE = (44, 36, 24)
 LEFT_X, MID_X, RIGHT_X, BRAIN_X_END = (2, 18), (18, 22), (22, 38), 38

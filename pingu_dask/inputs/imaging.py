@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 
 from pingu_dask.errors import InputError
-from pingu_dask.output.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Label maps (parcellations, reference masks) may also be FreeSurfer's MGZ (aseg.mgz);
@@ -76,28 +75,6 @@ def _open(path: str | os.PathLike[str], suffixes: tuple[str, ...]):
     except Exception as error:  # nibabel raises many types for a damaged file
         raise ImageError(f"cannot read NIfTI header of {path}: {error}") from error
     return image, ImageInfo(path=path, shape=shape, spacing=spacing, affine=affine, dtype=dtype)
-
-
-def save_nifti(
-    path: str | os.PathLike[str],
-    data: np.ndarray,
-    affine: np.ndarray,
-) -> Path:
-    """Write a 3D array as NIfTI-1 in scanner space, atomically.
-
-    The file is written under a temporary name in the same folder and renamed into
-    place, so a reader (or a crash) never sees half a file. qform and sform both carry
-    the affine with code 1 (scanner), which is what converters such as dcm2niix write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
-    image.header.set_xyzt_units("mm", "sec")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    with atomic_path(path) as temporary:
-        nib.save(image, temporary)
-    return path
 
 
 def load_volume(

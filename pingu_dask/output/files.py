@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -32,3 +35,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_nifti(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    affine: np.ndarray,
+) -> Path:
+    """Write a 3D array as NIfTI-1 in scanner space, atomically.
+
+    The file is written under a temporary name in the same folder and renamed into
+    place, so a reader (or a crash) never sees half a file. qform and sform both carry
+    the affine with code 1 (scanner), which is what converters such as dcm2niix write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    with atomic_path(path) as temporary:
+        nib.save(image, temporary)
+    return path

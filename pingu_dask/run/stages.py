@@ -35,7 +35,7 @@ from pingu_dask.analysis.regions import ASEG, RegionTable
 from pingu_dask.analysis.scan import Regions, analyse_mask, scan_regions
 from pingu_dask.config import ClusterSettings, InferenceSettings, worker_threads
 from pingu_dask.errors import InputError, StageFailure, verdict_of
-from pingu_dask.inputs.imaging import ImageInfo, check_image_data, save_nifti
+from pingu_dask.inputs.imaging import ImageInfo, check_image_data
 from pingu_dask.inputs.manifest import Scan, channel_grid_mismatch, input_fingerprint
 from pingu_dask.nnunet.case import (
     CaseGeometry,
@@ -48,6 +48,7 @@ from pingu_dask.nnunet.model import Model
 from pingu_dask.nnunet.plans import model_plan
 from pingu_dask.nnunet.predictor import cached_predictor, uses_gpu, worker_slot
 from pingu_dask.output import layout, masks, tables
+from pingu_dask.output.files import save_nifti
 from pingu_dask.records import ScanResult
 from pingu_dask.report import qc
 

@@ -25,7 +25,7 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from scipy.spatial.transform import Rotation
 
-from pingu_dask.inputs.imaging import save_nifti
+from pingu_dask.output.files import save_nifti
 from pingu_dask.synth.cohort import SITES, Site
 
 COLIN27_FOLDER = Path("/usr/share/mricron/templates")

@@ -32,8 +32,8 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from pingu_dask import __version__
-from pingu_dask.inputs.imaging import save_nifti, voxel_to_world
-from pingu_dask.output.files import atomic_path
+from pingu_dask.inputs.imaging import voxel_to_world
+from pingu_dask.output.files import atomic_path, save_nifti
 from pingu_dask.synth.phantom import (
     CSF,
     LEFT_RIGHT_LABELS,
