@@ -122,7 +122,7 @@ class InferenceSettings:
 
 
 @dataclass(frozen=True)
-class ClusterSettings:
+class PvsClusterRules:
     """How a predicted mask becomes PVS clusters; shared by the pipeline and evaluation.
 
     `min_voxels` 6 drops clusters of 5 voxels or fewer (SHiVAi's default);
@@ -148,7 +148,7 @@ class ClusterSettings:
     filter_reference: bool = False
 
     @classmethod
-    def from_config(cls, **overrides) -> ClusterSettings:
+    def from_config(cls, **overrides) -> PvsClusterRules:
         """Settings from Dask's `pingu` config, with explicit (non-None) overrides on top."""
         base = {
             "connectivity": int(setting("connectivity")),

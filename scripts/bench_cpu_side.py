@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import git_revision, machine, write_section
 
 from pingu_dask.analysis.clusters import clean_mask
-from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
+from pingu_dask.config import InferenceSettings, PvsClusterRules, available_cores
 from pingu_dask.inputs.imaging import voxel_volume
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.model import resolve_model
@@ -173,7 +173,7 @@ def before_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
             num_threads_torch=available_cores(),
         )  # fmt: skip
         raw = np.asarray(segmentation).transpose(2, 1, 0)
-        analysis = analyse_mask(raw, info.affine, scan, None, pipeline.clusters, pipeline.regions)
+        analysis = analyse_mask(raw, info.affine, scan, None, pipeline.pvs_rules, pipeline.regions)
         masks.write_mask(pipeline.out, scan.scan_id, analysis.mask, info.affine, {})
         save_nifti(pipeline.out / "nifti" / f"{scan.scan_id}.nii.gz", analysis.mask, info.affine)
 
@@ -215,7 +215,7 @@ def cleaned(path: str) -> np.ndarray:
     import nibabel as nib
 
     image = nib.load(path)
-    return clean_mask(np.asarray(image.dataobj) > 0, voxel_volume(image.affine), ClusterSettings())
+    return clean_mask(np.asarray(image.dataobj) > 0, voxel_volume(image.affine), PvsClusterRules())
 
 
 def pingu_sized_model(cache: Path, scans: dict[str, Path]) -> Path:
@@ -235,7 +235,7 @@ def demo_agreement(scans: dict[str, Path], work: Path) -> list[tuple[str, float,
     (kind, voxels agreeing, Dice, peak RSS MiB of the worker) per scan."""
     from distributed import Client
 
-    from pingu_dask.run.clusters import local_cluster
+    from pingu_dask.run.local import local_cluster
     from pingu_dask.run.loop import segment_cohort
 
     model = resolve_model("demo")

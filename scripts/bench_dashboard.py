@@ -30,7 +30,7 @@ from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.monitor import plugin, prometheus
 from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import segment_cohort
 from pingu_dask.run.stages import Pipeline
 

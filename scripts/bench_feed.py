@@ -78,7 +78,7 @@ def run_once(scans: list[Scan], model, workers: int, mode: str, seconds: float, 
     from distributed import Client
 
     from pingu_dask.run.capacity import FixedCapacity
-    from pingu_dask.run.clusters import LocalLayout, local_cluster
+    from pingu_dask.run.local import LocalLayout, local_cluster
     from pingu_dask.run.loop import StageFunctions, segment_cohort
     from pingu_dask.run.stages import finish, preprocess
 

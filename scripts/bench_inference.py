@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import git_revision, machine, write_section
 
 from pingu_dask.analysis.clusters import clean_mask
-from pingu_dask.config import ClusterSettings, InferenceSettings, available_cores
+from pingu_dask.config import InferenceSettings, PvsClusterRules, available_cores
 from pingu_dask.inputs.imaging import voxel_volume
 from pingu_dask.inputs.manifest import Scan, load_manifest
 from pingu_dask.nnunet.model import Model, resolve_model
-from pingu_dask.run.clusters import LocalLayout, local_cluster
+from pingu_dask.run.local import LocalLayout, local_cluster
 from pingu_dask.run.loop import segment_cohort
 from pingu_dask.run.stages import Pipeline
 from pingu_dask.synth.anatomy import KINDS, real_scans
@@ -184,7 +184,7 @@ def agreement_by_kind(records: list[dict], folder: Path, kinds: dict[str, str]) 
         # Ours went through the cluster-size filter; put theirs through the same one.
         image = nib.load(folder / f"{record.scan_id}.nii.gz")
         theirs = clean_mask(
-            np.asarray(image.dataobj), voxel_volume(image.affine), ClusterSettings()
+            np.asarray(image.dataobj), voxel_volume(image.affine), PvsClusterRules()
         )
         by_kind.setdefault(kinds[record.scan_id], []).append(float((ours == theirs).mean()))
     return by_kind

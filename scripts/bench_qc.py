@@ -25,7 +25,7 @@ from benchdoc import git_revision, machine, write_section
 
 from pingu_dask.analysis.regions import ASEG
 from pingu_dask.analysis.scan import analyse_mask, scan_regions
-from pingu_dask.config import ClusterSettings
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.imaging import check_image_data, load_volume
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.output import layout, ledger, tables
@@ -38,7 +38,7 @@ def time_pictures(root: Path, n_scans: int) -> list[tuple[str, str, float, float
     """(scan, site, seconds in preprocess, seconds in finish, PNG bytes) per scan."""
     generate_cohort(root / "cohort", n_scans, seed=5, jobs=2)
     scans = load_manifest(root / "cohort" / "manifest.csv", ("t1w",)).scans
-    settings = ClusterSettings()
+    settings = PvsClusterRules()
     results = []
     for scan in scans:
         info, data = check_image_data(scan.channel("t1w"))

@@ -45,7 +45,7 @@ from pingu_dask.inputs.manifest import Scan, input_fingerprint, load_manifest
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
 from pingu_dask.records import ScanCounts, ScanResult
-from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import StageFunctions, segment_cohort
 from pingu_dask.run.stages import Pipeline
 

@@ -26,14 +26,14 @@ from helpers import absolute_manifest, headless, shown, with_nan_scan
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pingu_dask.analysis.regions import ASEG
-from pingu_dask.config import ClusterSettings, InferenceSettings
+from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.monitor import http, plugin, prometheus
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import tables
 from pingu_dask.run import stages
-from pingu_dask.run.clusters import local_cluster
 from pingu_dask.run.jobs import JobOptions, jobqueue_cluster
+from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import StageFunctions, segment_cohort
 from pingu_dask.synth.cohort import generate_cohort
 
@@ -249,7 +249,7 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
     scans = load_manifest(root / "manifest.csv", ("t1w",)).scans
     (root / "flaky").write_text(scans[0].scan_id)
     pipeline = stages.Pipeline(
-        resolve_model("demo"), FAST, root / "out", ClusterSettings(), ASEG, write_nifti=False
+        resolve_model("demo"), FAST, root / "out", PvsClusterRules(), ASEG, write_nifti=False
     )
     functions = StageFunctions(preprocess_failing_once, stages.predict, stages.finish)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -28,16 +28,16 @@ from pingu_dask.analysis.evaluate import (
 from pingu_dask.analysis.regions import ASEG
 from pingu_dask.analysis.scan import evaluate_against_reference
 from pingu_dask.cli import main
-from pingu_dask.cli.common import cluster_settings
-from pingu_dask.config import ClusterSettings
+from pingu_dask.cli.common import pvs_cluster_rules
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import parts, tables
 from pingu_dask.output.files import save_nifti
 from pingu_dask.report.build import agreement_rows
 from pingu_dask.run.evaluation import evaluate_stored
 
-AS_GIVEN = ClusterSettings(max_outside_brain=None)
-FILTERED = ClusterSettings(max_outside_brain=None, filter_reference=True)
+AS_GIVEN = PvsClusterRules(max_outside_brain=None)
+FILTERED = PvsClusterRules(max_outside_brain=None, filter_reference=True)
 
 
 def tube() -> np.ndarray:
@@ -112,16 +112,16 @@ def test_a_stored_prediction_is_filtered_and_the_reference_is_not(tmp_path: Path
 
 
 def test_the_choice_comes_from_the_config_and_the_options() -> None:
-    assert ClusterSettings.from_config().filter_reference is False
+    assert PvsClusterRules.from_config().filter_reference is False
     with dask.config.set({"pingu.filter-reference": True}):
-        assert ClusterSettings.from_config().filter_reference is True
+        assert PvsClusterRules.from_config().filter_reference is True
     # A run.json from before the choice existed (no key): as given.
     old = {"connectivity": 26, "min_voxels": 6, "min_volume_mm3": 0.0, "exclude_labels": []}
-    assert cluster_settings(None, None, None, None, old).filter_reference is False
+    assert pvs_cluster_rules(None, None, None, None, old).filter_reference is False
     chosen = {**old, "filter_reference": True}  # a run that asked for it...
-    assert cluster_settings(None, None, None, None, chosen).filter_reference is True
+    assert pvs_cluster_rules(None, None, None, None, chosen).filter_reference is True
     # ...and --reference-as-given over it.
-    overridden = cluster_settings(None, None, None, None, chosen, filter_reference=False)
+    overridden = pvs_cluster_rules(None, None, None, None, chosen, filter_reference=False)
     assert overridden.filter_reference is False
 
 
@@ -131,8 +131,8 @@ def test_the_choice_is_part_of_the_pipeline_fingerprint(tmp_path: Path) -> None:
     from pingu_dask.run.stages import Pipeline
 
     model, inference = resolve_model("demo"), InferenceSettings(tta=False)
-    as_given = Pipeline(model, inference, tmp_path, clusters=AS_GIVEN)
-    filtered = Pipeline(model, inference, tmp_path, clusters=FILTERED)
+    as_given = Pipeline(model, inference, tmp_path, pvs_rules=AS_GIVEN)
+    filtered = Pipeline(model, inference, tmp_path, pvs_rules=FILTERED)
     assert as_given.fingerprint() != filtered.fingerprint()
 
 

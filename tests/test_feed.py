@@ -24,7 +24,7 @@ from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import tables
 from pingu_dask.run.capacity import FixedCapacity
-from pingu_dask.run.clusters import LocalLayout, local_cluster
+from pingu_dask.run.local import LocalLayout, local_cluster
 from pingu_dask.run.loop import Progress, StageFunctions, segment_cohort
 from pingu_dask.run.policies import FeedWindow
 from pingu_dask.run.stages import Pipeline

@@ -25,13 +25,13 @@ from distributed import Client
 import pingu_dask
 from pingu_dask.analysis.clusters import clean_mask
 from pingu_dask.analysis.regions import ASEG
-from pingu_dask.config import ClusterSettings, InferenceSettings
+from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import ModelError, demo_model_folder, resolve_model
 from pingu_dask.nnunet.predictor import load_counts, load_predictor
 from pingu_dask.output import masks, tables
 from pingu_dask.run import stages
-from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import segment_cohort
 
 CPU = InferenceSettings(tta=False, device="cpu", torch_threads=2)
@@ -286,7 +286,7 @@ def test_masks_agree_with_nnunetv2_predict(dask_run, cohort: Path, tmp_path: Pat
         assert np.allclose(theirs_image.affine, nib.load(record.nifti).affine, atol=1e-4)
         # Ours went through the size filter; put theirs through the same one.
         voxel_volume = abs(np.linalg.det(theirs_image.affine[:3, :3]))
-        theirs = clean_mask(np.asarray(theirs_image.dataobj), voxel_volume, ClusterSettings())
+        theirs = clean_mask(np.asarray(theirs_image.dataobj), voxel_volume, PvsClusterRules())
         agreement.append(float((ours == theirs).mean()))
     print("voxel agreement with nnUNetv2_predict:", agreement)
     assert min(agreement) >= 0.999

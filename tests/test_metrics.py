@@ -27,7 +27,7 @@ from pingu_dask.analysis.regions import (
     region_names,
 )
 from pingu_dask.analysis.scan import Regions, analyse_mask
-from pingu_dask.config import ClusterSettings
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import tables
 from pingu_dask.output.files import save_nifti
@@ -49,11 +49,11 @@ def phantom() -> tuple[np.ndarray, np.ndarray]:
     return mask, parcellation
 
 
-KEEP_ALL = ClusterSettings(min_voxels=1)
+KEEP_ALL = PvsClusterRules(min_voxels=1)
 
 
 def analyse(mask, parcellation, affine=None, settings=None, reference=None):
-    settings = settings or ClusterSettings()
+    settings = settings or PvsClusterRules()
     affine = np.eye(4) if affine is None else affine
     regions = Regions(ASEG.index_map(parcellation), None) if parcellation is not None else None
     scan = Scan("s1", (("t1w", Path("t1.nii.gz")),), site="siteA", reference=reference)
@@ -129,22 +129,22 @@ def test_size_filter_in_voxels_or_cubic_millimetres() -> None:
     mask = np.zeros((20, 20, 10), np.uint8)
     mask[2, 2, 1:4] = 1  # 3 voxels = 9 mm³
     mask[10, 10, 1:5] = 1  # 4 voxels = 12 mm³ (3 mm³ voxels)
-    by_volume = ClusterSettings(min_voxels=1, min_volume_mm3=10.0)
+    by_volume = PvsClusterRules(min_voxels=1, min_volume_mm3=10.0)
     assert by_volume.min_voxels_for(3.0) == 4
     _, _, n = find_clusters(mask, 3.0, by_volume)
     assert n == 1
-    assert find_clusters(mask, 3.0, ClusterSettings(min_voxels=1))[2] == 2
-    assert find_clusters(mask, 3.0, ClusterSettings())[2] == 0  # both <= 5 voxels
+    assert find_clusters(mask, 3.0, PvsClusterRules(min_voxels=1))[2] == 2
+    assert find_clusters(mask, 3.0, PvsClusterRules())[2] == 0  # both <= 5 voxels
 
 
 def test_connectivity_decides_what_is_one_cluster() -> None:
     mask = np.zeros((10, 10, 10), np.uint8)
     mask[2:5, 2, 2] = 1
     mask[5, 3, 3] = 1  # touches the line by a corner only
-    kept = ClusterSettings(min_voxels=1)
+    kept = PvsClusterRules(min_voxels=1)
     assert find_clusters(mask, 1.0, kept)[2] == 1
-    assert find_clusters(mask, 1.0, ClusterSettings(connectivity=18, min_voxels=1))[2] == 2
-    assert find_clusters(mask, 1.0, ClusterSettings(connectivity=6, min_voxels=1))[2] == 2
+    assert find_clusters(mask, 1.0, PvsClusterRules(connectivity=18, min_voxels=1))[2] == 2
+    assert find_clusters(mask, 1.0, PvsClusterRules(connectivity=6, min_voxels=1))[2] == 2
 
 
 def test_excluded_labels_are_removed_before_clustering() -> None:
@@ -152,9 +152,9 @@ def test_excluded_labels_are_removed_before_clustering() -> None:
     mask[2:12, 5, 5] = 1  # 10 voxels, of which 6 lie in a "ventricle"
     ventricle = np.zeros(mask.shape, bool)
     ventricle[6:12] = True
-    cleaned = clean_mask(mask, 1.0, ClusterSettings(exclude_labels=(4,)), ventricle)
+    cleaned = clean_mask(mask, 1.0, PvsClusterRules(exclude_labels=(4,)), ventricle)
     assert cleaned.sum() == 0  # 4 voxels remain, then fail the size filter
-    cleaned = clean_mask(mask, 1.0, ClusterSettings(min_voxels=1, exclude_labels=(4,)), ventricle)
+    cleaned = clean_mask(mask, 1.0, PvsClusterRules(min_voxels=1, exclude_labels=(4,)), ventricle)
     assert cleaned.sum() == 4
 
 
@@ -246,7 +246,7 @@ def test_dice_edge_cases() -> None:
 
 def test_evaluation_per_region() -> None:
     mask, parcellation = phantom()
-    settings = ClusterSettings()
+    settings = PvsClusterRules()
     reference = clean_mask(mask, 1.0, settings)
     prediction = reference.copy()
     prediction[30, 10:17, 30] = 0  # the BG tube is missed

@@ -30,8 +30,8 @@ from pingu_dask.analysis.regions import (
 )
 from pingu_dask.analysis.scan import MaskAnalysis, Regions, analyse_mask, scan_regions
 from pingu_dask.cli import main
-from pingu_dask.cli.common import cluster_settings
-from pingu_dask.config import ClusterSettings
+from pingu_dask.cli.common import pvs_cluster_rules
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import parts, tables
 from pingu_dask.output.files import save_nifti
@@ -142,7 +142,7 @@ def with_edge_tubes(mask: np.ndarray) -> np.ndarray:
 
 
 def analyse(
-    tmp_path: Path, numbering: str, mask: np.ndarray, settings: ClusterSettings, table=ASEG_PVS
+    tmp_path: Path, numbering: str, mask: np.ndarray, settings: PvsClusterRules, table=ASEG_PVS
 ) -> MaskAnalysis:
     """The pipeline's own path: parcellation file -> scan_regions -> analyse_mask."""
     path = save_nifti(tmp_path / f"{numbering}_dseg.nii.gz", parcellation(numbering), np.eye(4))
@@ -163,7 +163,7 @@ def outside_column(analysis: MaskAnalysis) -> dict[str, int | None]:
 
 @pytest.mark.parametrize("numbering", ["synthseg", "aseg"])
 def test_pvs_regions_count_each_side_as_placed(tmp_path: Path, numbering: str) -> None:
-    analysis = analyse(tmp_path, numbering, placed_mask(), ClusterSettings())
+    analysis = analyse(tmp_path, numbering, placed_mask(), PvsClusterRules())
     found = counts(analysis)
     for region, expected in EXPECTED.items():
         assert found[region] == expected, region
@@ -180,8 +180,8 @@ def test_pvs_regions_count_each_side_as_placed(tmp_path: Path, numbering: str) -
 @pytest.mark.parametrize("numbering", ["synthseg", "aseg"])
 def test_pvs_sides_add_up_to_the_wm_bg_table(tmp_path: Path, numbering: str) -> None:
     """The two built-in sets agree: left + right (+ unlateralised WM) = ASEG's region."""
-    per_side = counts(analyse(tmp_path, numbering, placed_mask(), ClusterSettings()))
-    pooled = counts(analyse(tmp_path, numbering, placed_mask(), ClusterSettings(), ASEG))
+    per_side = counts(analyse(tmp_path, numbering, placed_mask(), PvsClusterRules()))
+    pooled = counts(analyse(tmp_path, numbering, placed_mask(), PvsClusterRules(), ASEG))
     wm = ("white_matter_left", "white_matter_right", "white_matter_unlateralised")
     assert pooled["white_matter"] == sum(per_side[name] for name in wm)
     for region in ("basal_ganglia", "thalamus", "hippocampus", "cerebellum"):
@@ -215,7 +215,7 @@ def test_table_labels_match_aseg_and_lut() -> None:
 @pytest.mark.parametrize("numbering", ["synthseg", "aseg"])
 def test_brain_rule_drops_a_cluster_30_percent_outside(tmp_path: Path, numbering: str) -> None:
     mask = with_edge_tubes(placed_mask())
-    analysis = analyse(tmp_path, numbering, mask, ClusterSettings())
+    analysis = analyse(tmp_path, numbering, mask, PvsClusterRules())
     found = counts(analysis)
     # The 20 % and 25 % tubes stay, in the right-hand regions holding most of their
     # voxels (WM slab 0, pallidum slab 3); the 30 % one (hippocampus slab 6) is gone.
@@ -241,7 +241,7 @@ def test_brain_rule_drops_a_cluster_30_percent_outside(tmp_path: Path, numbering
 @pytest.mark.parametrize("off", [1.0, None])
 def test_brain_rule_off_keeps_both(tmp_path: Path, off: float | None) -> None:
     mask = with_edge_tubes(placed_mask())
-    analysis = analyse(tmp_path, "aseg", mask, ClusterSettings(max_outside_brain=off))
+    analysis = analyse(tmp_path, "aseg", mask, PvsClusterRules(max_outside_brain=off))
     found = counts(analysis)
     assert found["hippocampus_right"] == EXPECTED["hippocampus_right"] + 1
     assert found["whole_brain"] == sum(EXPECTED.values()) + 2 + 3
@@ -251,7 +251,7 @@ def test_brain_rule_off_keeps_both(tmp_path: Path, off: float | None) -> None:
 
 def test_a_stricter_share_drops_more(tmp_path: Path) -> None:
     mask = with_edge_tubes(placed_mask())
-    analysis = analyse(tmp_path, "synthseg", mask, ClusterSettings(max_outside_brain=0.2))
+    analysis = analyse(tmp_path, "synthseg", mask, PvsClusterRules(max_outside_brain=0.2))
     assert outside_column(analysis)["whole_brain"] == 2  # 25 % and 30 %; 20 % stays
 
 
@@ -261,7 +261,7 @@ def test_without_a_brain_mask_the_rule_does_not_run() -> None:
     scan = Scan("s1", (("t1w", Path("t1.nii.gz")),))
     regions = Regions(ASEG_PVS.index_map(parcellation("aseg")), None)
     for given in (regions, None):
-        analysis = analyse_mask(mask, np.eye(4), scan, given, ClusterSettings(), ASEG_PVS)
+        analysis = analyse_mask(mask, np.eye(4), scan, given, PvsClusterRules(), ASEG_PVS)
         assert counts(analysis)["whole_brain"] == sum(EXPECTED.values()) + 2 + 3
         assert analysis.counts.clusters_outside_brain is None
 
@@ -292,23 +292,23 @@ def test_assign_clusters_by_side() -> None:
 
 
 def test_settings_default_config_and_validation() -> None:
-    assert ClusterSettings().max_outside_brain == 0.25
-    assert ClusterSettings.from_config().max_outside_brain == 0.25
-    assert ClusterSettings(max_outside_brain=None) == ClusterSettings(max_outside_brain=1.0)
-    assert not ClusterSettings(max_outside_brain=None).drops_outside_brain
+    assert PvsClusterRules().max_outside_brain == 0.25
+    assert PvsClusterRules.from_config().max_outside_brain == 0.25
+    assert PvsClusterRules(max_outside_brain=None) == PvsClusterRules(max_outside_brain=1.0)
+    assert not PvsClusterRules(max_outside_brain=None).drops_outside_brain
     with dask.config.set({"pingu.max-outside-brain": None}):
-        assert ClusterSettings.from_config().max_outside_brain == 1.0
+        assert PvsClusterRules.from_config().max_outside_brain == 1.0
     with dask.config.set({"pingu.max-outside-brain": 0.1}):
-        assert ClusterSettings.from_config().max_outside_brain == 0.1
+        assert PvsClusterRules.from_config().max_outside_brain == 0.1
     with pytest.raises(ValueError, match="outside the brain"):
-        ClusterSettings(max_outside_brain=1.5)
+        PvsClusterRules(max_outside_brain=1.5)
     # A run.json from before the rule (no key) gets the default; one with the rule
     # off keeps it off (stored as 1.0, which survives the "None = not given" merge).
     old = {"connectivity": 26, "min_voxels": 6, "min_volume_mm3": 0.0, "exclude_labels": []}
-    assert cluster_settings(None, None, None, None, old).max_outside_brain == 0.25
+    assert pvs_cluster_rules(None, None, None, None, old).max_outside_brain == 0.25
     off = {**old, "max_outside_brain": 1.0}
-    assert cluster_settings(None, None, None, None, off).max_outside_brain == 1.0
-    chosen = cluster_settings(None, None, None, None, off, max_outside_brain=0.4)
+    assert pvs_cluster_rules(None, None, None, None, off).max_outside_brain == 1.0
+    chosen = pvs_cluster_rules(None, None, None, None, off, max_outside_brain=0.4)
     assert chosen.max_outside_brain == 0.4
 
 

@@ -26,7 +26,7 @@ from pingu_dask.analysis.evaluate import summarise
 from pingu_dask.analysis.regions import ASEG
 from pingu_dask.analysis.scan import Regions, analyse_mask
 from pingu_dask.cli import main
-from pingu_dask.config import ClusterSettings
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import layout, ledger, tables
 from pingu_dask.report import build as report
@@ -54,7 +54,7 @@ def picture(image, parcellation, mask, affine) -> np.ndarray:
     """The montage's palette indices for one volume (the same path finish takes)."""
     scan = Scan("s1", (("t1w", Path("t1.nii.gz")),), site="siteA")
     regions = Regions(ASEG.index_map(parcellation), None)
-    analysis = analyse_mask(mask, affine, scan, regions, ClusterSettings(min_voxels=1), ASEG)
+    analysis = analyse_mask(mask, affine, scan, regions, PvsClusterRules(min_voxels=1), ASEG)
     sheet = qc.scan_montage(scan, analysis, qc.qc_image(image, affine), regions.codes, ASEG.names)
     return np.asarray(sheet)
 

@@ -25,8 +25,8 @@ from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import tables
 from pingu_dask.run.capacity import PresentWorkers
-from pingu_dask.run.clusters import local_cluster, scheduler_settings
 from pingu_dask.run.jobs import JobCapacity, ScaleFromWork
+from pingu_dask.run.local import local_cluster, scheduler_settings
 from pingu_dask.run.loop import RunStopped, StageFunctions, segment_cohort
 from pingu_dask.run.stages import Pipeline
 

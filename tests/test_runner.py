@@ -26,13 +26,13 @@ from distributed import Client
 from helpers import absolute_manifest
 
 from pingu_dask.cli import main
-from pingu_dask.config import ClusterSettings, InferenceSettings
+from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.nnunet.predictor import load_counts
 from pingu_dask.output import tables
 from pingu_dask.output.lock import read_lock
-from pingu_dask.run.clusters import local_cluster
+from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import segment_cohort
 from pingu_dask.run.orchestrate import RunRefused, check_settings
 from pingu_dask.run.stages import Pipeline
@@ -284,7 +284,7 @@ def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:
     layout.prepare_output(tmp_path)
     layout.write_json(tmp_path / layout.RUN_JSON, provenance(first, None, 1))
     check_settings(tmp_path, first, force=False)  # the same settings: fine
-    other = Pipeline(model, FAST, tmp_path, ClusterSettings(connectivity=6))
+    other = Pipeline(model, FAST, tmp_path, PvsClusterRules(connectivity=6))
     with pytest.raises(RunRefused, match=r"different: clusters"):
         check_settings(tmp_path, other, force=False)
     check_settings(tmp_path, other, force=True)

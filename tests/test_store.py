@@ -14,7 +14,7 @@ import zarr
 import pingu_dask
 from pingu_dask.analysis.regions import ASEG
 from pingu_dask.analysis.scan import Regions, analyse_mask
-from pingu_dask.config import ClusterSettings
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import layout, masks, parts, tables
 
@@ -48,7 +48,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for seed, scan in enumerate(scans):
             mask, parcellation = fake_mask(seed)
             regions = Regions(ASEG.index_map(parcellation), None)
-            analysis = analyse_mask(mask, AFFINE, scan, regions, ClusterSettings(), ASEG)
+            analysis = analyse_mask(mask, AFFINE, scan, regions, PvsClusterRules(), ASEG)
             masks.write_mask(out, scan.scan_id, analysis.mask, AFFINE, {"model_fingerprint": "abc"})
             writer.add(tables.scan_tables(analysis.rows))
     layout.write_json(out / layout.RUN_JSON, {"tool": "pingu-dask", "n_scans": 3})

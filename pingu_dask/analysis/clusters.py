@@ -9,7 +9,7 @@ from __future__ import annotations
 import cc3d
 import numpy as np
 
-from pingu_dask.config import ClusterSettings
+from pingu_dask.config import PvsClusterRules
 
 CONNECTIVITIES = (6, 18, 26)
 
@@ -31,7 +31,7 @@ def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray
 def clean_mask(
     mask: np.ndarray,
     voxel_volume_mm3: float,
-    settings: ClusterSettings,
+    settings: PvsClusterRules,
     excluded: np.ndarray | None = None,
 ) -> np.ndarray:
     """The PVS mask a study reports: excluded voxels removed, then small clusters dropped.
@@ -53,7 +53,7 @@ def clean_mask(
 def find_clusters(
     mask: np.ndarray,
     voxel_volume_mm3: float,
-    settings: ClusterSettings,
+    settings: PvsClusterRules,
     excluded: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """clean_mask, then label it: (cleaned bool mask, cluster labels, number of clusters)."""

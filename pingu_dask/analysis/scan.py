@@ -28,7 +28,7 @@ from pingu_dask.analysis.regions import (
     parcellation_on_grid,
     region_names,
 )
-from pingu_dask.config import ClusterSettings
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.imaging import voxel_volume
 from pingu_dask.inputs.manifest import Scan, scan_columns
 from pingu_dask.records import ScanCounts, ScanRows
@@ -49,7 +49,7 @@ def scan_regions(
     shape: tuple[int, ...],
     affine: np.ndarray,
     table: RegionTable,
-    settings: ClusterSettings,
+    settings: PvsClusterRules,
 ) -> Regions | None:
     """The scan's parcellation on an image grid as region codes and excluded voxels."""
     if scan.parcellation is None:
@@ -67,7 +67,7 @@ def keep_inside_brain(
     labels: np.ndarray,
     n_clusters: int,
     regions: Regions | None,
-    settings: ClusterSettings,
+    settings: PvsClusterRules,
 ) -> tuple[np.ndarray, np.ndarray, int, int | None]:
     """The brain rule on labelled clusters: (mask, labels, kept, dropped).
 
@@ -97,7 +97,7 @@ def analyse_mask(
     affine: np.ndarray,
     scan: Scan,
     regions: Regions | None,
-    settings: ClusterSettings,
+    settings: PvsClusterRules,
     table: RegionTable,
 ) -> MaskAnalysis:
     """Clusters, regions, metrics and (with a reference) evaluation of one predicted mask.
@@ -154,7 +154,7 @@ def evaluate_against_reference(
     affine: np.ndarray,
     scan: Scan,
     regions: Regions | None,
-    settings: ClusterSettings,
+    settings: PvsClusterRules,
     table: RegionTable,
 ) -> list[dict]:
     """The scan's evaluation rows (per region, whole brain last) against its reference.
@@ -179,7 +179,7 @@ def evaluate_against_reference(
 
 
 def pipeline_filter(
-    mask: np.ndarray, affine: np.ndarray, regions: Regions | None, settings: ClusterSettings
+    mask: np.ndarray, affine: np.ndarray, regions: Regions | None, settings: PvsClusterRules
 ) -> np.ndarray:
     """What analyse_mask keeps of a mask: exclusions, size filter, then the brain rule.
 

@@ -20,7 +20,7 @@ from pingu_dask.analysis.regions import (
     load_region_table,
     parse_labels,
 )
-from pingu_dask.config import ClusterSettings
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.manifest import ManifestReport
 
 console = Console(highlight=False)
@@ -45,7 +45,7 @@ def option_group(*options: Callable) -> Callable[[Callable], Callable]:
 
 # --regions, --connectivity, --min-cluster-voxels, --min-cluster-mm3, --exclude,
 # --max-outside-brain
-cluster_options = option_group(
+pvs_cluster_options = option_group(
     click.option(
         "--regions",
         "regions_spec",
@@ -87,7 +87,7 @@ cluster_options = option_group(
 )
 
 
-def cluster_settings(
+def pvs_cluster_rules(
     connectivity: str | None,
     min_cluster_voxels: int | None,
     min_cluster_mm3: float | None,
@@ -95,8 +95,8 @@ def cluster_settings(
     base: dict | None = None,
     max_outside_brain: float | None = None,
     filter_reference: bool | None = None,
-) -> ClusterSettings:
-    """ClusterSettings from the options, over `base` (e.g. a run's run.json) or the config."""
+) -> PvsClusterRules:
+    """PvsClusterRules from the options, over `base` (e.g. a run's run.json) or the config."""
     overrides = dict(base or {})
     given = {
         "connectivity": int(connectivity) if connectivity else None,
@@ -108,7 +108,7 @@ def cluster_settings(
     }
     overrides.update({k: v for k, v in given.items() if v is not None})
     try:
-        return ClusterSettings.from_config(**overrides)
+        return PvsClusterRules.from_config(**overrides)
     except (RegionError, ValueError) as error:
         raise click.UsageError(str(error)) from error
 

@@ -11,11 +11,11 @@ import pyarrow as pa
 
 from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
-    cluster_options,
-    cluster_settings,
     console,
     print_evaluation,
     print_report,
+    pvs_cluster_options,
+    pvs_cluster_rules,
     region_table,
 )
 from pingu_dask.inputs.manifest import Scan, load_manifest
@@ -49,7 +49,7 @@ from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
     "Dice: the rater's small PVS no longer count). Default: as given (pingu.filter-reference"
     " in Dask's config; for a run's OUT, the run's own choice).",
 )
-@cluster_options
+@pvs_cluster_options
 def evaluate(
     source: Path,
     manifest: Path,
@@ -78,7 +78,7 @@ def evaluate(
     with _writing_into(source, is_run):
         run_info = layout.read_run_json(source) if is_run else None
         base = dict(run_info["clusters"]) if run_info else None
-        settings = cluster_settings(
+        settings = pvs_cluster_rules(
             connectivity,
             min_cluster_voxels,
             min_cluster_mm3,
@@ -177,8 +177,8 @@ def _evaluate_on_dask(sources, settings, table, workers: int):
     """Evaluate each (scan, mask) on a LocalCluster, a bounded window at a time."""
     from distributed import Client, as_completed
 
-    from pingu_dask.run.clusters import local_cluster
     from pingu_dask.run.evaluation import evaluate_stored
+    from pingu_dask.run.local import local_cluster
 
     rows: list[pa.Table] = []
     failures: list[tuple[str, str]] = []

@@ -9,10 +9,10 @@ import click
 
 from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
-    cluster_options,
-    cluster_settings,
     console,
     print_report,
+    pvs_cluster_options,
+    pvs_cluster_rules,
     region_table,
     split,
 )
@@ -24,7 +24,7 @@ from pingu_dask.cli.progress import (
     print_scan_table,
     print_status,
 )
-from pingu_dask.config import ClusterSettings, InferenceSettings
+from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.errors import ModelError
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import resolve_model
@@ -143,7 +143,7 @@ MODEL_CHOICES = (
     is_flag=True,
     help="Run the valid rows of a manifest with problems (the others get ledger rows).",
 )
-@cluster_options
+@pvs_cluster_options
 @click.option(
     "--nifti/--no-nifti",
     default=True,
@@ -214,7 +214,7 @@ def run(
         torch_threads=torch_threads,
     )
     options = RunOptions(
-        clusters=cluster_settings(
+        pvs_rules=pvs_cluster_rules(
             connectivity,
             min_cluster_voxels,
             min_cluster_mm3,
@@ -244,7 +244,7 @@ def run(
 class RunOptions:
     """The `run` options beyond the model and inference settings."""
 
-    clusters: ClusterSettings | None = None
+    pvs_rules: PvsClusterRules | None = None
     regions: RegionTable | None = None
     nifti: bool = True
     qc: bool = False
@@ -291,7 +291,7 @@ def run_manifest(
         model,
         settings,
         Path(out),
-        options.clusters or ClusterSettings.from_config(),
+        options.pvs_rules or PvsClusterRules.from_config(),
         options.regions or region_table(None),
         write_nifti=options.nifti,
         qc=options.qc,

@@ -8,14 +8,14 @@ import pyarrow as pa
 
 from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.analysis.scan import evaluate_against_reference, pipeline_filter, scan_regions
-from pingu_dask.config import ClusterSettings
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs.imaging import load_volume
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import masks, tables
 
 
 def evaluate_stored(
-    source: Path, scan: Scan, settings: ClusterSettings, table: RegionTable
+    source: Path, scan: Scan, settings: PvsClusterRules, table: RegionTable
 ) -> pa.Table:
     """Evaluate an existing mask: group `scan_id` of OUT/masks.zarr, or a NIfTI file.
 

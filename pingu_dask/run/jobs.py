@@ -19,7 +19,7 @@ from distributed import Adaptive
 
 from pingu_dask.config import INFERENCE_RESOURCE, setting
 from pingu_dask.run.capacity import Capacity, PresentWorkers
-from pingu_dask.run.clusters import DEFAULT_THREADS_PER_WORKER, scheduler_settings
+from pingu_dask.run.local import DEFAULT_THREADS_PER_WORKER, scheduler_settings
 
 BATCH_SYSTEMS = ("slurm", "pbs")
 

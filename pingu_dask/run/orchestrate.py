@@ -24,8 +24,8 @@ from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
 from pingu_dask.output.lock import OutputLock
 from pingu_dask.records import ScanResult
 from pingu_dask.run.capacity import Capacity, FixedCapacity, PresentWorkers
-from pingu_dask.run.clusters import LocalLayout
 from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions
+from pingu_dask.run.local import LocalLayout
 from pingu_dask.run.loop import Progress, RunStopped, segment_cohort
 from pingu_dask.run.provenance import manifest_info, package_versions, provenance
 from pingu_dask.run.stages import Pipeline
@@ -216,8 +216,8 @@ def _now() -> str:
 @contextmanager
 def _client(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, Capacity]]:
     """A client on the cluster the request names, and how many workers to plan for."""
-    from pingu_dask.run.clusters import local_cluster
     from pingu_dask.run.jobs import jobqueue_cluster, scale_from_work
+    from pingu_dask.run.local import local_cluster
 
     if request.cluster in BATCH_SYSTEMS:
         # Jobs are asked for from the scans left (scale_from_work), and released as

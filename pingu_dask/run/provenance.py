@@ -54,7 +54,7 @@ def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -
             "fingerprint": pipeline.model.fingerprint,
         },
         "inference": asdict(pipeline.inference),
-        "clusters": asdict(pipeline.clusters),
+        "clusters": asdict(pipeline.pvs_rules),
         "regions": {"table": pipeline.regions.name, "regions": dict(pipeline.regions.regions)},
         "pipeline_fingerprint": pipeline.fingerprint(),
         "manifest": manifest_info(manifest),

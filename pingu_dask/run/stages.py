@@ -33,7 +33,7 @@ import numpy as np
 
 from pingu_dask.analysis.regions import ASEG, RegionTable
 from pingu_dask.analysis.scan import Regions, analyse_mask, scan_regions
-from pingu_dask.config import ClusterSettings, InferenceSettings, worker_threads
+from pingu_dask.config import InferenceSettings, PvsClusterRules, worker_threads
 from pingu_dask.errors import InputError, StageFailure, verdict_of
 from pingu_dask.inputs.imaging import ImageInfo, check_image_data
 from pingu_dask.inputs.manifest import Scan, channel_grid_mismatch, input_fingerprint
@@ -85,7 +85,7 @@ def _set_torch_threads(settings: InferenceSettings) -> None:
         torch.set_num_threads(threads)
 
 
-DEFAULT_CLUSTERS = ClusterSettings()
+DEFAULT_PVS_RULES = PvsClusterRules()
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class Pipeline:
     model: Model
     inference: InferenceSettings
     out: Path
-    clusters: ClusterSettings = DEFAULT_CLUSTERS
+    pvs_rules: PvsClusterRules = DEFAULT_PVS_RULES
     regions: RegionTable = ASEG
     write_nifti: bool = True
     qc: bool = False  # write a QC montage per scan (OUT/qc); not part of the fingerprint
@@ -105,7 +105,7 @@ class Pipeline:
         parts = [
             self.model.fingerprint,
             self.inference.fingerprint(),
-            json.dumps(asdict(self.clusters), sort_keys=True),
+            json.dumps(asdict(self.pvs_rules), sort_keys=True),
             self.regions.fingerprint(),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -182,7 +182,7 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     if mismatch := channel_grid_mismatch(scan, infos):
         raise InputError(mismatch)
     info = infos[first]
-    regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.clusters)
+    regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.pvs_rules)
     source = Source(info, regions, input_fingerprint(scan), picture)
     paths = [scan.channel(column) for column in model.channels]
     case = prepare_case(
@@ -228,7 +228,7 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
     info = source.info
     raw = to_image_order(model_plan(pipeline.model), item.labels, item.geometry, info.shape[:3])
     analysis = analyse_mask(
-        raw, info.affine, scan, source.regions, pipeline.clusters, pipeline.regions
+        raw, info.affine, scan, source.regions, pipeline.pvs_rules, pipeline.regions
     )
     mask = analysis.mask
     attrs = {

@@ -16,7 +16,7 @@ def main() -> None:
     from distributed.cli.dask_worker import main as dask_worker
 
     from pingu_dask.config import worker_threads
-    from pingu_dask.run.clusters import tuned_environment
+    from pingu_dask.run.local import tuned_environment
 
     # The job script is the one place that knows the cores per worker process: it sets
     # pingu.worker-threads, and each worker sizes torch from it (not the driver's cores).
