@@ -58,9 +58,16 @@ DEFAULTS = {
         "lock-heartbeat-seconds": 30.0,  # OUT/.lock: how often its holder says it is alive
         "lock-stale-seconds": 300.0,  # ...and how long after its last heartbeat it is stale
         "stop-grace-seconds": 120.0,  # SIGTERM/SIGHUP/Ctrl-C: clean-up time before a hard exit
+        # Batch jobs, where neither the command line nor Dask's jobqueue config says:
+        "job-walltime": "01:00:00",
+        "job-memory": "16GB",
+        "job-cores": 3,  # one predict + one preprocess + one finish in flight
+        "min-jobs": 0,  # batch jobs asked for: at least...
+        "max-jobs": 4,  # ...and at most (fewer when fewer scans are left)
     }
 }
 dask.config.update_defaults(DEFAULTS)
+_DEFAULT = DEFAULTS["pingu"]  # the dataclasses' defaults are these values, not copies
 
 #: The Dask worker resource that stands for an inference slot (a GPU, or on a CPU-only
 #: machine the cores torch predicts with): predict tasks ask for one.
@@ -89,10 +96,10 @@ class InferenceSettings:
     """
 
     folds: tuple[str, ...] | None = None  # None: every fold the model folder has
-    checkpoint: str = "checkpoint_final.pth"
-    tta: bool = True
-    step_size: float = 0.5
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint: str = _DEFAULT["checkpoint"]
+    tta: bool = _DEFAULT["tta"]
+    step_size: float = _DEFAULT["step-size"]
+    device: str = _DEFAULT["device"]  # auto | cpu | cuda | cuda:N
     torch_threads: int | None = None
 
     @classmethod
@@ -140,12 +147,12 @@ class PvsClusterRules:
     run's fingerprint, since it changes the evaluation table.
     """
 
-    connectivity: int = 26
-    min_voxels: int = 6
-    min_volume_mm3: float = 0.0
+    connectivity: int = _DEFAULT["connectivity"]
+    min_voxels: int = _DEFAULT["min-cluster-voxels"]
+    min_volume_mm3: float = _DEFAULT["min-cluster-mm3"]
     exclude_labels: tuple[int, ...] = ()
-    max_outside_brain: float | None = 0.25
-    filter_reference: bool = False
+    max_outside_brain: float | None = _DEFAULT["max-outside-brain"]
+    filter_reference: bool = _DEFAULT["filter-reference"]
 
     @classmethod
     def from_config(cls, **overrides) -> PvsClusterRules:

@@ -20,7 +20,7 @@ from pingu_dask.analysis.regions import (
     load_region_table,
     parse_labels,
 )
-from pingu_dask.config import PvsClusterRules
+from pingu_dask.config import PvsClusterRules, setting
 from pingu_dask.inputs.manifest import ManifestReport
 
 console = Console(highlight=False)
@@ -58,19 +58,20 @@ pvs_cluster_options = option_group(
         "--connectivity",
         type=click.Choice(["6", "18", "26"]),
         default=None,
-        help="Voxel connectivity of clusters (default 26).",
+        help=f"Voxel connectivity of clusters (default {setting('connectivity')}).",
     ),
     click.option(
         "--min-cluster-voxels",
         type=click.IntRange(min=1),
         default=None,
-        help="Drop clusters smaller than this (default 6: drop clusters of <= 5 voxels).",
+        help=f"Drop clusters smaller than this (default {setting('min-cluster-voxels')}).",
     ),
     click.option(
         "--min-cluster-mm3",
         type=click.FloatRange(min=0),
         default=None,
-        help="Also drop clusters below this volume in mm³ (default 0: off).",
+        help=f"Also drop clusters below this volume in mm³ (default {setting('min-cluster-mm3')}"
+        ", 0: off).",
     ),
     click.option(
         "--exclude",
@@ -82,7 +83,8 @@ pvs_cluster_options = option_group(
         type=click.FloatRange(min=0, max=1),
         default=None,
         help="With a parcellation, drop clusters with more than this share of their "
-        "voxels outside the brain (label 0); default 0.25 (SHiVAi's rule), 1: off.",
+        f"voxels outside the brain (label 0); default {setting('max-outside-brain')} (SHiVAi's "
+        "rule: 0.25), 1: off.",
     ),
 )
 

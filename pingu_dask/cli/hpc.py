@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pingu_dask.cli.common import option_group
+from pingu_dask.config import setting
 from pingu_dask.run.jobs import JobOptions
 
 # Options for SLURM/PBS worker jobs; unset ones come from Dask's jobqueue config.
@@ -28,7 +29,11 @@ jobqueue_options = option_group(
         default=None,
         help="GPUs per job (default: one per worker process; 0 for CPU-only jobs).",
     ),
-    click.option("--walltime", default=None, help="Job walltime, HH:MM:SS (default 01:00:00)."),
+    click.option(
+        "--walltime",
+        default=None,
+        help=f"Job walltime, HH:MM:SS (default {setting('job-walltime')}).",
+    ),
     click.option("--queue", default=None, help="Partition (SLURM) or queue (PBS)."),
     click.option("--account", default=None, help="Account / project to charge."),
     click.option(
@@ -48,11 +53,13 @@ jobqueue_options = option_group(
         multiple=True,
         help="An extra directive for the job script (repeatable), e.g. --constraint=a100.",
     ),
-    click.option("--min-jobs", type=click.IntRange(min=0), default=0, show_default=True),
+    click.option(
+        "--min-jobs", type=click.IntRange(min=0), default=setting("min-jobs"), show_default=True
+    ),
     click.option(
         "--max-jobs",
         type=click.IntRange(min=1),
-        default=4,
+        default=setting("max-jobs"),
         show_default=True,
         help="At most this many worker jobs (fewer when fewer scans are left).",
     ),

@@ -24,7 +24,7 @@ from pingu_dask.cli.progress import (
     print_scan_table,
     print_status,
 )
-from pingu_dask.config import InferenceSettings, PvsClusterRules
+from pingu_dask.config import InferenceSettings, PvsClusterRules, setting
 from pingu_dask.errors import ModelError
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import resolve_model
@@ -63,15 +63,19 @@ MODEL_CHOICES = (
 @click.option(
     "--tta/--no-tta",
     default=None,
-    help="Mirroring test-time augmentation (nnU-Net default: on; ~8x slower).",
+    help=f"Mirroring test-time augmentation (default {'on' if setting('tta') else 'off'}, "
+    "nnU-Net's: on; ~8x slower).",
 )
 @click.option(
     "--step-size",
     type=click.FloatRange(0.05, 1.0),
     default=None,
-    help="Sliding-window step as a fraction of the patch (nnU-Net default 0.5).",
+    help=f"Sliding-window step as a fraction of the patch (default {setting('step-size')}, "
+    "nnU-Net's).",
 )
-@click.option("--device", default=None, help="auto (default), cpu, cuda or cuda:N.")
+@click.option(
+    "--device", default=None, help=f"auto, cpu, cuda or cuda:N (default {setting('device')})."
+)
 @click.option(
     "--cluster",
     default="local",
@@ -108,21 +112,23 @@ MODEL_CHOICES = (
     type=click.FloatRange(min=0),
     default=None,
     help="Seconds one attempt at a scan may take once a worker has started on it (default "
-    "1800); past it the attempt is cancelled, its worker restarted, and the scan retried. "
-    "0: no limit.",
+    f"{setting('scan-timeout'):g}); past it the attempt is cancelled, its worker restarted, "
+    "and the scan retried. 0: no limit.",
 )
 @click.option(
     "--retries",
     type=click.IntRange(min=0),
     default=None,
-    help="Retries per scan after a worker death, out of memory or I/O error (default 2). "
+    help=f"Retries per scan after a worker death, out of memory or I/O error (default "
+    f"{setting('retries')}). "
     "Input errors are never retried.",
 )
 @click.option(
     "--dashboard-address",
     default=None,
     help="Where the scheduler's web server (Dask dashboard, the run page /pingu, "
-    "/metrics) listens (default 127.0.0.1:8787: this machine only; reach it through an "
+    f"/metrics) listens (default {setting('dashboard-address')}: this machine only; reach it "
+    "through an "
     "SSH tunnel). ':8787' listens on every interface, without any authentication.",
 )
 @click.option("--force", is_flag=True, help="Delete earlier results in OUT and start afresh.")

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pingu_dask.config import cache_dir
+from pingu_dask.config import DEFAULTS, cache_dir
 from pingu_dask.errors import ModelError
 
 DEMO_NAME = "demo"
+DEFAULT_CHECKPOINT = DEFAULTS["pingu"]["checkpoint"]
 CHECKPOINT_SUFFIX = ".pth"
 
 
@@ -61,7 +62,9 @@ def demo_model_folder() -> Path:
 
 
 def resolve_model(
-    spec: str | Path, folds: tuple[str, ...] | None = None, checkpoint: str = "checkpoint_final.pth"
+    spec: str | Path,
+    folds: tuple[str, ...] | None = None,
+    checkpoint: str = DEFAULT_CHECKPOINT,
 ) -> Model:
     """Find the model named by `spec` ('demo', a model folder, a parent folder, or a zip)."""
     if str(spec) == DEMO_NAME:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import dask.config
 from distributed import Adaptive
 
-from pingu_dask.config import INFERENCE_RESOURCE, setting
+from pingu_dask.config import DEFAULTS, INFERENCE_RESOURCE, setting
 from pingu_dask.run.capacity import Capacity, PresentWorkers
-from pingu_dask.run.local import DEFAULT_THREADS_PER_WORKER, scheduler_settings
+from pingu_dask.run.local import scheduler_settings
 
 BATCH_SYSTEMS = ("slurm", "pbs")
 
@@ -39,8 +39,8 @@ class JobOptions:
     prologue: tuple[str, ...] = ()  # e.g. "module load cuda", "source venv/bin/activate"
     log_directory: str | None = None
     job_extra: tuple[str, ...] = ()
-    min_jobs: int = 0
-    max_jobs: int = 4
+    min_jobs: int = DEFAULTS["pingu"]["min-jobs"]
+    max_jobs: int = DEFAULTS["pingu"]["max-jobs"]
     python: str | None = None  # default: this interpreter
 
 
@@ -98,9 +98,9 @@ def jobqueue_cluster(kind: str, options: JobOptions, dashboard_address: str | No
         dask.config.set({f"jobqueue.{options.config_name}": {**base, **named}})
     processes = options.processes or _option(kind, options, "processes") or 1
     gpus = processes if options.gpus_per_job is None else options.gpus_per_job
-    walltime = options.walltime or _option(kind, options, "walltime") or "01:00:00"
-    cores = options.cores or _option(kind, options, "cores") or DEFAULT_THREADS_PER_WORKER
-    memory = options.memory or _option(kind, options, "memory") or "16GB"
+    walltime = options.walltime or _option(kind, options, "walltime") or setting("job-walltime")
+    cores = options.cores or _option(kind, options, "cores") or int(setting("job-cores"))
+    memory = options.memory or _option(kind, options, "memory") or setting("job-memory")
     threads = max(1, cores // processes)
     worker_arguments = ["--resources", f"{INFERENCE_RESOURCE}=1", *lifetime_arguments(walltime)]
     if processes > 1:
