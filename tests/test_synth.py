@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pingu_dask.inputs.imaging import voxel_to_world
 from pingu_dask.synth.cohort import SITES, generate_cohort, make_scan, parse_sites
 from pingu_dask.synth.phantom import BASAL_GANGLIA, WHITE_MATTER, Tube, rasterise_tubes
 
@@ -57,7 +56,7 @@ def test_sites_really_differ_in_voxel_size(cohort: Path) -> None:
 
 
 def world_centroid(image: nib.Nifti1Image, mask: np.ndarray) -> np.ndarray:
-    return voxel_to_world(image.affine, np.argwhere(mask)).mean(axis=0)
+    return nib.affines.apply_affine(image.affine, np.argwhere(mask)).mean(axis=0)
 
 
 def test_parcellation_has_freesurfer_labels_on_the_correct_side(cohort: Path) -> None:

@@ -15,6 +15,7 @@ min / max cluster volume, voxel count. Statistics of no clusters (or SD of one) 
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 
 from pingu_dask.analysis.regions import WHOLE_BRAIN
@@ -37,13 +38,12 @@ def cluster_measures(
     labels: np.ndarray, n_clusters: int, affine: np.ndarray, regions: list[str]
 ) -> dict[str, np.ndarray | list]:
     """Columns of CLUSTER_COLUMNS for clusters 1..n of `labels` (`regions` by cluster)."""
-    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
     flat = np.flatnonzero(labels)
     ids = labels.ravel()[flat].astype(np.int64)
     order = np.argsort(ids, kind="stable")
     flat, ids = flat[order], ids[order] - 1
     ijk = np.column_stack(np.unravel_index(flat, labels.shape)).astype(np.float64)
-    xyz = ijk @ linear.T + np.asarray(affine, dtype=np.float64)[:3, 3]
+    xyz = nib.affines.apply_affine(affine, ijk)
 
     n_voxels = np.bincount(ids, minlength=n_clusters).astype(np.int64)
     safe = np.maximum(n_voxels, 1)[:, None]
@@ -62,7 +62,7 @@ def cluster_measures(
     if len(ids):
         spread = np.maximum.reduceat(projection, starts) - np.minimum.reduceat(projection, starts)
     # Size of one voxel along the axis: |edge vectors . axis| summed over the 3 edges.
-    voxel_extent = np.abs(axis @ linear).sum(axis=1)
+    voxel_extent = np.abs(axis @ np.asarray(affine, dtype=np.float64)[:3, :3]).sum(axis=1)
     length = spread + voxel_extent
     volume = n_voxels * imaging.voxel_volume(affine)
     width = 2.0 * np.sqrt(volume / (np.pi * length)) if n_clusters else np.zeros(0)

@@ -101,26 +101,9 @@ def read_volume(
     return info, data.reshape(info.shape[:3])
 
 
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel size in mm along each array axis: the column norms of the affine's 3x3 part."""
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-
-
 def voxel_volume(affine: np.ndarray) -> float:
     """Volume of one voxel in mm³: |det| of the affine's 3x3 part (any orientation)."""
     return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
-
-
-def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
-    """Map (N, 3) voxel indices (may be fractional) to (N, 3) scanner coordinates in mm."""
-    affine = np.asarray(affine, dtype=np.float64)
-    return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
-
-
-def world_to_voxel(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
-    """Map (N, 3) scanner coordinates in mm to fractional voxel indices."""
-    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
-    return np.asarray(xyz, dtype=np.float64) @ inverse[:3, :3].T + inverse[:3, 3]
 
 
 def check_image_data(path: str | os.PathLike[str]) -> tuple[ImageInfo, np.ndarray]:

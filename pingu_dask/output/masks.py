@@ -17,9 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
-from pingu_dask.inputs.imaging import voxel_spacing
 from pingu_dask.output.layout import MASKS
 
 MASK_ARRAY = "pvs"
@@ -209,7 +209,7 @@ def _write_group(
             "scan_id": scan_id,
             "attempt": attempt,
             "affine": np.asarray(affine, dtype=float).tolist(),
-            "spacing": voxel_spacing(affine).tolist(),
+            "spacing": nib.affines.voxel_sizes(affine).tolist(),
             "shape": list(mask.shape),
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

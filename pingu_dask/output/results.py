@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from pingu_dask.inputs.imaging import voxel_spacing
 from pingu_dask.output import layout, masks, parts, tables
 
 SCANNER_AXES = ("x", "y", "z")  # RAS+ scanner axes, millimetres
@@ -89,7 +89,7 @@ def _scanner_coordinates(
     affine: np.ndarray, shape: tuple[int, ...]
 ) -> tuple[tuple[str, ...], dict[str, np.ndarray], float]:
     linear = affine[:3, :3]
-    spacing = voxel_spacing(affine)
+    spacing = nib.affines.voxel_sizes(affine)
     dominant = np.argmax(np.abs(linear), axis=0)  # scanner axis each array axis runs along
     if len(set(dominant.tolist())) < 3:
         dominant = np.arange(3)  # degenerate; name axes x, y, z in array order

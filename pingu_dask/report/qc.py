@@ -61,7 +61,7 @@ def qc_image(data: np.ndarray, affine: np.ndarray) -> QCImage:
     scale = 255.0 / max(float(high - low), 1e-6)
     windowed = np.clip((data - low) * scale, 0, 255).astype(np.uint8)
     orientation = nib.orientations.io_orientation(affine)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = nib.affines.voxel_sizes(affine)
     zooms = [0.0, 0.0, 0.0]
     for axis, (ras_axis, _) in enumerate(orientation):
         zooms[int(ras_axis)] = float(spacing[axis])

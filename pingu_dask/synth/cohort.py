@@ -32,7 +32,6 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from pingu_dask import __version__
-from pingu_dask.inputs.imaging import voxel_to_world
 from pingu_dask.output.files import atomic_path, save_nifti
 from pingu_dask.synth.phantom import (
     CSF,
@@ -185,18 +184,18 @@ def render_scan(
     tables = {c: _intensity_table(site, c) for c in contrasts}
     clean = {c: np.zeros(len(index), dtype=np.float32) for c in contrasts}
     for offset in offsets:
-        labels = anatomy.labels_at(voxel_to_world(affine, index + offset))
+        labels = anatomy.labels_at(nib.affines.apply_affine(affine, index + offset))
         for contrast in contrasts:
             clean[contrast] += tables[contrast][labels]
     if len(offsets) > 1:
-        labels = anatomy.labels_at(voxel_to_world(affine, index))
+        labels = anatomy.labels_at(nib.affines.apply_affine(affine, index))
     centre_labels = labels.reshape(shape)
     parcellation = np.where(np.isin(centre_labels, NON_BRAIN), 0, centre_labels).astype(np.int16)
 
     fraction, tube_voxels = rasterise_tubes(tubes, affine, shape)
     reference = (fraction >= 0.5).astype(np.uint8)
 
-    world = voxel_to_world(affine, index) / 60.0
+    world = nib.affines.apply_affine(affine, index) / 60.0
     bias_terms = np.concatenate([world, world**2, world[:, [0]] * world[:, [1]]], axis=1)
     texture = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 2.0)
     texture *= 0.03 / (texture.std() + 1e-6)

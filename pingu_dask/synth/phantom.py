@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import nibabel as nib
 import numpy as np
 from scipy.spatial.transform import Rotation
 from scipy.stats import qmc
-
-from pingu_dask.inputs.imaging import voxel_spacing, voxel_to_world, world_to_voxel
 
 # FreeSurfer / SynthSeg label numbers (left, right).
 LEFT_RIGHT_LABELS = {
@@ -355,7 +354,7 @@ def rasterise_tubes(
     present in the image as a faint partial-volume darkening, but not in the truth).
     """
     fraction = np.zeros(shape, dtype=np.float32)
-    spacing = voxel_spacing(affine)
+    spacing = nib.affines.voxel_sizes(affine)
     n_samples = int(np.prod(np.maximum(1, np.ceil(spacing / subsample_mm))))
     # Scrambled Sobol points rather than a regular sub-grid: a regular grid over- or
     # under-counts thin tubes systematically, quasi-random points do not.
@@ -369,7 +368,7 @@ def rasterise_tubes(
         low_world = np.minimum(tube.start, tube.end) - reach
         high_world = np.maximum(tube.start, tube.end) + reach
         box_world = low_world + corners * (high_world - low_world)
-        box_voxels = world_to_voxel(affine, box_world)
+        box_voxels = nib.affines.apply_affine(np.linalg.inv(affine), box_world)
         low = np.clip(np.floor(box_voxels.min(axis=0)).astype(int), 0, np.array(shape) - 1)
         high = np.clip(np.ceil(box_voxels.max(axis=0)).astype(int) + 1, 0, np.array(shape))
         if np.any(high <= low):
@@ -382,12 +381,15 @@ def rasterise_tubes(
             axis=-1,
         ).reshape(-1, 3)
         near = grid[
-            _distance_to_segment(voxel_to_world(affine, grid), tube.start, tube.end) <= reach
+            _distance_to_segment(nib.affines.apply_affine(affine, grid), tube.start, tube.end)
+            <= reach
         ]
         if len(near) == 0:
             voxel_counts.append(0)
             continue
-        samples = voxel_to_world(affine, (near[:, None, :] + sub_offsets[None]).reshape(-1, 3))
+        samples = nib.affines.apply_affine(
+            affine, (near[:, None, :] + sub_offsets[None]).reshape(-1, 3)
+        )
         inside = _distance_to_segment(samples, tube.start, tube.end) <= tube.radius
         tube_fraction = inside.reshape(len(near), -1).mean(axis=1).astype(np.float32)
         index = tuple(near.T)
