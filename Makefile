@@ -39,6 +39,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check pingu_dask tests scripts
 	$(BIN)/ruff format --check pingu_dask tests scripts
+	$(BIN)/mypy
 
 # The SLURM tests need a running SLURM: the testbed is started first (as root; it
 # installs the Debian packages on a fresh machine). The dashboard test needs headless

@@ -14,10 +14,11 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import dask.config
 
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "pingu": {
         "cache-dir": None,  # None: ~/.cache/pingu-dask
         "tta": True,
@@ -105,7 +106,7 @@ class InferenceSettings:
     @classmethod
     def from_config(cls, **overrides) -> InferenceSettings:
         """Settings from Dask's `pingu` config, with explicit (non-None) overrides on top."""
-        base = {
+        base: dict[str, Any] = {
             "checkpoint": setting("checkpoint"),
             "tta": bool(setting("tta")),
             "step_size": float(setting("step-size")),
@@ -157,7 +158,7 @@ class PvsClusterRules:
     @classmethod
     def from_config(cls, **overrides) -> PvsClusterRules:
         """Settings from Dask's `pingu` config, with explicit (non-None) overrides on top."""
-        base = {
+        base: dict[str, Any] = {
             "connectivity": int(setting("connectivity")),
             "min_voxels": int(setting("min-cluster-voxels")),
             "min_volume_mm3": float(setting("min-cluster-mm3")),

@@ -22,7 +22,7 @@ def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray
     """
     if connectivity not in CONNECTIVITIES:
         raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity}")
-    labels, count = cc3d.connected_components(
+    labels, count = cc3d.connected_components(  # type: ignore[call-overload]  # stubs
         np.ascontiguousarray(mask, dtype=bool), connectivity=connectivity, return_N=True
     )
     return labels, int(count)
@@ -46,7 +46,9 @@ def clean_mask(
     threshold = settings.min_voxels_for(voxel_volume_mm3)
     if threshold > 1:
         # cc3d.dust removes components with fewer than `threshold` voxels.
-        cleaned = cc3d.dust(cleaned, threshold=threshold, connectivity=settings.connectivity)
+        cleaned = cc3d.dust(  # type: ignore[call-overload]  # cc3d's stubs: literal arguments
+            cleaned, threshold=threshold, connectivity=settings.connectivity
+        )
     return cleaned
 
 

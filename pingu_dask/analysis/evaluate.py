@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -79,7 +80,7 @@ def evaluate_by_region(
     (`voxel_volume_mm3` per voxel) make count agreement comparable across sites.
     """
     p, r = prediction > 0, reference > 0
-    areas = [(WHOLE_BRAIN, None)]
+    areas: list[tuple[str, int | None]] = [(WHOLE_BRAIN, None)]
     if region_codes is not None:
         areas = [(name, code) for code, name in enumerate(names) if name not in RESERVED] + areas
     rows = []
@@ -203,9 +204,14 @@ def agreement(predicted: np.ndarray, reference: np.ndarray) -> Agreement:
     """
     p, r = np.asarray(predicted, float), np.asarray(reference, float)
     if len(p) == 0:
-        return Agreement(0, *[math.nan] * 6, note="no scans")
+        nan = math.nan
+        return Agreement(0, nan, nan, nan, nan, nan, nan, note="no scans")
     difference = p - r
-    common = {"n": len(p), "mean_predicted": float(p.mean()), "mean_reference": float(r.mean())}
+    common: dict[str, Any] = {
+        "n": len(p),
+        "mean_predicted": float(p.mean()),
+        "mean_reference": float(r.mean()),
+    }
     if len(p) < 2:
         return Agreement(
             **common,

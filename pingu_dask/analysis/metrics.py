@@ -15,6 +15,8 @@ min / max cluster volume, voxel count. Statistics of no clusters (or SD of one) 
 
 from __future__ import annotations
 
+from typing import Any
+
 import nibabel as nib
 import numpy as np
 
@@ -36,7 +38,7 @@ CLUSTER_COLUMNS = (
 
 def cluster_measures(
     labels: np.ndarray, n_clusters: int, affine: np.ndarray, regions: list[str]
-) -> dict[str, np.ndarray | list]:
+) -> dict[str, Any]:
     """Columns of CLUSTER_COLUMNS for clusters 1..n of `labels` (`regions` by cluster)."""
     flat = np.flatnonzero(labels)
     ids = labels.ravel()[flat].astype(np.int64)

@@ -77,9 +77,9 @@ def keep_inside_brain(
     """
     if regions is None or regions.brain is None or not settings.drops_outside_brain:
         return cleaned, labels, n_clusters, None
-    labels, kept, dropped = drop_outside_brain(
-        labels, n_clusters, regions.brain, settings.max_outside_brain
-    )
+    share = settings.max_outside_brain
+    assert share is not None  # drops_outside_brain: a share below 1
+    labels, kept, dropped = drop_outside_brain(labels, n_clusters, regions.brain, share)
     return (labels > 0 if dropped else cleaned), labels, kept, dropped
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -66,7 +67,7 @@ def _open(path: str | os.PathLike[str], suffixes: tuple[str, ...]):
         kinds = "NIfTI" if suffixes == NIFTI_SUFFIXES else "NIfTI or MGZ"
         raise ImageError(f"not a {kinds} file (expected {' or '.join(suffixes)}): {path}")
     try:
-        image = nib.load(path)
+        image: Any = nib.load(path)  # a NIfTI or MGZ image (nibabel types it loosely)
         header = image.header
         shape = tuple(int(n) for n in image.shape)
         spacing = tuple(float(z) for z in header.get_zooms()[: len(shape)])

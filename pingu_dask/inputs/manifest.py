@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,16 +197,16 @@ def load_manifest(
     if extra:
         notes.append(f"columns ignored: {', '.join(extra)}")
 
-    def column(name: str) -> Iterable[str]:
+    def column_values(name: str) -> Iterable[str]:
         return table[name].tolist() if name in table.columns else [""] * len(table)
 
     first_row_of: dict[str, int] = {}
     candidates: list[tuple[int, dict[str, str]]] = []
     rows = zip(
-        column("scan_id"),
-        *(column(c) for c in channels),
-        *(column(c) for c in OPTIONAL_TEXT_COLUMNS),
-        *(column(c) for c in OPTIONAL_PATH_COLUMNS),
+        column_values("scan_id"),
+        *(column_values(c) for c in channels),
+        *(column_values(c) for c in OPTIONAL_TEXT_COLUMNS),
+        *(column_values(c) for c in OPTIONAL_PATH_COLUMNS),
         strict=True,
     )
     names = ("scan_id", *channels, *OPTIONAL_TEXT_COLUMNS, *OPTIONAL_PATH_COLUMNS)
@@ -259,13 +259,21 @@ def _resolve(base: Path, value: str) -> Path | None:
     return Path(os.path.normpath(os.path.join(base, os.path.expanduser(value))))
 
 
+def _required(base: Path, value: str) -> Path:
+    """A path the manifest must give (validated as present before scans are made)."""
+    path = _resolve(base, value)
+    if path is None:
+        raise ValueError(f"empty path: {value!r}")
+    return path
+
+
 def _make_scan(row: int, record: dict[str, str], channels: tuple[str, ...], base: Path) -> Scan:
     def text(name: str) -> str | None:
         return record[name].strip() or None
 
     return Scan(
         scan_id=record["scan_id"],
-        channels=tuple((c, _resolve(base, record[c])) for c in channels),
+        channels=tuple((c, _required(base, record[c])) for c in channels),
         subject=text("subject"),
         session=text("session"),
         site=text("site"),
@@ -307,7 +315,8 @@ def _check_files(scans: list[Scan], jobs: int) -> tuple[list[Scan], list[Problem
                     )
                 )
         if not found:
-            mismatch = channel_grid_mismatch(scan, infos)
+            read = {path: info for path, info in infos.items() if isinstance(info, ImageInfo)}
+            mismatch = channel_grid_mismatch(scan, read)
             if mismatch:
                 found.append(Problem(mismatch, scan.row, scan.scan_id, scan.channels[0][0]))
         problems.extend(found)
@@ -325,7 +334,7 @@ def _file_columns(scan: Scan) -> dict[str, Path]:
     return files
 
 
-def channel_grid_mismatch(scan: Scan, infos: dict[Path, ImageInfo | str]) -> str | None:
+def channel_grid_mismatch(scan: Scan, infos: Mapping[Path, ImageInfo]) -> str | None:
     """A reason when a scan's input channels are not on one voxel grid (nnU-Net needs that)."""
     if not scan.channels:  # e.g. evaluation, which reads no input image
         return None

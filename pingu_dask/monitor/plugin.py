@@ -145,7 +145,7 @@ class RunMonitor(SchedulerPlugin):
 
     # -- scheduler hooks ---------------------------------------------------------------
 
-    def start(self, scheduler) -> None:
+    async def start(self, scheduler) -> None:
         # The page and the metrics import this module: imported here, when serving.
         from pingu_dask.monitor.http import add_routes
         from pingu_dask.monitor.prometheus import METRICS

@@ -235,6 +235,7 @@ def _ensemble_logits(predictor: Any, data: Any):
             predictor.network.load_state_dict(params)
         logits = predictor.predict_sliding_window_return_logits(data)
         total = logits if total is None else total + logits.to(total.device)
+    assert total is not None, "a model has at least one fold"
     if len(folds) > 1:
         total /= len(folds)
     return total
@@ -303,7 +304,8 @@ def to_image_order(
             plan.plans_manager.image_reader_writer_class().write_seg(
                 full, path, geometry.properties
             )
-            mask = np.asarray(nib.load(path).dataobj)
+            image: Any = nib.load(path)
+            mask = np.asarray(image.dataobj)
     if mask.shape != tuple(shape):
         raise ValueError(f"mask shape {mask.shape} does not match the image {tuple(shape)}")
     return mask

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -165,7 +166,7 @@ def _chunks(
     """Split an ordered stream of (part, batch) into compacted parts: a new one starts
     at the first part boundary after `max_rows` rows (parts are never split). Yields
     the first part's path and that compacted part's batches (consume before the next)."""
-    state = {"number": 0, "rows": 0, "part": None}
+    state: dict[str, Any] = {"number": 0, "rows": 0, "part": None}
     firsts: dict[int, str] = {}  # compacted part number -> the first part it holds
 
     def number(item: tuple[str, pa.RecordBatch]) -> int:

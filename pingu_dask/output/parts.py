@@ -185,10 +185,10 @@ def settle_compactions(out: Path) -> int:
     live: set[str] = set()
     for name in (*DATA_TABLES, LEDGER):
         for part in all_parts(out, name):
-            token = compaction_token(part.name)
-            if token in state.committed:
-                live.add(token)
-            elif token is not None:
+            wrote = compaction_token(part.name)
+            if wrote is not None and wrote in state.committed:
+                live.add(wrote)
+            elif wrote is not None:
                 part.unlink()
                 removed += 1
     for token in state.committed - live:

@@ -55,7 +55,9 @@ class Results:
     def scan_ids(self) -> list[str]:
         """Scans with a complete mask."""
         return [
-            s for s in masks.stored_scan_ids(self.out) if masks.mask_attrs(self.out, s)["complete"]
+            s
+            for s in masks.stored_scan_ids(self.out)
+            if (masks.mask_attrs(self.out, s) or {}).get("complete")
         ]
 
     def mask(self, scan_id: str) -> xr.DataArray:

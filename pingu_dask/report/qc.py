@@ -66,7 +66,7 @@ def qc_image(data: np.ndarray, affine: np.ndarray) -> QCImage:
     for axis, (ras_axis, _) in enumerate(orientation):
         zooms[int(ras_axis)] = float(spacing[axis])
     volume = nib.orientations.apply_orientation(windowed, orientation)
-    return QCImage(np.ascontiguousarray(volume), orientation, tuple(zooms))
+    return QCImage(np.ascontiguousarray(volume), orientation, (zooms[0], zooms[1], zooms[2]))
 
 
 def region_map(
@@ -107,8 +107,10 @@ def pick_slices(
         axial = sorted({densest_z, depth // 2, min(depth - 1, depth // 2 + depth // 6)})
         return axial, sorted({densest_y, rows // 2})
     z_bg, y_bg = basal
+    assert parcels is not None  # a basal ganglia centre was found in them
     # The centrum semiovale: the middle of the white matter above the basal ganglia.
-    bg_top = int(np.percentile(np.nonzero(parcels == code_of("basal_ganglia"))[2], 95))
+    depths = np.nonzero(parcels == code_of("basal_ganglia"))[2].astype(np.float64)
+    bg_top = int(np.percentile(depths, 95))
     white = code_of("white_matter")
     wm_z = np.nonzero(parcels[:, :, bg_top + 1 :] == white)[2] if white else np.array([])
     z_wm = bg_top + 1 + int(np.median(wm_z)) if wm_z.size else min(depth - 1, bg_top + 1)
@@ -216,7 +218,7 @@ def _header(sheet, title: str, counts: dict[str, int], names) -> None:
         draw.rectangle((x, 25, x + 10, 35), fill=GREYS - 1 + code)
         label = f"{name.replace('_', ' ')} {counts.get(name, 0)}"
         draw.text((x + 14, 22), label, fill=LIGHT, font=font)
-        x += 14 + draw.textlength(label, font=font) + 14
+        x += 14 + round(draw.textlength(label, font=font)) + 14
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import dask.config
 from distributed import Adaptive
@@ -108,7 +109,7 @@ def jobqueue_cluster(kind: str, options: JobOptions, dashboard_address: str | No
         worker_arguments += ["--nworkers", str(processes)]
     configured = _option(kind, options, "worker-extra-args") or []
     directives = list(options.job_extra or _option(kind, options, "job-extra-directives") or [])
-    arguments = dict(
+    arguments: dict[str, Any] = dict(
         cores=cores,
         memory=memory,
         processes=processes,

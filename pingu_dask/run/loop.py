@@ -105,6 +105,12 @@ class Attempt:
     running_since: float | None = None  # when a worker was first seen holding a task
 
 
+def _stage_of(key: object) -> str:
+    """The stage a task key (f"{stage}-{token}", index, attempt) belongs to."""
+    assert isinstance(key, tuple) and isinstance(key[0], str)
+    return key[0].split("-")[0]
+
+
 def segment_cohort(
     client: Client,
     scans: Sequence[Scan],
@@ -210,7 +216,7 @@ class _Loop:
         self.stopping: str | None = None
         self._last_time_check = time.monotonic()
 
-    def run(self, scans: Sequence[Scan]) -> list[dict]:
+    def run(self, scans: Sequence[Scan]) -> list[ScanResult]:
         progress = Progress(total=len(scans))
         self.queue.extend((i, s, 1) for i, s in enumerate(scans))
         self._submit_next()
@@ -397,9 +403,7 @@ class _Loop:
         for attempt, holder in expired:
             self.submitted.pop(attempt.futures[-1].key, None)
             self._cancel([attempt])
-            stage = next(
-                (f.key[0].split("-")[0] for f in attempt.futures if where.get(f.key)), "a stage"
-            )
+            stage = next((_stage_of(f.key) for f in attempt.futures if where.get(f.key)), "a stage")
             report = ErrorReport(
                 error_type="TimeoutError",
                 message=f"{stage}: no result after {self.scan_timeout:.0f} s (--scan-timeout) "

@@ -65,7 +65,7 @@ class _Stopping:
             self.timer.start()
 
     def again(self, signum: int) -> None:
-        first = signal.Signals(self.signum).name
+        first = signal.Signals(self.signum).name if self.signum is not None else "a signal"
         within = f"; it ends within {self.grace:.0f} s of the first signal" if self.grace else ""
         _say(f"{signal.Signals(signum).name} ignored: still cleaning up after {first}{within}")
 

@@ -174,7 +174,9 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     started = time.perf_counter()
     model = pipeline.model
     first = scan.channel(model.channels[0])
-    infos, voxels, picture = {}, {}, None
+    infos: dict[Path, ImageInfo] = {}
+    voxels: dict[Path, np.ndarray] = {}
+    picture = None
     for path in scan.channel_paths:
         infos[path], voxels[path] = check_image_data(path)
         if path == first and pipeline.qc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -113,8 +114,8 @@ def site_grid(
 def reslice(source: Path, site: Site, target: Path, rng: np.random.Generator) -> Path:
     """`source` resampled onto a site's grid (cubic spline); a slice thicker than twice
     the in-plane size is the mean of the head at three depths through it."""
-    image = nib.load(source)
-    image = nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+    loaded: Any = nib.load(source)
+    image = nib.Nifti1Image(np.asarray(loaded.dataobj, dtype=np.float32), loaded.affine)
     affine, shape = site_grid(image, site, rng)
     spacing = np.asarray(site.spacing)
     thick = int(np.argmax(spacing))

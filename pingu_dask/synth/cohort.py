@@ -142,7 +142,8 @@ def scan_grid(site: Site, rng: np.random.Generator) -> tuple[np.ndarray, tuple[i
     """The stored grid of one scan: affine (array axes per `site.axcodes`, slightly oblique)
     and shape, centred near the scanner origin where the head is."""
     spacing = np.asarray(site.spacing, dtype=float)
-    shape = tuple(round(float(f / s)) for f, s in zip(site.fov_mm, spacing, strict=True))
+    sizes = [round(float(f / s)) for f, s in zip(site.fov_mm, spacing, strict=True)]
+    shape = (sizes[0], sizes[1], sizes[2])
     orientation = nib.orientations.axcodes2ornt(tuple(site.axcodes))
     linear = np.zeros((3, 3))
     for array_axis, (world_axis, flip) in enumerate(orientation):
@@ -257,7 +258,7 @@ def make_scan(
         parcellation=paths["parcellation"].as_posix(),
         reference=paths["reference"].as_posix(),
         shape=shape,
-        spacing=tuple(float(s) for s in site.spacing),
+        spacing=site.spacing,
         n_pvs_wm=sum(1 for t, n in zip(tubes, tube_voxels, strict=True) if t.region == "wm" and n),
         n_pvs_bg=sum(1 for t, n in zip(tubes, tube_voxels, strict=True) if t.region == "bg" and n),
         truth_voxels=int(reference.sum()),

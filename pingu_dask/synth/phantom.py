@@ -16,6 +16,7 @@ right, so the left hemisphere has x < 0).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -242,7 +243,7 @@ class Tube:
 
 
 # Per region: label set, typical direction, width and length ranges in mm.
-TUBE_RULES = {
+TUBE_RULES: dict[str, dict[str, Any]] = {
     "wm": dict(labels=WHITE_MATTER, width=(0.6, 2.6), length=(2.0, 15.0), jitter=0.25, margin=1.0),
     "bg": dict(labels=BASAL_GANGLIA, width=(0.8, 3.0), length=(2.0, 10.0), jitter=0.3, margin=0.5),
 }
