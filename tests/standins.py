@@ -14,9 +14,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pingu_dask.errors import ModelError
-from pingu_dask.inputs.manifest import Scan
-from pingu_dask.output import tables
+from pingu_dask.inputs.manifest import Scan, input_fingerprint
+from pingu_dask.output import masks, tables
 from pingu_dask.records import ScanCounts, ScanResult
 from pingu_dask.run.stages import Pipeline, stage
 
@@ -84,18 +86,27 @@ def predict(item: dict, pipeline: Pipeline) -> dict:
 @stage("finish")
 def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> ScanResult:
     """`hold`: listed scans wait (up to 60 s) until the file `release` exists;
-    `finish-sleep`: seconds per scan."""
+    `finish-sleep`: seconds per scan; `masks`: write a tiny mask group with the
+    fingerprints a resume checks (the scan's input file must exist)."""
     started = time.perf_counter()
     _sleep(pipeline, "finish-sleep")
     if _listed(pipeline, "hold", scan.scan_id):
         deadline = time.monotonic() + 60
         while not _control(pipeline, "release").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+    fingerprint = None
+    if _control(pipeline, "masks").exists():  # a real (tiny) mask, as resume checks for
+        fingerprint = input_fingerprint(scan)
+        attrs = {"pipeline_fingerprint": pipeline.fingerprint(), "input_fingerprint": fingerprint}
+        masks.write_mask(
+            pipeline.out, scan.scan_id, np.zeros((4, 4, 4), np.uint8), np.eye(4), attrs
+        )
     row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0, "n_voxels": 0}
     return ScanResult.counted(
         scan.scan_id,
         ScanCounts(n_clusters=0, n_voxels=0, volume_mm3=0.0),
         seconds={**predicted["seconds"], "finish": time.perf_counter() - started},
         workers={**predicted["workers"], "finish": _worker()},
+        input_fingerprint=fingerprint,
         tables={"regions": tables.to_table("regions", [row])},
     )

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import dask.config
@@ -222,10 +223,11 @@ def test_evaluate_command_reproduces_the_pipeline_figures(
 
 def test_each_worker_loads_the_model_once_and_reuses_it(dask_run) -> None:
     _, model, records, loads = dask_run
-    predicted_on = [r.workers["predict"] for r in records]
-    for worker in set(predicted_on):
+    predicted_on = Counter(r.workers["predict"] for r in records)
+    for worker in predicted_on:
         assert loads[worker] == {model.fingerprint: 1}
-    assert len(predicted_on) == 3 > len(set(predicted_on))  # some worker predicted twice
+    busiest, scans = predicted_on.most_common(1)[0]
+    assert scans >= 2 and loads[busiest] == {model.fingerprint: 1}  # reused, not reloaded
 
 
 def nnunet_predict(inputs: Path, output: Path, results: Path) -> None:

@@ -23,7 +23,7 @@ from distributed import Client, LocalCluster
 from pingu_dask.config import INFERENCE_RESOURCE, InferenceSettings
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.output import tables
+from pingu_dask.output import ledger, tables
 from pingu_dask.run.capacity import PresentWorkers
 from pingu_dask.run.jobs import JobCapacity, ScaleFromWork
 from pingu_dask.run.local import local_cluster, scheduler_settings
@@ -125,6 +125,32 @@ def test_a_hanging_stage_is_timed_out_and_retried(client: Client, tmp_path: Path
     assert "predict: no result after 3 s" in first.message
     assert (ledger.groupby("scan_id").status.last() == "ok").all()
     assert len(tables.read_table(pipeline.out, "regions")) == 4  # each scan exactly once
+
+
+def test_a_rerun_does_only_what_is_not_done(client: Client, tmp_path: Path) -> None:
+    """Resume on the stand-ins: the scans that failed, and a scan whose input changed,
+    are redone; the others are skipped; each scan is in the tables exactly once."""
+    scans, pipeline = make_scans(6, tmp_path), pipeline_in(tmp_path)
+    for scan in scans:  # the resume check fingerprints the inputs: give each its own file
+        path = tmp_path / f"{scan.scan_id}_T1w.nii.gz"
+        path.write_bytes(scan.scan_id.encode())
+    scans = [Scan(s.scan_id, (("t1w", tmp_path / f"{s.scan_id}_T1w.nii.gz"),), site=s.site)
+             for s in scans]  # fmt: skip
+    (tmp_path / "masks").write_text("")
+    (tmp_path / "type-error").write_text("sub-001 sub-004")
+    first = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False)
+    assert sorted(r.scan_id for r in first if not r.ok) == ["sub-001", "sub-004"]
+    (tmp_path / "type-error").unlink()
+    (tmp_path / "sub-002_T1w.nii.gz").write_bytes(b"a new version of the file")
+    plan = ledger.plan_resume(pipeline.out, scans, pipeline.fingerprint())
+    assert sorted(s.scan_id for s in plan.todo) == ["sub-001", "sub-002", "sub-004"]
+    assert plan.redo == ["sub-002"] and len(plan.done) == 3
+    tables.drop_scans(pipeline.out, plan.redo)  # as run_cohort does
+    again = segment_cohort(client, plan.todo, pipeline, stage_functions=STANDINS, watch=False)
+    assert sorted(r.scan_id for r in again if r.ok) == ["sub-001", "sub-002", "sub-004"]
+    regions = tables.read_table(pipeline.out, "regions")
+    assert sorted(regions.scan_id) == [s.scan_id for s in scans]  # each exactly once
+    assert ledger.plan_resume(pipeline.out, scans, pipeline.fingerprint()).todo == []
 
 
 def test_finished_scans_are_flushed_while_the_driver_waits(
