@@ -1,7 +1,8 @@
 # pingu-dask developer and demo entry points.
 #
 #   make demo    set up .venv (if needed) and run the bundled demo
-#   make test    set up .venv (if needed), lint, and run the test suite
+#   make test    set up .venv (if needed), lint, and run the whole test suite (CI)
+#   make test-fast  lint and the quick tier only (no real inference, SLURM or browser)
 #
 # TORCH chooses the torch build installed *before* the project. The default is the
 # CPU build that lies on this machine's disk (small venv, fast install; its PyPI
@@ -18,7 +19,7 @@ STAMP  := $(VENV)/.pingu-installed
 PIN    := $(VENV)/torch-constraint.txt
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test lint clean-demo slurm-up slurm-down
+.PHONY: setup demo test test-fast lint clean-demo slurm-up slurm-down
 
 setup: $(STAMP)
 
@@ -50,6 +51,11 @@ test: setup lint
 	-scripts/install_test_data.sh
 	-scripts/slurm_testbed.sh start
 	$(BIN)/pytest
+
+# The quick tier: tests not marked slow (stand-in stages, hand-made volumes, the
+# layers, the tiny model); the slow tier runs real nnU-Net, SLURM and Chromium.
+test-fast: setup lint
+	$(BIN)/pytest -m "not slow"
 
 slurm-up:
 	scripts/slurm_testbed.sh start

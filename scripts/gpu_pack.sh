@@ -39,7 +39,7 @@ cp /usr/share/mricron/templates/ch2.nii.gz /usr/share/mricron/templates/ch2bette
     "$CARRY/templates/"
 .venv/bin/python - <<'PY'
 import shutil
-from pingu_dask.anatomy import MNI152_FILE, template_files
+from pingu_dask.synth.anatomy import MNI152_FILE, template_files
 shutil.copy(template_files()["mni152_1mm"], ".gpu_carry/templates/" + MNI152_FILE)
 PY
 du -sh "$CARRY/wheels" "$CARRY/templates"
