@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pingu_dask.config import InferenceSettings
 from pingu_dask.errors import ModelError
 from pingu_dask.inputs.manifest import Scan, input_fingerprint
+from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import masks, tables
 from pingu_dask.records import ScanCounts, ScanResult
 from pingu_dask.run.stages import Pipeline, stage
@@ -110,3 +112,15 @@ def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         input_fingerprint=fingerprint,
         tables={"regions": tables.to_table("regions", [row])},
     )
+
+
+def make_scans(n: int, folder: Path) -> list[Scan]:
+    """`n` scans for the stand-ins (their image is never read)."""
+    image = folder / "unused_T1w.nii.gz"
+    return [Scan(f"sub-{i:03d}", (("t1w", image),), site="site-a") for i in range(n)]
+
+
+def pipeline_in(folder: Path) -> Pipeline:
+    """A pipeline writing to folder/out (the stand-ins' control files go in folder)."""
+    settings = InferenceSettings(tta=False, device="cpu")
+    return Pipeline(resolve_model("demo"), settings, folder / "out", write_nifti=False)

@@ -18,16 +18,14 @@ import cloudpickle
 import pytest
 import standins
 from distributed import Client
+from standins import make_scans, pipeline_in
 
-from pingu_dask.config import INFERENCE_RESOURCE, InferenceSettings
-from pingu_dask.inputs.manifest import Scan
-from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.config import INFERENCE_RESOURCE
 from pingu_dask.output import tables
 from pingu_dask.run.capacity import FixedCapacity
 from pingu_dask.run.local import LocalLayout, local_cluster
 from pingu_dask.run.loop import Progress, StageFunctions, segment_cohort
 from pingu_dask.run.policies import FeedWindow
-from pingu_dask.run.stages import Pipeline
 
 STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
 
@@ -85,16 +83,6 @@ def test_a_gpu_machine_gives_its_cores_to_the_cpu_stages(
     assert LocalLayout(1, 2, 1, 3, 5).threads_per_slot == 17
 
 
-def scans_in(folder: Path, n: int) -> list[Scan]:
-    image = folder / "unused_T1w.nii.gz"  # the stand-ins never read it
-    return [Scan(f"sub-{i:03d}", (("t1w", image),), site="site-a") for i in range(n)]
-
-
-def pipeline_in(folder: Path) -> Pipeline:
-    settings = InferenceSettings(tta=False, device="cpu")
-    return Pipeline(resolve_model("demo"), settings, folder / "out", write_nifti=False)
-
-
 def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
     """Predict 0.1 s, preprocess 0.5 s: a window of 3 would leave the slot idle 4/5 of
     the time; the runner raises it to 2 + ceil((0.5 + 0) / 0.1) = 7 once times are known."""
@@ -111,7 +99,7 @@ def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
         local_cluster(layout=layout, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
     ):
-        records = segment_cohort(client, scans_in(tmp_path, 30), pipeline_in(tmp_path),
+        records = segment_cohort(client, make_scans(30, tmp_path), pipeline_in(tmp_path),
                                  stage_functions=STANDINS, watch=False, on_progress=seen,
                                  capacity=FixedCapacity(1, layout.threads_per_slot))  # fmt: skip
     assert len(records) == 30 and all(r.status == "ok" for r in records)
@@ -133,7 +121,7 @@ def test_cpu_workers_beside_a_gpu_worker_take_only_cpu_stages(tmp_path: Path) ->
         slotted = {a for a, w in info.items() if w["resources"].get(INFERENCE_RESOURCE)}
         assert len(info) == 3 and len(slotted) == 1
         pipeline = pipeline_in(tmp_path)
-        records = segment_cohort(client, scans_in(tmp_path, 12), pipeline,
+        records = segment_cohort(client, make_scans(12, tmp_path), pipeline,
                                  stage_functions=STANDINS, watch=False,
                                  capacity=FixedCapacity(1, layout.threads_per_slot))  # fmt: skip
     assert len(records) == 12

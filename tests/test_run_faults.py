@@ -20,9 +20,8 @@ import pytest
 import standins
 from distributed import Client, LocalCluster
 
-from pingu_dask.config import INFERENCE_RESOURCE, InferenceSettings
+from pingu_dask.config import INFERENCE_RESOURCE
 from pingu_dask.inputs.manifest import Scan
-from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import ledger, tables
 from pingu_dask.run.capacity import PresentWorkers
 from pingu_dask.run.jobs import JobCapacity, ScaleFromWork
@@ -31,6 +30,7 @@ from pingu_dask.run.loop import RunStopped, StageFunctions, segment_cohort
 from pingu_dask.run.stages import Pipeline
 
 STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
+make_scans, pipeline_in = standins.make_scans, standins.pipeline_in
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +42,6 @@ def client():
         Client(cluster) as client,
     ):  # fmt: skip
         yield client
-
-
-def make_scans(n: int, folder: Path) -> list[Scan]:
-    image = folder / "unused_T1w.nii.gz"  # the stand-ins never read it
-    return [Scan(f"sub-{i:03d}", (("t1w", image),), site="site-a") for i in range(n)]
-
-
-def pipeline_in(folder: Path) -> Pipeline:
-    settings = InferenceSettings(tta=False, device="cpu")
-    return Pipeline(resolve_model("demo"), settings, folder / "out", write_nifti=False)
 
 
 def ledger_of(pipeline: Pipeline):
