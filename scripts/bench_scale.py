@@ -44,7 +44,7 @@ from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan, input_fingerprint, load_manifest
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
-from pingu_dask.records import ScanCounts, ScanResult
+from pingu_dask.records import ScanCounts, ScanResult, Status
 from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import StageFunctions, segment_cohort
 from pingu_dask.run.stages import Pipeline
@@ -170,11 +170,15 @@ def mark_done(out: Path, scans: list[Scan], pipeline: Pipeline) -> None:
             ledger.attempt_row(
                 scan.scan_id,
                 scan.site,
-                ledger.OK,
+                Status.OK,
                 1,
                 "filled",
                 now,
-                input_fingerprint=attrs["input_fingerprint"],
+                result=ScanResult(
+                    scan_id=scan.scan_id,
+                    status=Status.OK,
+                    input_fingerprint=attrs["input_fingerprint"],
+                ),
                 pipeline_fingerprint=pipeline.fingerprint(),
             )
         )

@@ -98,7 +98,7 @@ def _crash_while_writing(out: str, where: str) -> None:
 
         def rename_then_die(source, target) -> None:
             rename(source, target)
-            if Path(target).name.startswith(f"{layout.OLD}-"):
+            if Path(target).name.startswith(f"{masks.OLD}-"):
                 os._exit(3)  # the old group is aside, the new one not yet in
 
         os.rename = rename_then_die
@@ -119,7 +119,7 @@ def test_a_crash_before_the_rename_leaves_the_old_group_intact(out: Path) -> Non
     data, _ = masks.read_mask(out, "s1")
     assert np.array_equal(data, first) and masks.mask_attrs(out, "s1")["complete"] is True
     [leftover] = staged(out)
-    assert leftover.startswith(f"{layout.NEW}-") and leftover.endswith("-s1")
+    assert leftover.startswith(f"{masks.NEW}-") and leftover.endswith("-s1")
     assert masks.stored_scan_ids(out) == ["s1"]  # the staged group is no scan group
     assert masks.remove_partial_masks(out) == 1
     assert not (out / masks.STAGING).exists()
@@ -130,7 +130,7 @@ def test_a_crash_between_the_renames_leaves_no_group_and_is_cleaned_up(out: Path
     write(out, "s1", 0)
     crash(out, "between renames")
     assert masks.mask_attrs(out, "s1") is None  # after waiting SWAP_WAIT_S for the swap
-    assert sorted(name.split("-")[0] for name in staged(out)) == [layout.NEW, layout.OLD]
+    assert sorted(name.split("-")[0] for name in staged(out)) == [masks.NEW, masks.OLD]
     assert masks.remove_partial_masks(out) == 2
     assert staged(out) == [] and masks.stored_scan_ids(out) == []
     with pytest.raises(KeyError):
@@ -171,11 +171,11 @@ def test_a_group_moved_away_before_we_move_it_aside_is_retried(
     stolen = out / masks.STAGING / "taken-by-the-other-attempt"
 
     def other_moves_it_first(source, target) -> None:
-        if Path(target).name.startswith(f"{layout.OLD}-") and not stolen.exists():
+        if Path(target).name.startswith(f"{masks.OLD}-") and not stolen.exists():
             rename(source, stolen)
         rename(source, target)
 
-    monkeypatch.setattr(layout.os, "rename", other_moves_it_first)
+    monkeypatch.setattr(masks.os, "rename", other_moves_it_first)
     ours = write(out, "s1", 1)
     monkeypatch.undo()
     assert np.array_equal(masks.read_mask(out, "s1")[0], ours)
@@ -195,11 +195,11 @@ def test_a_reader_waits_out_a_swap_instead_of_seeing_no_mask(
 
     def slow_swap(source, target) -> None:
         rename(source, target)
-        if Path(target).name.startswith(f"{layout.OLD}-"):
+        if Path(target).name.startswith(f"{masks.OLD}-"):
             aside.set()
             time.sleep(0.2)  # hold the window open
 
-    monkeypatch.setattr(layout.os, "rename", slow_swap)
+    monkeypatch.setattr(masks.os, "rename", slow_swap)
     writer = threading.Thread(target=write, args=(out, "s1", 1))
     writer.start()
     assert aside.wait(timeout=30)
@@ -238,7 +238,7 @@ def _keep_writing(out: str, seed: int, barrier, writes: int) -> None:
 
 
 def test_racing_attempts_never_show_a_reader_a_mixed_or_missing_mask(out: Path) -> None:
-    masks = [random_mask(1), random_mask(2)]
+    expected = [random_mask(1), random_mask(2)]
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(3, timeout=120)
     writers = [
@@ -255,7 +255,7 @@ def test_racing_attempts_never_show_a_reader_a_mixed_or_missing_mask(out: Path) 
             time.sleep(0.001)
         while any(w.is_alive() for w in writers):
             data, _ = masks.read_mask(out, "s1")  # no KeyError, no RuntimeError
-            matches = [np.array_equal(data, mask) for mask in masks]
+            matches = [np.array_equal(data, mask) for mask in expected]
             assert any(matches), "a read mixed two attempts"
             seen[matches.index(True)] += 1
             assert masks.stored_scan_ids(out) in ([], ["s1"])
@@ -268,7 +268,7 @@ def test_racing_attempts_never_show_a_reader_a_mixed_or_missing_mask(out: Path) 
                 writer.kill()
     assert sum(seen) > 10, seen
     final, _ = masks.read_mask(out, "s1")
-    assert any(np.array_equal(final, mask) for mask in masks)
+    assert any(np.array_equal(final, mask) for mask in expected)
     assert staged(out) == [] and masks.stored_scan_ids(out) == ["s1"]
 
 
@@ -278,7 +278,7 @@ def test_racing_attempts_never_show_a_reader_a_mixed_or_missing_mask(out: Path) 
 def test_stored_scan_ids_ignore_hidden_and_staged_names(out: Path) -> None:
     write(out, "s1", 0)
     zarr.open_group(out / layout.MASKS / ".hidden", mode="w", zarr_format=3)
-    (out / masks.STAGING / f"{layout.NEW}-{'0' * 32}-s2").mkdir(parents=True)
+    (out / masks.STAGING / f"{masks.NEW}-{'0' * 32}-s2").mkdir(parents=True)
     assert masks.stored_scan_ids(out) == ["s1"]
     assert masks.mask_attrs(out, "s2") is None
 

@@ -143,7 +143,7 @@ def test_a_crash_before_the_commit_leaves_the_old_parts_in_charge(
     def crash(*args: object) -> None:
         raise RuntimeError("driver killed before the commit")
 
-    monkeypatch.setattr(tables, "write_commit", crash)
+    monkeypatch.setattr(compaction, "write_commit", crash)
     with pytest.raises(RuntimeError, match="before the commit"):
         compaction.compact_tables(out)
     monkeypatch.undo()
@@ -163,7 +163,7 @@ def test_a_crash_before_deleting_superseded_parts_neither_doubles_nor_loses_rows
     def crash(*args: object) -> None:
         raise RuntimeError("driver killed after the commit")
 
-    monkeypatch.setattr(tables, "delete_superseded", crash)
+    monkeypatch.setattr(parts, "delete_superseded", crash)
     with pytest.raises(RuntimeError, match="after the commit"):
         compaction.compact_tables(out)
     monkeypatch.undo()
@@ -238,7 +238,7 @@ def test_a_failed_compaction_does_not_fail_the_run(
     def disk_full(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tables, "write_commit", disk_full)
+    monkeypatch.setattr(compaction, "write_commit", disk_full)
     assert compaction.compact_if_fragmented(out) == {}
     assert "left for the next run" in caplog.text
     assert_same(out, before)
@@ -260,7 +260,7 @@ def test_a_reader_beside_a_compaction_sees_every_row_once(
             compacted.update(compaction.compact_tables(out))
         return listing(out, name)
 
-    monkeypatch.setattr(tables, "all_parts", compaction_meanwhile)
+    monkeypatch.setattr(parts, "all_parts", compaction_meanwhile)
     pd.testing.assert_frame_equal(tables.read_table(out, "regions"), before["regions"])
     assert compacted["regions"] == (PARTS["regions"], 1)
 

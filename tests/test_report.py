@@ -27,6 +27,7 @@ from pingu_dask.analysis.regions import ASEG
 from pingu_dask.analysis.scan import Regions, analyse_mask
 from pingu_dask.cli import main
 from pingu_dask.config import PvsClusterRules
+from pingu_dask.errors import ErrorReport
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import layout, ledger, tables
 from pingu_dask.report import build as report
@@ -298,7 +299,7 @@ def test_a_run_where_nothing_is_done_yet_still_gets_a_report(tmp_path: Path) -> 
     layout.prepare_output(out)
     failed = ledger.attempt_row(
         "sub-1", "a", ledger.FAILED, 1, "r1", ledger.now(),
-        error=("ImageError", "preprocess: image is empty", False, None),
+        error=ErrorReport(error_type="ImageError", message="preprocess: image is empty"),
     )  # fmt: skip
     tables.write_part(out, "ledger", tables.to_table("ledger", [failed]), "made")
     layout.write_json(out / layout.RUN_JSON, fake_run_info(2))

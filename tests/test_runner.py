@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -367,13 +368,20 @@ def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
     )  # fmt: skip
     output = process.stdout + process.stderr
     assert process.returncode == 3, output
-    line = "stopped: the first attempts of 4 scans in a row failed with ModelError on 2 worker(s)"
-    assert line in " ".join(output.split()) and "cannot load the checkpoint" in output, output
+    line = (
+        r"stopped: the first attempts of 4 scans in a row failed with ModelError"
+        r" on (\d) worker\(s\)"
+    )
+    found = re.search(line, " ".join(output.split()))
+    assert found and "cannot load the checkpoint" in output, output
     ledger = tables.read_table(out, "ledger")
     assert set(ledger.status) == {"failed"} and set(ledger.error_type) == {"ModelError"}
     assert set(ledger.attempt) == {1}  # a model that cannot load is not retried
     assert 4 <= ledger.scan_id.nunique() < 20  # stopped early; the rest left to do
-    assert ledger.worker.nunique() == 2
+    # Which worker takes the first scans is the scheduler's choice (one may hold
+    # several in flight before the other reports): the breaker then trips on the one
+    # worker it has seen, and the line says so.
+    assert 1 <= int(found.group(1)) <= ledger.worker.nunique() <= 2
     assert not (out / ".lock").exists()
 
 

@@ -122,7 +122,9 @@ def analyse_mask(
     region_rows = metrics.region_summary(
         columns["volume_mm3"], columns["n_voxels"], cluster_regions, report_order
     )
-    region_rows[-1]["n_clusters_outside_brain"] = n_outside  # whole_brain's row only
+    for row in region_rows:  # whole_brain's row only (the brain rule counts brain-wide)
+        row["n_clusters_outside_brain"] = None
+    region_rows[-1]["n_clusters_outside_brain"] = n_outside
     identity = scan_columns(scan)
     rows = ScanRows(
         regions=[{**identity, **row} for row in region_rows],
