@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the whole module: see pyproject's markers
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 # script, tiny arguments, the section it owns, patterns (regex) the section must contain
@@ -47,7 +49,9 @@ CASES = [
     ),
     (
         "bench_inference.py",
-        ["--scans", "2", "--workers", "1", "--skip-per-case"],
+        # the tiny random-weight model (the synthetic-input path; gpu_bench.sh below runs
+        # the real-input one, test_inference the demo model's agreement with nnU-Net)
+        ["--scans", "2", "--workers", "1", "--skip-per-case", "--model", "tiny"],
         "bench_inference_cpu",
         [
             r"\| TTA off \| \(a\) pingu-dask, 1 worker\(s\) \| [0-9.]+ \| [0-9.]+ \| n/a \(cpu\)",

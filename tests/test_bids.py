@@ -118,6 +118,7 @@ def test_manifest_command_writes_a_manifest_that_validates(bids_tree: Path, tmp_
     assert validated.exit_code == 0, validated.output
 
 
+@pytest.mark.slow
 def test_a_run_on_a_bids_dataset_writes_bids_derivatives(bids_tree: Path, tmp_path: Path):
     out = tmp_path / "out"
     arguments = ["run", str(bids_tree), "--out", str(out), "--model", "demo", "--no-tta"]

@@ -37,6 +37,8 @@ from PIL import Image
 
 from pingu_dask.report import qc
 
+pytestmark = pytest.mark.slow  # the whole module: see pyproject's markers
+
 TEMPLATES = Path("/usr/share/mricron/templates")
 SCANS = {"colin27-1mm": "ch2.nii.gz", "colin27-05mm": "ch2better.nii.gz"}
 INSTALL = (

@@ -41,6 +41,8 @@ from pingu_dask.nnunet.model import ModelError, resolve_model
 from pingu_dask.nnunet.predictor import load_predictor
 from pingu_dask.output import tables
 
+pytestmark = pytest.mark.slow  # the whole module: see pyproject's markers
+
 # PINGU's published run script: nnUNet_predict -tr nnUNetTrainerV2 -m 3d_fullres
 #   -p nnUNetPlansv2.1_trgSp_8x8x8 -t Task101_LabelsSpecificplusWP5FCV (every fold)
 TASK = "Task101_LabelsSpecificplusWP5FCV"

@@ -286,6 +286,7 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
     }
 
 
+@pytest.mark.slow
 def test_status_json_at_the_end_matches_the_ledger(watched_run) -> None:
     status, ledger = watched_run["status"], watched_run["ledger"]
     assert sum(r.ok for r in watched_run["records"]) == 7
@@ -322,6 +323,7 @@ def test_status_json_at_the_end_matches_the_ledger(watched_run) -> None:
     assert status["throughput"]["eta_s"] == 0.0 and status["throughput"]["scans_per_minute"] > 0
 
 
+@pytest.mark.slow
 def test_metrics_at_the_end_match(watched_run) -> None:
     lines = set(watched_run["metrics"].splitlines())
     for line in (
@@ -343,6 +345,7 @@ def test_metrics_at_the_end_match(watched_run) -> None:
     assert "dask_scheduler_workers" in watched_run["metrics"]  # Dask's own are still there
 
 
+@pytest.mark.slow
 def test_the_rendered_page_shows_the_done_count_rising_and_the_bad_scan(watched_run) -> None:
     during = []
     for dom in watched_run["doms"]:

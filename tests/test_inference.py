@@ -151,6 +151,7 @@ def dask_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     return out, model, records, loads
 
 
+@pytest.mark.slow
 def test_dask_stages_write_masks_on_the_original_grid(dask_run, cohort: Path) -> None:
     out, _, records, _ = dask_run
     assert [r.status for r in records] == ["ok"] * 3
@@ -169,6 +170,7 @@ def test_dask_stages_write_masks_on_the_original_grid(dask_run, cohort: Path) ->
         assert record.voxel_dice > 0.3  # the model really segments (see docs for figures)
 
 
+@pytest.mark.slow
 def test_the_pipeline_writes_regions_clusters_and_evaluation(dask_run) -> None:
     out, model, records, _ = dask_run
     results = pingu_dask.open_results(out)
@@ -196,6 +198,7 @@ def test_the_pipeline_writes_regions_clusters_and_evaluation(dask_run) -> None:
     assert results.regions["n_clusters"].sel(region="whole_brain").sum() == whole.n_clusters.sum()
 
 
+@pytest.mark.slow
 def test_evaluate_command_reproduces_the_pipeline_figures(
     dask_run, cohort: Path, tmp_path: Path
 ) -> None:
@@ -221,6 +224,7 @@ def test_evaluate_command_reproduces_the_pipeline_figures(
     pd.testing.assert_frame_equal(before.reset_index(drop=True), from_nifti.reset_index(drop=True))
 
 
+@pytest.mark.slow
 def test_each_worker_loads_the_model_once_and_reuses_it(dask_run) -> None:
     _, model, records, loads = dask_run
     predicted_on = Counter(r.workers["predict"] for r in records)
@@ -268,6 +272,7 @@ def nnunet_predict(inputs: Path, output: Path, results: Path) -> None:
     subprocess.run(command, env=env, check=True, capture_output=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_masks_agree_with_nnunetv2_predict(dask_run, cohort: Path, tmp_path: Path) -> None:
     _, model, records, _ = dask_run
     results = tmp_path / "results" / "Dataset901_PinguDemo"
@@ -310,6 +315,7 @@ def test_run_without_a_model_names_the_choices(cohort: Path, tmp_path: Path) -> 
     assert result.exit_code == 2 and "model not found" in result.output
 
 
+@pytest.mark.slow
 def test_run_command_writes_provenance_and_uses_a_user_region_table(
     cohort: Path, tmp_path: Path
 ) -> None:

@@ -120,6 +120,7 @@ def race(out: Path, prepare_round) -> list[list[tuple]]:
     return per_round
 
 
+@pytest.mark.slow
 def test_exactly_one_of_many_processes_takes_a_free_lock(tmp_path: Path) -> None:
     rounds = race(tmp_path, lambda round_: None)
     for tried in rounds:
@@ -127,6 +128,7 @@ def test_exactly_one_of_many_processes_takes_a_free_lock(tmp_path: Path) -> None
         assert all(took_over is None for *_, took_over in tried)
 
 
+@pytest.mark.slow
 def test_exactly_one_of_many_processes_takes_over_a_stale_lock(tmp_path: Path) -> None:
     """Every kind of stale lock, each raced for by 8 processes at once."""
     me = socket.gethostname()
@@ -160,6 +162,7 @@ def _acquire_and_release(out: str, seconds: float) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_a_reader_never_sees_a_lock_half_made(tmp_path: Path) -> None:
     """While another process takes and releases the lock in a loop, every lock file
     a reader opens is complete, and read_lock never calls the live holder stale."""

@@ -170,6 +170,7 @@ def cells(text: str, table_id: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_report_totals_and_failures_match_the_ledger(reported_run) -> None:
     text, out = reported_run["text"], reported_run["out"]
     summary = ledger.summarise_ledger(out)
@@ -194,6 +195,7 @@ def cells_th(text: str, table_id: str) -> list[tuple[str, str]]:
     return [(key, html.unescape(re.sub(r"<[^>]+>", " ", value))) for key, value in pairs]
 
 
+@pytest.mark.slow
 def test_report_numbers_match_the_tables(reported_run) -> None:
     text, out = reported_run["text"], reported_run["out"]
     regions = tables.read_table(out, "regions")
@@ -220,6 +222,7 @@ def test_report_numbers_match_the_tables(reported_run) -> None:
     assert text.count("data:image/png;base64,") == 2  # distributions and throughput
 
 
+@pytest.mark.slow
 def test_report_pictures_exist_and_the_page_renders_in_chromium(reported_run) -> None:
     text, out, index = reported_run["text"], reported_run["out"], reported_run["index"]
     sources = re.findall(r'<img src="(\.\./qc/[^"]+)"', text)
@@ -242,6 +245,7 @@ def test_report_pictures_exist_and_the_page_renders_in_chromium(reported_run) ->
 # -- 10,000 scans ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_report_of_10000_scans_stays_small_and_pages_its_gallery(tmp_path: Path) -> None:
     n = 10_000
     out = tmp_path / "out"

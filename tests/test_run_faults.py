@@ -104,15 +104,18 @@ def test_a_hanging_stage_is_timed_out_and_retried(client: Client, tmp_path: Path
     (tmp_path / "hang-once").write_text("sub-002")  # its first predict sleeps 300 s
     started = time.monotonic()
     records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
-                             scan_timeout=3)  # fmt: skip
-    assert time.monotonic() - started < 120  # not the 300 s of the hang
+                             scan_timeout=5)  # fmt: skip
+    assert time.monotonic() - started < 240  # not the 300 s of the hang (slack: a loaded CI)
     assert all(r.status == "ok" for r in records) and len(records) == 4
     ledger = ledger_of(pipeline)
-    hung = ledger[ledger.scan_id == "sub-002"]
-    assert hung.attempt.tolist() == [1, 2] and hung.status.tolist() == ["failed", "ok"]
+    hung = ledger[ledger.scan_id == "sub-002"].sort_values("attempt")
+    # The retry runs on the restarted worker; on a loaded machine its first task (imports
+    # in a fresh process) may itself pass the timeout once more: then a third attempt.
+    assert hung.attempt.tolist() == list(range(1, len(hung) + 1)) and len(hung) >= 2
+    assert hung.status.tolist() == ["failed"] * (len(hung) - 1) + ["ok"]
     first = hung.iloc[0]
     assert first.error_type == "TimeoutError" and first.retryable
-    assert "predict: no result after 3 s" in first.message
+    assert "predict: no result after 5 s" in first.message
     assert (ledger.groupby("scan_id").status.last() == "ok").all()
     assert len(tables.read_table(pipeline.out, "regions")) == 4  # each scan exactly once
 
@@ -186,6 +189,7 @@ def test_job_capacity_follows_the_scans_left() -> None:
     assert JobCapacity(minimum_workers=2, maximum_workers=3).workers(0) == 2  # min kept
 
 
+@pytest.mark.slow
 def test_scaling_from_the_work_grows_to_the_maximum_and_releases_workers(tmp_path: Path) -> None:
     """Batch-style scaling on a LocalCluster: no worker at the start, up to 3 asked for
     from the 9 scans left (Dask's own target would stay at one worker), back to none."""

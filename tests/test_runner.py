@@ -1,8 +1,13 @@
 """The cohort runner under faults: killed workers, a killed driver, broken inputs, locks.
 
-Real parts: the bundled demo model, LocalClusters of separate worker processes, and
-the `pingu-dask` command in a subprocess where the driver itself is killed. Inference
-runs with a sliding-window step of 1.0 (no tile overlap) to keep the runs short.
+Real parts: real nnU-Net v2 model folders run by the real predictor, LocalClusters of
+separate worker processes, and the `pingu-dask` command in a subprocess where the
+driver itself is killed. Inference runs with a sliding-window step of 1.0 (no tile
+overlap) to keep the runs short. The fault tests (killed workers and drivers,
+signals, broken inputs) run the tiny RANDOM-weight model (conftest's `tiny_model`):
+what they check is the runner, not the masks, and it makes their runs ~4x shorter;
+the tests about the model itself (its fingerprint, reuse, a corrupt checkpoint) run
+the bundled demo model.
 """
 
 from __future__ import annotations
@@ -41,12 +46,18 @@ from pingu_dask.synth.cohort import generate_cohort
 
 FAST = InferenceSettings(tta=False, step_size=1.0, device="cpu", torch_threads=1)
 FAST_OPTIONS = ["--model", "demo", "--no-tta", "--step-size", "1.0", "--device", "cpu"]
+N_SCANS = 12  # the module's cohort
+
+
+def tiny_options(tiny_model: Path) -> list[str]:
+    """FAST_OPTIONS with the tiny random-weight model instead of the demo model."""
+    return [o if o != "demo" else str(tiny_model) for o in FAST_OPTIONS]
 
 
 @pytest.fixture(scope="module")
-def cohort20(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cohort20")
-    generate_cohort(root, n_scans=20, seed=11, jobs=2)
+def cohort12(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cohort12")
+    generate_cohort(root, n_scans=N_SCANS, seed=11, jobs=2)
     return root
 
 
@@ -55,10 +66,13 @@ def whole_brain_rows(out: Path) -> pd.Series:
     return regions[regions.region == "whole_brain"]["scan_id"].value_counts()
 
 
-def test_a_worker_killed_mid_run_is_survived(cohort20: Path, tmp_path: Path) -> None:
-    scans = load_manifest(cohort20 / "manifest.csv").scans
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_survived(
+    cohort12: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    scans = load_manifest(cohort12 / "manifest.csv").scans
     out = tmp_path / "out"
-    pipeline = Pipeline(resolve_model("demo"), FAST, out)
+    pipeline = Pipeline(resolve_model(tiny_model), FAST, out)
     killed: list[str] = []
     cluster = local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1)
     with cluster, Client(cluster) as client:
@@ -75,9 +89,9 @@ def test_a_worker_killed_mid_run_is_survived(cohort20: Path, tmp_path: Path) -> 
     assert sorted(r.scan_id for r in records) == sorted(s.scan_id for s in scans)
     assert all(r.status == "ok" for r in records)
     counts = whole_brain_rows(out)
-    assert len(counts) == 20 and set(counts) == {1}  # every scan exactly once
+    assert len(counts) == N_SCANS and set(counts) == {1}  # every scan exactly once
     ledger = tables.read_table(out, "ledger")
-    assert (ledger.status == "ok").sum() == 20
+    assert (ledger.status == "ok").sum() == N_SCANS
     retried = ledger[ledger.status == "failed"]
     assert len(retried) >= 1
     assert set(retried.error_type) == {"KilledWorker"} and retried.retryable.all()
@@ -87,17 +101,24 @@ def test_a_worker_killed_mid_run_is_survived(cohort20: Path, tmp_path: Path) -> 
         assert attempts.status.tolist()[-1] == "ok" and attempts.attempt.max() >= 2
 
 
-def run_command(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
+def run_command(manifest: Path, out: Path, model: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "pingu_dask.cli", "run", str(manifest), "--out", str(out)]
     environment = dict(os.environ, DASK_PINGU__FLUSH_EVERY_SCANS="1")
     return subprocess.Popen(
-        [*command, *FAST_OPTIONS, "--workers", "2", *extra],
+        [*command, *tiny_options(model), "--workers", "2"],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: the driver and its workers
+        preexec_fn=_default_sighup,
     )
+
+
+def _default_sighup() -> None:
+    """The driver handles SIGHUP unless told to ignore it: a test suite started under
+    `nohup` would tell it so through the inherited disposition."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def wait_for_ok_rows(process: subprocess.Popen, out: Path, at_least: int) -> None:
@@ -115,15 +136,16 @@ def ok_scans(out: Path) -> set[str]:
     return set(tables.read_table(out, "ledger").query("status == 'ok'").scan_id)
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_a_killed_driver_are_resumed_without_redoing_finished_scans(
-    cohort20: Path, tmp_path: Path
+    cohort12: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     manifest = tmp_path / "ten.csv"
-    absolute_manifest(cohort20, manifest, rows=10)
+    absolute_manifest(cohort12, manifest, rows=10)
     out = tmp_path / "out"
 
     # Ctrl-C in a terminal: SIGINT to the driver and its workers.
-    interrupted = run_command(manifest, out)
+    interrupted = run_command(manifest, out, tiny_model)
     wait_for_ok_rows(interrupted, out, 1)
     status = CliRunner().invoke(main, ["status", str(out)])  # while the run is going
     assert status.exit_code == 1 and f"running now: pid {interrupted.pid}" in status.output
@@ -136,7 +158,7 @@ def test_ctrl_c_and_a_killed_driver_are_resumed_without_redoing_finished_scans(
     assert len(whole_brain_rows(out)) == len(after_interrupt) >= 1
 
     # A driver killed outright leaves its lock and maybe a half-written flush.
-    first = run_command(manifest, out)
+    first = run_command(manifest, out, tiny_model)
     wait_for_ok_rows(first, out, len(after_interrupt) + 2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
@@ -144,7 +166,7 @@ def test_ctrl_c_and_a_killed_driver_are_resumed_without_redoing_finished_scans(
 
     done_before = ok_scans(out)
     assert len(after_interrupt) + 2 <= len(done_before) < 10
-    second = run_command(manifest, out)
+    second = run_command(manifest, out, tiny_model)
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
     assert f"resuming: {len(done_before)} scans done earlier are skipped" in output
@@ -157,9 +179,9 @@ def test_ctrl_c_and_a_killed_driver_are_resumed_without_redoing_finished_scans(
     assert not (out / ".lock").exists()
 
     # An input that changed since is redone; nothing else is.
-    t1w = cohort20 / "sub-002" / "anat" / "sub-002_T1w.nii.gz"
+    t1w = cohort12 / "sub-002" / "anat" / "sub-002_T1w.nii.gz"
     os.utime(t1w, ns=(time.time_ns(), time.time_ns()))
-    third = run_command(manifest, out)
+    third = run_command(manifest, out, tiny_model)
     output, _ = third.communicate(timeout=600)
     assert third.returncode == 0, output
     assert "9 scans done earlier are skipped, 1 to do (1 of them changed since)" in output
@@ -169,7 +191,15 @@ def test_ctrl_c_and_a_killed_driver_are_resumed_without_redoing_finished_scans(
     # Other settings into the same OUT are refused.
     result = CliRunner().invoke(
         main,
-        ["run", str(manifest), "--out", str(out), *FAST_OPTIONS, "--min-cluster-voxels", "9"],
+        [
+            "run",
+            str(manifest),
+            "--out",
+            str(out),
+            *tiny_options(tiny_model),
+            "--min-cluster-voxels",
+            "9",
+        ],
     )
     assert result.exit_code == 1
     assert "holds results of another model or other settings (different: clusters)" in " ".join(
@@ -237,12 +267,14 @@ def broken_cohort(cohort: Path, root: Path) -> tuple[Path, dict[str, str]]:
     return root / "mixed.csv", expected
 
 
+@pytest.mark.slow
 def test_broken_inputs_each_get_a_clear_row_and_good_scans_finish(
-    cohort20: Path, tmp_path: Path
+    cohort12: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
-    manifest, expected = broken_cohort(cohort20, tmp_path)
+    manifest, expected = broken_cohort(cohort12, tmp_path)
     out = tmp_path / "run" / "out"
-    arguments = ["run", str(manifest), "--out", str(out), *FAST_OPTIONS, "--workers", "2"]
+    options = tiny_options(tiny_model)
+    arguments = ["run", str(manifest), "--out", str(out), *options, "--workers", "2"]
     result = CliRunner().invoke(main, [*arguments, "--skip-invalid"])
     assert result.exit_code == 1, result.output
     ledger = tables.read_table(out, "ledger")
@@ -292,9 +324,7 @@ def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:
     assert not (tmp_path / layout.RUN_JSON).exists() and not (tmp_path / layout.MASKS).exists()
 
 
-def test_other_versions_are_refused_on_resume_unless_allowed(
-    cohort20: Path, tmp_path: Path
-) -> None:
+def test_other_versions_are_refused_on_resume_unless_allowed(cohort: Path, tmp_path: Path) -> None:
     from pingu_dask.output import layout
     from pingu_dask.run.orchestrate import current_versions
     from pingu_dask.run.provenance import provenance
@@ -317,7 +347,7 @@ def test_other_versions_are_refused_on_resume_unless_allowed(
 
     # The CLI refuses before any work, naming the option.
     manifest = tmp_path / "one.csv"
-    absolute_manifest(cohort20, manifest, rows=1)
+    absolute_manifest(cohort, manifest, rows=1)
     result = CliRunner().invoke(main, ["run", str(manifest), "--out", str(tmp_path), *FAST_OPTIONS])
     assert result.exit_code == 1
     assert "--allow-version-change" in " ".join(result.output.split())
@@ -342,12 +372,13 @@ def test_status_counts_the_scans_of_the_latest_manifest(tmp_path: Path) -> None:
     assert result.exit_code == 1  # not all done
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
-    cohort20: Path, tmp_path: Path
+    cohort12: Path, tmp_path: Path
 ) -> None:
     """A real model whose checkpoint is corrupt: every worker fails to load it (a
     ModelError, which would repeat: not retried). After 4 scans (the breaker's setting
-    here) the run stops, says why in one line and exits 3, instead of failing 20 scans."""
+    here) the run stops, says why in one line and exits 3, instead of failing all 12."""
     import shutil
 
     from pingu_dask.nnunet.model import demo_model_folder
@@ -356,8 +387,8 @@ def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
     shutil.copytree(demo_model_folder(), broken)
     for checkpoint in broken.glob("fold_*/checkpoint_final.pth"):
         checkpoint.write_bytes(b"not a torch checkpoint" * 100)
-    manifest = tmp_path / "twenty.csv"
-    absolute_manifest(cohort20, manifest, rows=20)
+    manifest = tmp_path / "all.csv"
+    absolute_manifest(cohort12, manifest, rows=N_SCANS)
     out = tmp_path / "out"
     options = [o if o != "demo" else str(broken) for o in FAST_OPTIONS]
     process = subprocess.run(
@@ -377,7 +408,7 @@ def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
     ledger = tables.read_table(out, "ledger")
     assert set(ledger.status) == {"failed"} and set(ledger.error_type) == {"ModelError"}
     assert set(ledger.attempt) == {1}  # a model that cannot load is not retried
-    assert 4 <= ledger.scan_id.nunique() < 20  # stopped early; the rest left to do
+    assert 4 <= ledger.scan_id.nunique() < N_SCANS  # stopped early; the rest left to do
     # Which worker takes the first scans is the scheduler's choice (one may hold
     # several in flight before the other reports): the breaker then trips on the one
     # worker it has seen, and the line says so.
@@ -385,10 +416,11 @@ def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
     assert not (out / ".lock").exists()
 
 
-def test_run_joins_an_existing_scheduler(cohort20: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_run_joins_an_existing_scheduler(cohort12: Path, tmp_path: Path) -> None:
 
     manifest = tmp_path / "two.csv"
-    absolute_manifest(cohort20, manifest, rows=2)
+    absolute_manifest(cohort12, manifest, rows=2)
     out = tmp_path / "out"
     with local_cluster(n_workers=1, threads_per_worker=2, torch_threads=2) as cluster:
         address = cluster.scheduler_address
@@ -408,17 +440,18 @@ def test_run_joins_an_existing_scheduler(cohort20: Path, tmp_path: Path) -> None
     assert len(whole_brain_rows(out)) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(
-    cohort20: Path, tmp_path: Path, signum: int
+    cohort12: Path, tiny_model: Path, tmp_path: Path, signum: int
 ) -> None:
     """What SLURM does at the walltime or on scancel (SIGTERM to the job's processes):
     the driver cancels, flushes, releases OUT/.lock and exits 128 + signum; the same
     command then resumes without anyone deleting anything."""
-    manifest = tmp_path / "four.csv"
-    absolute_manifest(cohort20, manifest, rows=4)
+    manifest = tmp_path / "eight.csv"
+    absolute_manifest(cohort12, manifest, rows=8)  # the tiny model does 4 in ~5 s
     out = tmp_path / "out"
-    stopped = run_command(manifest, out)
+    stopped = run_command(manifest, out, tiny_model)
     wait_for_ok_rows(stopped, out, 1)
     os.killpg(stopped.pid, signum)
     output, _ = stopped.communicate(timeout=120)
@@ -427,8 +460,8 @@ def test_sigterm_and_sighup_stop_a_run_like_ctrl_c(
     assert read_lock(out) is None  # released: a resubmitted driver is not refused
     kept = ok_scans(out)
     assert len(kept) >= 1
-    resumed = run_command(manifest, out)
+    resumed = run_command(manifest, out, tiny_model)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
-    assert ok_scans(out) == {f"sub-{i:03d}" for i in range(1, 5)}
+    assert ok_scans(out) == {f"sub-{i:03d}" for i in range(1, 9)}
     assert set(whole_brain_rows(out)) == {1}  # every scan exactly once

@@ -22,6 +22,8 @@ from pingu_dask.output import tables
 from pingu_dask.run.jobs import JobOptions, jobqueue_cluster, lifetime_arguments, parse_walltime
 from pingu_dask.synth.cohort import generate_cohort
 
+pytestmark = pytest.mark.slow  # the whole module: see pyproject's markers
+
 SLURM_OPTIONS = [
     "--model", "demo", "--no-tta", "--step-size", "1.0", "--device", "cpu",
     "--cluster", "slurm", "--cores", "2", "--memory", "6GB", "--walltime", "00:20:00",

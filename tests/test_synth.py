@@ -149,6 +149,7 @@ def test_partial_volume_follows_anisotropic_voxels() -> None:
     assert volume_mm3 == pytest.approx(expected, rel=0.05)
 
 
+@pytest.mark.slow
 def test_scans_are_deterministic_and_independent_of_cohort_size(tmp_path: Path) -> None:
     first, rows_a = make_scan(tmp_path / "a", 1, "sub-002", SITES["axial3mm"], seed=3, t2w=False)
     again, rows_b = make_scan(tmp_path / "b", 1, "sub-002", SITES["axial3mm"], seed=3, t2w=False)
