@@ -99,10 +99,10 @@ def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
         local_cluster(layout=layout, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
     ):
-        records = segment_cohort(client, make_scans(30, tmp_path), pipeline_in(tmp_path),
+        records = segment_cohort(client, make_scans(20, tmp_path), pipeline_in(tmp_path),
                                  stage_functions=STANDINS, watch=False, on_progress=seen,
                                  capacity=FixedCapacity(1, layout.threads_per_slot))  # fmt: skip
-    assert len(records) == 30 and all(r.status == "ok" for r in records)
+    assert len(records) == 20 and all(r.status == "ok" for r in records)
     # Sleeps measure a little longer than they are (0.5 / 0.1 may read 5.x): 7 or 8.
     assert 7 <= max(in_flight) <= layout.threads_per_slot
 
