@@ -406,8 +406,8 @@ from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 out, clean_up_seconds = Path(sys.argv[1]), float(sys.argv[2])
 try:
     with stop_on_signals(), OutputLock(out):
-        print("held", flush=True)
         try:
+            print("held", flush=True)  # inside the try: a signal right after it cleans up
             time.sleep(600)
         finally:
             time.sleep(clean_up_seconds)  # flushing tables, closing the cluster
