@@ -148,11 +148,18 @@ def test_exactly_one_of_many_processes_takes_over_a_stale_lock(tmp_path: Path) -
 
     with dask.config.set({"pingu.lock-stale-seconds": 300}):
         rounds = race(tmp_path, prepare)
+    reported = 0
     for (content, _), tried in zip(stale_locks, rounds, strict=True):
         winners = [took_over for _, _, won, took_over in tried if won]
         assert len(winners) == 1, tried
-        if isinstance(content, dict) and content.get("pid"):
-            assert winners[0]["pid"] == content["pid"]
+        # The winner is the contender that took the stale lock over, or (rarely) one that
+        # linked into the name in the moment the taker had moved the stale file aside: it
+        # then took a free lock, and says so (took_over None). Exactly one holds it.
+        if winners[0] is not None:
+            reported += 1
+            if isinstance(content, dict) and content.get("pid"):
+                assert winners[0]["pid"] == content["pid"]
+    assert reported >= len(stale_locks) // 2  # the taker wins almost always
 
 
 def _acquire_and_release(out: str, seconds: float) -> None:
