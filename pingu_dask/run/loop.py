@@ -325,21 +325,33 @@ class _Loop:
         progress.done += result.ok
         progress.failed += not result.ok
 
+    def _ledger_row(
+        self,
+        attempt: Attempt,
+        status: Status,
+        *,
+        result: ScanResult | None = None,
+        error: ErrorReport | None = None,
+    ) -> dict:
+        """The attempt's ledger row, with this run's id and pipeline fingerprint."""
+        scan = attempt.scan
+        return ledger.attempt_row(
+            scan.scan_id,
+            scan.site,
+            status,
+            attempt.attempt,
+            self.run_id,
+            attempt.started,
+            result=result,
+            error=error,
+            pipeline_fingerprint=self.fingerprint,
+        )
+
     def _failed(self, attempt: Attempt, report: ErrorReport) -> ScanResult:
         """The failed attempt's ledger row and record (status failed, or retry)."""
         scan = attempt.scan
         final = not report.retryable or attempt.attempt > self.retries or bool(self.stopping)
-        row = ledger.attempt_row(
-            scan.scan_id,
-            scan.site,
-            Status.FAILED,
-            attempt.attempt,
-            self.run_id,
-            attempt.started,
-            error=report,
-            pipeline_fingerprint=self.fingerprint,
-        )
-        self.writer.add({}, ledger_rows=[row])
+        self.writer.add({}, ledger_rows=[self._ledger_row(attempt, Status.FAILED, error=report)])
         reason = self.breaker.failed(attempt.attempt, report)
         if reason and not self.stopping:
             self.stopping = reason
@@ -356,17 +368,7 @@ class _Loop:
     def _succeeded(self, attempt: Attempt, result: ScanResult) -> ScanResult:
         """The ok attempt's ledger row and tables (the input fingerprint comes from the
         worker that read the files: no file system calls here, once per scan)."""
-        scan = attempt.scan
-        row = ledger.attempt_row(
-            scan.scan_id,
-            scan.site,
-            Status.OK,
-            attempt.attempt,
-            self.run_id,
-            attempt.started,
-            result=result,
-            pipeline_fingerprint=self.fingerprint,
-        )
+        row = self._ledger_row(attempt, Status.OK, result=result)
         self.writer.add(result.tables, ledger_rows=[row])
         result.tables = {}
         self.breaker.succeeded(result.workers.get("predict"))
