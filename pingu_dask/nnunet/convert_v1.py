@@ -37,12 +37,12 @@ import pickle
 import re
 import shutil
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pingu_dask import __version__
 from pingu_dask.errors import ModelError
+from pingu_dask.nnunet.checkpoints import load_checkpoint
 from pingu_dask.nnunet.model import sha256_of_files, unpack_zip
 from pingu_dask.nnunet.v1_network import (
     Architecture,
@@ -103,9 +103,7 @@ def import_v1_model(source: Path, out: Path, channel_names: tuple[str, ...] | No
     `out`; return that folder (pass it to `run --model`)."""
     source = Path(source)
     if source.is_file():
-        if not zipfile.is_zipfile(source):
-            raise ModelError(f"{source} is a file but not a zip")
-        source = unpack_zip(source)
+        source = unpack_zip(source, expected="a zip")
     v1 = find_v1_model(source)
     _check_supported(v1)
     plans = _load_pickle(v1.folder / "plans.pkl")
@@ -128,7 +126,7 @@ def _convert(v1, plans, stage, staging: Path, source: Path, channel_names) -> No
     """Write the v2 model into `staging`: weights per fold, plans, dataset, provenance."""
     architecture = None
     for fold in v1.folds:
-        checkpoint = _load_checkpoint(v1.folder / f"fold_{fold}" / V1_CHECKPOINT)
+        checkpoint = load_checkpoint(v1.folder / f"fold_{fold}" / V1_CHECKPOINT, ("state_dict",))
         info = _load_pickle(v1.folder / f"fold_{fold}" / f"{V1_CHECKPOINT}.pkl")
         _check_trainer(info.get("name"), f"fold_{fold}")
         weights = checkpoint["state_dict"]
@@ -342,12 +340,3 @@ def _dataset_name(task: str) -> str:
 def _load_pickle(path: Path) -> dict:
     with path.open("rb") as handle:
         return pickle.load(handle)  # code: trusted models only (module docstring)
-
-
-def _load_checkpoint(path: Path) -> dict:
-    import torch
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" not in checkpoint:
-        raise ModelError(f"{path} is not a v1 checkpoint (no state_dict)")
-    return checkpoint

@@ -2,17 +2,20 @@
 
 A model is a trained-model folder (`Trainer__Plans__configuration/` with dataset.json,
 plans.json and fold_N/checkpoint) or a zip made by `nnUNetv2_export_model_to_zip`,
-unpacked once into the cache. Nothing here loads weights (predictor.py does) or
-imports nnunetv2: a `Model` is small and picklable, and travels with every task.
+unpacked once into the cache. Nothing here loads weights (checkpoints.py reads them,
+predictor.py builds the network) or imports nnunetv2: a `Model` is small and picklable,
+and travels with every task.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +26,8 @@ from pingu_dask.errors import ModelError
 DEMO_NAME = "demo"
 DEFAULT_CHECKPOINT = DEFAULTS["pingu"]["checkpoint"]
 CHECKPOINT_SUFFIX = ".pth"
+ZIP_TOOL = "nnUNetv2_export_model_to_zip"
+DAMAGED = "truncated or corrupt"
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,17 @@ def resolve_model(
         path = Path(spec).expanduser()
         if not path.exists():
             raise ModelError(f"model not found: {path}")
-        if path.is_file():
-            if not zipfile.is_zipfile(path):
-                raise ModelError(
-                    f"{path} is a file but not a zip made by nnUNetv2_export_model_to_zip"
-                )
-            path = unpack_zip(path)
-        folder = find_model_folder(path)
+        folder = _model_in_zip(path) if path.is_file() else find_model_folder(path)
     return _describe(folder, folds, checkpoint)
+
+
+def _model_in_zip(zip_path: Path) -> Path:
+    """The model folder inside a zip, unpacked (once) into the cache."""
+    folder = unpack_zip(zip_path)
+    try:
+        return find_model_folder(folder)
+    except ModelError as error:  # a whole zip, but not laid out as a model
+        raise ModelError(f"{zip_path} is not a zip made by {ZIP_TOOL}: {error}") from error
 
 
 def find_model_folder(path: Path) -> Path:
@@ -107,21 +115,54 @@ def _is_model_folder(path: Path) -> bool:
     )
 
 
-def unpack_zip(zip_path: Path) -> Path:
-    """Unpack a model zip into the cache once (keyed by its hash) and return the folder."""
+def unpack_zip(zip_path: Path, expected: str = f"a zip made by {ZIP_TOOL}") -> Path:
+    """Unpack a model zip into the cache once (keyed by its hash) and return the folder.
+
+    The zip is unpacked into a staging folder of this process and renamed into place
+    only when every member has been read whole (CRC checked), so a cache folder is
+    never half a model; a zip cut short or damaged is a ModelError that says so.
+    `expected` says what the file should have been, for the message on a file that is
+    not a zip at all.
+    """
+    if not zipfile.is_zipfile(zip_path):
+        if _starts_like_a_zip(zip_path):
+            raise ModelError(
+                f"{zip_path}: {DAMAGED} zip (it starts as a zip, but the directory a whole "
+                "zip ends with is missing: a download or copy cut short?)"
+            )
+        raise ModelError(f"{zip_path} is a file but not {expected}")
     digest = sha256_of_files([zip_path])[:16]
     target = cache_dir() / "models" / digest
     if target.exists():
         return target
-    staging = target.with_name(f".{digest}.partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{digest}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    with zipfile.ZipFile(zip_path) as archive:
-        for member in archive.namelist():
-            if member.startswith("/") or ".." in Path(member).parts:
-                raise ModelError(f"{zip_path}: unsafe path in zip: {member!r}")
-        archive.extractall(staging)
-    staging.rename(target)
+    try:
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                for member in archive.namelist():
+                    if member.startswith("/") or ".." in Path(member).parts:
+                        raise ModelError(f"{zip_path}: unsafe path in zip: {member!r}")
+                archive.extractall(staging)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            raise ModelError(f"{zip_path}: {DAMAGED} zip ({error})") from error
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+            # another process unpacked the same zip first: use its folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # never leave half a model behind
     return target
+
+
+def _starts_like_a_zip(path: Path) -> bool:
+    """Whether the file begins as a zip does (a local file header, the bytes "PK" 3 4):
+    a zip whose end, where its directory is, is gone still begins like one."""
+    with path.open("rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
 
 
 def _describe(folder: Path, folds: tuple[str, ...] | None, checkpoint: str) -> Model:

@@ -20,11 +20,11 @@ import io
 import re
 import threading
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from pingu_dask.config import InferenceSettings
 from pingu_dask.errors import ModelError
+from pingu_dask.nnunet.checkpoints import load_checkpoint
 from pingu_dask.nnunet.model import Model
 from pingu_dask.nnunet.plans import model_plan
 
@@ -102,24 +102,6 @@ def worker_slot(name: object) -> int:
     return int(match[1]) if match else 0
 
 
-def _load_checkpoint(path: Path) -> dict:
-    """One fold's checkpoint (a torch pickle: code; see the README's warning).
-
-    A file that torch cannot read (truncated, not a checkpoint, from an incompatible
-    torch) is a ModelError, which repeats on every worker and every scan, so the runner
-    does not retry it and its circuit breaker can stop the run. An OSError (a network
-    file system hiccup) stays what it is: transient, worth another attempt.
-    """
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, MemoryError):
-        raise
-    except Exception as error:
-        raise ModelError(f"cannot load the checkpoint {path}: {error}") from error
-
-
 def load_predictor(model: Model, settings: InferenceSettings, slot: int = 0):
     """An initialised nnUNetPredictor for `model` (weights of every fold, network built)."""
     import torch
@@ -128,7 +110,7 @@ def load_predictor(model: Model, settings: InferenceSettings, slot: int = 0):
 
     device = torch.device(resolve_device(settings.device, slot))
     checkpoints = [
-        _load_checkpoint(model.folder / f"fold_{fold}" / model.checkpoint) for fold in model.folds
+        load_checkpoint(model.folder / f"fold_{fold}" / model.checkpoint) for fold in model.folds
     ]
     first = checkpoints[0]
     plan = model_plan(model)
