@@ -13,19 +13,119 @@
 # KillWait is SLURM's default (30 s): what a driver has between SIGTERM and SIGKILL.
 # A changed configuration restarts the daemons. State, logs and PID files live in
 # $SLURM_TESTBED_DIR (default /tmp/pingu-slurm).
+#
+# It leaves a real SLURM alone: slurm.conf and gres.conf in $SLURM_CONF_DIR (default
+# /etc/slurm, where SLURM looks; the script points its own SLURM commands there through
+# SLURM_CONF) carry the line in MARKER below. If either file exists without it (the
+# machine has a SLURM of its own), `start` refuses, changing nothing, and says how to
+# run the SLURM tier elsewhere; `stop` refuses to stop daemons that are not the
+# testbed's. With PINGU_SLURM_TESTBED_FORCE=1, `start` instead backs each such file up
+# to NAME.pingu-backup (never over an earlier backup; a file that was not there gets a
+# NAME.pingu-none marker) and takes the machine's SLURM daemons down for the testbed's;
+# `stop` then restores the files (the machine's own daemons are left for you to start).
 set -euo pipefail
 
 STATE="${SLURM_TESTBED_DIR:-/tmp/pingu-slurm}"
-CONF_DIR=/etc/slurm
+CONF_DIR="${SLURM_CONF_DIR:-/etc/slurm}"
+export SLURM_CONF="$CONF_DIR/slurm.conf"
 HOST="$(hostname -s)"
 CPUS="${SLURM_TESTBED_CPUS:-16}"
 GPUS="${SLURM_TESTBED_GPUS:-4}"
+MARKER="# written by pingu-dask scripts/slurm_testbed.sh"
+BACKUP=.pingu-backup  # NAME.pingu-backup: the machine's own NAME, while the testbed runs
+NONE=.pingu-none      # NAME.pingu-none: there was no NAME before the testbed (forced)
+FILES=(slurm.conf gres.conf)
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
         echo "slurm_testbed: must run as root (it installs packages and writes $CONF_DIR)" >&2
         exit 1
     fi
+}
+
+# True when the file carries the testbed's marker (or is what earlier versions of
+# this script wrote: slurm.conf headed "# Written by pingu-dask's ...", gres.conf the
+# single fake-GPU line).
+written_by_testbed() {
+    local path="$1"
+    grep -qxF "$MARKER" "$path" && return 0
+    head -n 1 "$path" | grep -q "^# Written by pingu-dask's scripts/slurm_testbed.sh" && return 0
+    [ "$(basename "$path")" = gres.conf ] \
+        && [ "$(grep -cv '^[[:space:]]*$' "$path")" -eq 1 ] \
+        && grep -qxE 'Name=gpu File=/dev/fakegpu\[0-[0-9]+\]' "$path"
+}
+
+# The configuration files here that the testbed did not write (and has not backed up).
+foreign_files() {
+    local name
+    for name in "${FILES[@]}"; do
+        if [ -e "$CONF_DIR/$name" ] && ! written_by_testbed "$CONF_DIR/$name"; then
+            echo "$CONF_DIR/$name"
+        fi
+    done
+}
+
+refuse_start() {
+    {
+        echo "slurm_testbed: refusing to start: not written by this testbed (no line \"$MARKER\"):"
+        printf '    %s\n' "$@"
+        echo "  This machine has a SLURM of its own; the testbed would replace its configuration"
+        echo "  and restart its daemons. Nothing was changed. The SLURM tests (tests/test_slurm.py)"
+        echo "  will fail saying that this SLURM is not the testbed's; the rest of the suite runs."
+        echo "  To run the SLURM tier:"
+        echo "    - on a machine or container without a SLURM of its own, as root: make test"
+        echo "      (e.g. a fresh Debian/Ubuntu container with the checkout in it)"
+        echo "    - or here, taking this machine's SLURM down meanwhile:"
+        echo "      PINGU_SLURM_TESTBED_FORCE=1 $0 start"
+        echo "      (backs the files up to NAME$BACKUP; \`$0 stop\` puts them back)"
+    } >&2
+    exit 3
+}
+
+# Before anything is written: refuse, or (forced) back the machine's files up.
+claim_configuration() {
+    local foreign path name
+    mapfile -t foreign < <(foreign_files)
+    [ "${#foreign[@]}" -eq 0 ] && return 0
+    [ "${PINGU_SLURM_TESTBED_FORCE:-0}" = 1 ] || refuse_start "${foreign[@]}"
+    for path in "${foreign[@]}"; do
+        if [ -e "$path$BACKUP" ] && ! cmp -s "$path" "$path$BACKUP"; then
+            echo "slurm_testbed: $path$BACKUP exists and differs from $path; not overwriting" \
+                "a backup: put the right one back as $path first" >&2
+            exit 3
+        fi
+    done
+    for path in "${foreign[@]}"; do
+        cp -p "$path" "$path$BACKUP"
+        echo "slurm_testbed: PINGU_SLURM_TESTBED_FORCE=1: $path backed up to $path$BACKUP" \
+            "(\`$0 stop\` restores it)"
+    done
+    for name in "${FILES[@]}"; do
+        [ -e "$CONF_DIR/$name" ] || : > "$CONF_DIR/$name$NONE"
+    done
+}
+
+# True when a forced start left backups (or absent-file markers) to restore.
+forced() {
+    local name
+    for name in "${FILES[@]}"; do
+        [ -e "$CONF_DIR/$name$BACKUP" ] || [ -e "$CONF_DIR/$name$NONE" ] && return 0
+    done
+    return 1
+}
+
+restore_configuration() {
+    local name path
+    for name in "${FILES[@]}"; do
+        path="$CONF_DIR/$name"
+        if [ -e "$path$BACKUP" ]; then
+            mv -f "$path$BACKUP" "$path"
+            echo "slurm_testbed: restored $path"
+        elif [ -e "$path$NONE" ]; then
+            rm -f "$path" "$path$NONE"
+            echo "slurm_testbed: removed the testbed's $path (there was none before)"
+        fi
+    done
 }
 
 install() {
@@ -47,7 +147,8 @@ configure() {
         [ -e "/dev/fakegpu$i" ] || mknod "/dev/fakegpu$i" c 1 3
     done
     cat > "$STATE/slurm.conf.new" <<CONF
-# Written by pingu-dask's scripts/slurm_testbed.sh: a one-node test cluster.
+$MARKER
+# A one-node test cluster; the testbed rewrites this file (see the script's header).
 ClusterName=pingu-test
 SlurmctldHost=${HOST}(127.0.0.1)
 SlurmUser=root
@@ -80,9 +181,9 @@ JobRequeue=1
 NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${memory} Gres=gpu:${GPUS} State=UNKNOWN
 PartitionName=gpu Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP
 CONF
-    echo "Name=gpu File=/dev/fakegpu[0-${last}]" > "$STATE/gres.conf.new"
+    printf '%s\nName=gpu File=/dev/fakegpu[0-%s]\n' "$MARKER" "$last" > "$STATE/gres.conf.new"
     CHANGED=0
-    for name in slurm.conf gres.conf; do
+    for name in "${FILES[@]}"; do
         if ! cmp -s "$STATE/$name.new" "$CONF_DIR/$name"; then
             mv "$STATE/$name.new" "$CONF_DIR/$name"
             CHANGED=1
@@ -101,14 +202,18 @@ CONF
 
 start() {
     need_root
+    claim_configuration
     install
     configure
     if ! pgrep -x munged >/dev/null; then
+        local munged
+        munged="$(command -v munged || echo /usr/sbin/munged)"
         if id munge >/dev/null 2>&1; then
-            runuser -u munge -- /usr/sbin/munged
+            runuser -u munge -- "$munged"
         else
-            /usr/sbin/munged --force
+            "$munged" --force
         fi
+        touch "$STATE/munged.started"  # stop ends only a munged the testbed started
     fi
     if [ "$CHANGED" = 1 ] && pgrep -x slurmctld >/dev/null; then
         echo "slurm_testbed: configuration changed, restarting slurmctld and slurmd"
@@ -146,8 +251,27 @@ stop_daemons() {
 }
 
 stop() {
+    local foreign
+    if forced; then
+        stop_daemons
+        if [ -f "$STATE/munged.started" ]; then
+            pkill -x munged 2>/dev/null || true
+        fi
+        rm -f "$STATE/munged.started"
+        restore_configuration
+        echo "slurm_testbed: stopped; start this machine's own SLURM daemons again" \
+            "(e.g. systemctl start slurmctld slurmd)"
+        return
+    fi
+    mapfile -t foreign < <(foreign_files)
+    if [ "${#foreign[@]}" -gt 0 ]; then
+        echo "slurm_testbed: not stopping anything: ${foreign[*]} not written by this" \
+            "testbed, so the SLURM daemons here are this machine's own" >&2
+        exit 3
+    fi
     stop_daemons
     pkill -x munged 2>/dev/null || true
+    rm -f "$STATE/munged.started"
     echo "slurm_testbed: stopped"
 }
 

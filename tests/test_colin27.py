@@ -14,9 +14,11 @@ that ignored the affine would show; the 0.5 mm one is used as Debian ships it (R
 Checked: exit 0; each mask has exactly its input's shape and affine; the QC picture
 is upright, i.e. its panels are the image resliced by nibabel's as_closest_canonical
 (RAS+) with superior (coronal) or anterior (axial) at the top and the patient's left
-on the left, and clearly not those slices upside down or mirrored. The run's peak
-memory is measured from outside (the pipeline does not record worker memory) and
-kept, with the time taken, as test properties (pytest --junitxml shows them).
+on the left, and clearly not those slices upside down or mirrored; each slice comes
+as a plain T1w panel (no overlay colour in it) beside its overlay panel, both drawn
+at qc.PX_PER_MM (>= 2) pixels per millimetre. The run's peak memory is measured from
+outside (the pipeline does not record worker memory) and kept, with the time taken,
+as test properties (pytest --junitxml shows them).
 
 The data must be installed (`scripts/install_test_data.sh`, run by `make test` and
 .ci/run): when it is missing the test fails saying so, it is not skipped.
@@ -45,7 +47,6 @@ INSTALL = (
     "install Colin27 with `sudo apt-get install -y mricron-data` (Debian/Ubuntu) or "
     "`sudo scripts/install_test_data.sh`"
 )
-CAPTION_ROWS = 18  # each panel's caption at its bottom is left out of the comparison
 #: Measures the peak resident memory of a command's processes (the driver and its
 #: worker processes: RUSAGE_CHILDREN is the largest of those waited for).
 PEAK_RSS = (
@@ -100,62 +101,75 @@ def windowed(data: np.ndarray) -> np.ndarray:
     return np.clip(data, low, high)
 
 
-def render(section: np.ndarray, width: int) -> np.ndarray:
-    """A RAS+ slice drawn as qc draws it (first axis across, second up), at its size."""
+def render(section: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A RAS+ slice drawn as qc documents (first axis across, second up), at its size."""
     upright = np.ascontiguousarray(section.T[::-1], dtype=np.float32)
-    picture = Image.fromarray(upright, mode="F").resize(
-        (width, qc.PANEL_HEIGHT), Image.Resampling.NEAREST
-    )
+    picture = Image.fromarray(upright, mode="F").resize((width, height), Image.Resampling.NEAREST)
     return np.asarray(picture)
 
 
 def correlation(panel: np.ndarray, expected: np.ndarray) -> float:
-    """Pearson correlation over the panel's image pixels (not PVS colours, not the
-    caption)."""
-    rows = slice(0, qc.PANEL_HEIGHT - CAPTION_ROWS)
-    grey = panel[rows] < qc.GREYS
-    a, b = panel[rows][grey].astype(float), expected[rows][grey]
+    """Pearson correlation over the panel's image pixels (not PVS colours)."""
+    grey = panel < qc.GREYS
+    a, b = panel[grey].astype(float), expected[grey]
     return float(np.corrcoef(a, b)[0, 1])
 
 
 def panels(png: Path, canonical: nib.Nifti1Image, mask: np.ndarray):
-    """(kind, RAS+ slice, pixels) per QC panel, found as qc lays them out: the slices
-    qc.pick_slices chooses for this mask (no parcellation here), axial then coronal,
-    each as wide as its physical aspect ratio, 4 pixels apart."""
-    sheet = np.asarray(Image.open(png))[qc.HEADER_HEIGHT :]
-    assert sheet.shape[0] == qc.PANEL_HEIGHT
+    """(kind, index, RAS+ slice, plain pixels, overlay pixels) per slice, found as qc
+    documents its layout: the slices qc.pick_slices chooses for this mask (no
+    parcellation here), a row of axial pairs then a row of coronal pairs under the
+    header, each row followed by a caption strip; a pair is the plain panel, GAP
+    pixels, the overlay panel; pairs PAIR_GAP apart; every panel at PX_PER_MM of the
+    slice's size in mm (computed here from the canonical image, not taken from qc)."""
+    sheet = np.asarray(Image.open(png))
     nx, ny, nz = canonical.shape[:3]
     zx, zy, zz = (float(z) for z in canonical.header.get_zooms()[:3])
     axial, coronal = qc.pick_slices(mask > 0, None, ())
     data = windowed(np.asanyarray(canonical.dataobj).astype(np.float32))
-    layout = [("axial", z, data[:, :, z], nx * zx / (ny * zy)) for z in axial]
-    layout += [("coronal", y, data[:, y, :], nx * zx / (nz * zz)) for y in coronal]
-    x = 0
-    for kind, index, section, aspect in layout:
-        width = max(1, round(aspect * qc.PANEL_HEIGHT))
-        yield kind, index, section, sheet[:, x : x + width]
-        x += width + 4
+    rows = [
+        [("axial", z, data[:, :, z], nx * zx, ny * zy) for z in axial],
+        [("coronal", y, data[:, y, :], nx * zx, nz * zz) for y in coronal],
+    ]
+    top = qc.HEADER_HEIGHT
+    for row in rows:
+        height = 0
+        x = 0
+        for kind, index, section, width_mm, height_mm in row:
+            width, height = round(width_mm * qc.PX_PER_MM), round(height_mm * qc.PX_PER_MM)
+            plain = sheet[top : top + height, x : x + width]
+            right = x + width + qc.GAP
+            overlay = sheet[top : top + height, right : right + width]
+            assert overlay.shape == (height, width), (png.name, kind, index, overlay.shape)
+            yield kind, index, section, plain, overlay
+            x = right + width + qc.PAIR_GAP
+        top += height + qc.CAPTION_HEIGHT
+    assert sheet.shape[0] == top, f"{png.name}: {sheet.shape[0]} rows, the layout gives {top}"
 
 
 def assert_upright(png: Path, scan: Path, mask_path: Path) -> dict[str, float]:
     """Every panel is its canonical slice drawn upright (superior or anterior at the
     top, the patient's left on the left), and clearly not the same slice upside down
-    or mirrored; returns the correlations with the upright slices, per panel."""
+    or mirrored; the plain panel has no overlay colour; returns the correlations with
+    the upright slices, per panel."""
+    assert qc.PX_PER_MM >= 2
     canonical = nib.as_closest_canonical(nib.load(scan))
     mask = np.asanyarray(nib.as_closest_canonical(nib.load(mask_path)).dataobj)
     found = {}
-    for kind, index, section, pixels in panels(png, canonical, mask):
-        width = pixels.shape[1]
-        upright = correlation(pixels, render(section, width))
-        upside_down = correlation(pixels, render(section[:, ::-1], width))
-        mirrored = correlation(pixels, render(section[::-1], width))  # left-right
+    for kind, index, section, plain, overlay in panels(png, canonical, mask):
         where = f"{png.name}, {kind} slice {index}"
-        assert upright > 0.99, f"{where} is not the canonical slice: {upright:.3f}"
-        assert upright > max(upside_down, mirrored) + 0.1, (
-            f"{where}: upright {upright:.3f}, upside down {upside_down:.3f}, "
-            f"mirrored {mirrored:.3f}"
-        )
-        found[f"{kind} {index}"] = round(upright, 4)
+        assert (plain < qc.GREYS).all(), f"{where}: the plain T1w panel has overlay colours"
+        for name, pixels in (("plain", plain), ("overlay", overlay)):
+            height, width = pixels.shape
+            upright = correlation(pixels, render(section, width, height))
+            upside_down = correlation(pixels, render(section[:, ::-1], width, height))
+            mirrored = correlation(pixels, render(section[::-1], width, height))  # left-right
+            assert upright > 0.99, f"{where} ({name}) is not the canonical slice: {upright:.3f}"
+            assert upright > max(upside_down, mirrored) + 0.1, (
+                f"{where} ({name}): upright {upright:.3f}, upside down {upside_down:.3f}, "
+                f"mirrored {mirrored:.3f}"
+            )
+            found[f"{kind} {index} {name}"] = round(upright, 4)
     return found
 
 

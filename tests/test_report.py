@@ -65,14 +65,49 @@ def colour_index(region: str) -> int:
     return qc.GREYS - 1 + names.index(region) + 1
 
 
+def pairs(pixels: np.ndarray, rows: list[tuple[int, int, int]]):
+    """(plain, overlay) panels per slice, cut out as qc documents its layout: under the
+    header, one row per kind (axial, coronal) of `count` pairs of `width` x `height`
+    pixels, the plain panel GAP pixels before the overlay, pairs PAIR_GAP apart, a
+    caption strip under each row. `rows`: (count, width, height) per row."""
+    top = qc.HEADER_HEIGHT
+    found = []
+    for count, width, height in rows:
+        x = 0
+        for _ in range(count):
+            plain = pixels[top : top + height, x : x + width]
+            overlay = pixels[top : top + height, x + width + qc.GAP : x + 2 * width + qc.GAP]
+            assert plain.shape == overlay.shape == (height, width)
+            found.append((plain, overlay))
+            x += 2 * width + qc.GAP + qc.PAIR_GAP
+        top += height + qc.CAPTION_HEIGHT
+    assert pixels.shape[0] == top  # nothing below the documented rows
+    return found
+
+
 def test_the_montage_colours_pvs_by_region_through_bg_and_wm() -> None:
     image, parcellation, mask = brain()
     pixels = picture(image, parcellation, mask, np.eye(4))
-    assert pixels.shape[0] == qc.HEADER_HEIGHT + qc.PANEL_HEIGHT
-    body = pixels[qc.HEADER_HEIGHT :]
+    # 1 mm voxels at 2 px/mm: axial slices 40 x 44 mm -> 80 x 88 px, coronal 40 x 48 mm
+    # -> 80 x 96 px; three axial slices and one coronal (below), each as a pair.
+    assert qc.PX_PER_MM == 2
+    found = pairs(pixels, [(3, 80, 88), (1, 80, 96)])
+    for plain, overlay in found:
+        assert (plain < qc.GREYS).all()  # the plain T1w panel: no overlay colour
+        grey = overlay < qc.GREYS  # the overlay panel: the same slice under its colours
+        np.testing.assert_array_equal(overlay[grey], plain[grey])
+    body = np.concatenate([overlay.ravel() for _, overlay in found])
     assert (body == colour_index("white_matter")).sum() > 20
     assert (body == colour_index("basal_ganglia")).sum() > 20
     assert not (body == colour_index("other")).any()
+    colours_anywhere = (pixels[qc.HEADER_HEIGHT :] >= qc.GREYS).sum()
+    assert colours_anywhere == (body >= qc.GREYS).sum()  # PVS colours only in overlays
+    # The white-matter tube (x 10-19 at y 22, z 32) in the axial slice through it, at
+    # 2 x 2 pixels per voxel: columns 20-39, rows from the top (88 - 2 * 23) = 42-43.
+    axial_wm = found[2][1]
+    tube = np.argwhere(axial_wm == colour_index("white_matter"))
+    assert (tube[:, 1].min(), tube[:, 1].max()) == (20, 39)
+    assert (tube[:, 0].min(), tube[:, 0].max()) == (42, 43)
     # Axial: the basal ganglia's middle (z 8-17 -> 12), the middle of the white matter
     # above them (z 20-43 -> 31) and half-way; coronal: the basal ganglia's middle
     # (y 15-29 -> 22), which is also where most PVS voxels are.
@@ -103,10 +138,15 @@ def test_a_scan_without_pvs_or_parcellation_still_gets_a_picture(tmp_path: Path)
     pixels = np.asarray(Image.open(path))
     assert not (pixels[qc.HEADER_HEIGHT :] >= qc.GREYS).any()
     assert list(tmp_path.joinpath("qc").iterdir()) == [path]
-    # Panels are drawn at their physical aspect, 180 px tall: the two axial slices are
-    # 40 x 44 mm (164 px wide each), the coronal one 40 mm x 48 slices of 3 mm (50 px).
-    drawn_columns = (pixels[qc.HEADER_HEIGHT : -20] != 0).any(axis=0).sum()
-    assert drawn_columns == 164 + 164 + 50
+    # Panels are drawn at 2 px per mm at their physical aspect: the two axial slices
+    # are 40 x 44 mm (80 x 88 px), the coronal one 40 mm x 48 slices of 3 mm (80 x 288).
+    found = pairs(pixels, [(2, 80, 88), (1, 80, 288)])
+    assert len(found) == 3
+    for plain, overlay in found:
+        np.testing.assert_array_equal(plain, overlay)  # no PVS: the overlay adds nothing
+        assert (plain != 0).any(axis=0).all() and (plain != 0).any(axis=1).all()
+    axial_row = pixels[qc.HEADER_HEIGHT : qc.HEADER_HEIGHT + 88]
+    assert (axial_row != 0).any(axis=0).sum() == 4 * 80  # four panels, gaps left black
 
 
 def made_up_regions(values: dict[str, list[float]]) -> pd.DataFrame:

@@ -44,6 +44,16 @@ def slurm() -> None:
             "SLURM is not up (sinfo: "
             f"{(state.stdout + state.stderr).strip()!r}); start it: scripts/slurm_testbed.sh start"
         )
+    # A machine's own SLURM (the testbed refuses to replace its configuration) is not
+    # the testbed: these tests submit jobs to its `gpu` partition with fake GPUs.
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    cluster = re.search(r"^ClusterName\s*=\s*(\S+)", config.stdout, re.MULTILINE)
+    if not cluster or cluster.group(1) != "pingu-test":
+        pytest.fail(
+            f"this SLURM is not the testbed's (ClusterName {cluster.group(1) if cluster else '?'}"
+            ", not pingu-test): the SLURM tier runs on the testbed only, on a machine without "
+            "a SLURM of its own (see scripts/slurm_testbed.sh and the README's Development)"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,20 @@
 Researchers check segmentations by looking. With `--qc`, `finish` writes
 OUT/qc/<scan_id>.png: axial slices through the basal ganglia and the centrum
 semiovale (white matter) and coronal slices through the basal ganglia and the slice
-with most PVS, each PVS voxel coloured by the region its cluster was counted in, with
-the scan id and the counts per region in a header strip.
+with most PVS. Each slice is drawn twice, side by side: the plain T1w (the anatomy,
+nothing over it) and the same slice with each PVS voxel coloured by the region its
+cluster was counted in. Axial pairs make the first row, coronal pairs the second,
+each row with a caption strip under it; a header strip gives the scan id and the
+counts per region.
 
-Slices are shown in the neurological convention (the patient's left on the left,
-anterior or superior at the top) after reorienting to RAS+, at its physical
-aspect ratio (a 3 mm slice is drawn 3 mm tall). numpy and Pillow only: ~0.1 s a scan.
-`preprocess` keeps a windowed 8-bit copy of the T1w for this (`QCImage`), so nothing
-is read twice.
+Every panel is drawn at PX_PER_MM pixels per millimetre of the scan (2: a 1 mm voxel
+is 2 x 2 pixels, a 0.5 mm one 1 x 1), at its physical aspect ratio (a 3 mm slice is
+drawn 3 mm tall), in the neurological convention (the patient's left on the left,
+anterior or superior at the top) after reorienting to RAS+. A 1 mm head (Colin27,
+181 x 217 x 181 mm) gives about 2,200 x 900 pixels. numpy and Pillow only; sizes and
+times per picture are in docs/benchmarks.md (scripts/bench_qc.py). `preprocess`
+keeps a windowed 8-bit copy of the T1w for this (`QCImage`), so nothing is read
+twice.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import numpy as np
 from pingu_dask.output import layout
 from pingu_dask.output.files import atomic_path
 
-PANEL_HEIGHT = 180  # pixels per slice panel
+PX_PER_MM = 2.0  # pixels per millimetre of the scan, across and up, in every panel
+GAP = 4  # pixels between a slice's plain T1w panel and its overlay panel
+PAIR_GAP = 16  # pixels between one slice's pair and the next
+CAPTION_HEIGHT = 18  # the strip under each row of panels, one caption per slice
 GREYS = 224  # palette entries for the image; the regions' colours follow
 LIGHT = 200  # the palette index captions are drawn in
 HEADER_HEIGHT = 42  # two lines: title, legend
@@ -156,21 +165,27 @@ def montage(
     for name in names:
         colours.append(REGION_COLOURS.get(name) or next(extra))
     zx, zy, zz = qc.zooms
-    panels = []
+    axial_pairs = []
     for z in axial:
         slab, thickness = _slab(pvs, 2, z, zz)
-        caption = f"axial {z}, PVS in {thickness}"
-        panels.append(_panel(qc.volume[:, :, z], slab, zx, zy, caption))
+        caption = f"axial {z}: T1w | PVS in {thickness}"
+        axial_pairs.append(_pair(qc.volume[:, :, z], slab, zx, zy, caption))
+    coronal_pairs = []
     for y in coronal:
         slab, thickness = _slab(pvs, 1, y, zy)
-        caption = f"coronal {y}, PVS in {thickness}"
-        panels.append(_panel(qc.volume[:, y, :], slab, zx, zz, caption))
-    width = sum(panel.width for panel in panels) + 4 * (len(panels) - 1)
-    sheet = Image.new("P", (max(width, 640), HEADER_HEIGHT + PANEL_HEIGHT), 0)
-    x = 0
-    for panel in panels:
-        sheet.paste(panel, (x, HEADER_HEIGHT))
-        x += panel.width + 4
+        caption = f"coronal {y}: T1w | PVS in {thickness}"
+        coronal_pairs.append(_pair(qc.volume[:, y, :], slab, zx, zz, caption))
+    rows = [axial_pairs, coronal_pairs]
+    widths = [sum(pair.width for pair in row) + PAIR_GAP * (len(row) - 1) for row in rows]
+    heights = [max(pair.height for pair in row) for row in rows]  # captions included
+    sheet = Image.new("P", (max(*widths, 640), HEADER_HEIGHT + sum(heights)), 0)
+    top = HEADER_HEIGHT
+    for row, row_height in zip(rows, heights, strict=True):
+        x = 0
+        for pair in row:
+            sheet.paste(pair, (x, top))
+            x += pair.width + PAIR_GAP
+        top += row_height
     _header(sheet, title, counts, names)
     # A palette image (greys, then one entry per region) keeps region colours exact and
     # the file ~30 % smaller than RGB.
@@ -189,20 +204,35 @@ def _slab(pvs: np.ndarray, axis: int, index: int, spacing_mm: float) -> tuple[np
     return slab, f"{(upper - lower) * spacing_mm:g} mm"
 
 
-def _panel(image, pvs, column_mm: float, row_mm: float, caption: str):
-    """One slice as palette indices: columns along the first axis, rows along the
-    second, top = high; PVS voxels get their region's entry (GREYS + code - 1)."""
+def _pair(image, pvs, column_mm: float, row_mm: float, caption: str):
+    """One slice as a pair of panels, the plain T1w then the overlay (GAP apart), with
+    its caption in a strip beneath (cut to the pair's width: captions never overlap
+    the next pair's, nor the image)."""
     from PIL import Image, ImageDraw
 
+    plain = _panel(image, None, column_mm, row_mm)
+    overlay = _panel(image, pvs, column_mm, row_mm)
+    pair = Image.new("P", (2 * plain.width + GAP, plain.height + CAPTION_HEIGHT), 0)
+    pair.paste(plain, (0, 0))
+    pair.paste(overlay, (plain.width + GAP, 0))
+    ImageDraw.Draw(pair).text((4, plain.height + 2), caption, fill=LIGHT, font=_font())
+    return pair
+
+
+def _panel(image, pvs, column_mm: float, row_mm: float):
+    """One slice as palette indices at PX_PER_MM: columns along the first axis, rows
+    along the second, top = high; PVS voxels (when `pvs` is given) get their region's
+    entry (GREYS + code - 1). Nearest-neighbour scaling: every pixel is a voxel's."""
+    from PIL import Image
+
     indices = (image.T[::-1].astype(np.uint16) * (GREYS - 1) // 255).astype(np.uint8)
-    codes = pvs.T[::-1]
-    indices[codes > 0] = GREYS - 1 + codes[codes > 0]
-    height_mm = indices.shape[0] * row_mm
-    width = max(1, round(indices.shape[1] * column_mm * PANEL_HEIGHT / height_mm))
+    if pvs is not None:
+        codes = pvs.T[::-1]
+        indices[codes > 0] = GREYS - 1 + codes[codes > 0]
+    width = max(1, round(indices.shape[1] * column_mm * PX_PER_MM))
+    height = max(1, round(indices.shape[0] * row_mm * PX_PER_MM))
     panel = Image.fromarray(indices, mode="P")
-    panel = panel.resize((width, PANEL_HEIGHT), Image.Resampling.NEAREST)
-    ImageDraw.Draw(panel).text((4, PANEL_HEIGHT - 16), caption, fill=LIGHT, font=_font())
-    return panel
+    return panel.resize((width, height), Image.Resampling.NEAREST)
 
 
 def _header(sheet, title: str, counts: dict[str, int], names) -> None:
