@@ -226,3 +226,113 @@ def test_cli_synth_then_validate(tmp_path: Path) -> None:
     assert "2 valid scans, 0 problem(s)" in result.output and "all rows valid" in result.output
     result = runner.invoke(main, ["synth", str(tmp_path / "d"), "--sites", "venus"])
     assert result.exit_code == 2 and "unknown site" in result.output
+
+
+# -- no silent loss of inputs: misspelt columns ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spelled", "meant"),
+    [("parcelation", "parcellation"), ("refrence", "reference"), ("sesion", "session")],
+)
+def test_a_misspelt_optional_column_fails_validation(
+    cohort: Path, cohort_table: pd.DataFrame, spelled: str, meant: str
+) -> None:
+    path = write(cohort_table.rename(columns={meant: spelled}), cohort / f"typo_{spelled}.csv")
+    report = load_manifest(path, check_files=False)
+    assert not report.ok
+    assert [str(p) for p in report.problems] == [
+        f"unknown column {spelled!r}: did you mean {meant!r}? As spelled it is ignored; "
+        "rename it, or allow unknown columns (--allow-unknown-columns) to go on without it"
+    ]
+    assert report.table_problems == report.problems  # a column, not a row
+    assert not any(spelled in note for note in report.notes)  # a problem, not a note
+    with pytest.raises(ManifestError, match=f"did you mean {meant!r}"):
+        require_valid(report)
+
+
+def test_allowing_unknown_columns_lets_a_misspelt_one_through_with_a_note(
+    cohort: Path, cohort_table: pd.DataFrame
+) -> None:
+    table = cohort_table.rename(columns={"parcellation": "parcelation"}).assign(visit="1")
+    report = load_manifest(write(table, cohort / "typo_allowed.csv"), allow_unknown_columns=True)
+    assert report.ok and len(report.scans) == 3
+    assert all(scan.parcellation is None for scan in report.scans)  # the column was not used
+    assert report.notes == (
+        "column 'parcelation' ignored (unknown columns allowed): it looks like "
+        "'parcellation', which this manifest does not have",
+        "columns ignored: t2w, visit",  # the cohort's t2w: another model's channel
+    )
+
+
+def test_a_far_off_or_deliberate_extra_column_is_only_a_note(tmp_path: Path) -> None:
+    table = pd.DataFrame(
+        {
+            "scan_id": ["a"],
+            "t1w": ["a.nii.gz"],
+            "site": ["x"],
+            "visit": ["1"],  # 0.67 against `site`: below the cutoff
+            "site_id": ["7"],  # close to `site`, but `site` is there: nothing is lost
+            "t2w": ["a_T2w.nii.gz"],  # another model's channel, not a typo of t1w
+        }
+    )
+    report = load_manifest(write(table, tmp_path / "m.csv"), check_files=False)
+    assert report.ok, report.problems
+    assert report.notes == ("columns ignored: visit, site_id, t2w",)
+
+
+def test_a_misspelt_required_column_is_named_with_its_likely_meaning(tmp_path: Path) -> None:
+    table = pd.DataFrame({"scan_id": ["a"], "t1": ["a.nii.gz"], "subject_id": ["a"]})
+    report = load_manifest(write(table, tmp_path / "m.csv"), check_files=False)
+    messages = [str(p) for p in report.problems]
+    assert not report.scans
+    assert messages[0] == "missing required column 't1w' (columns found: scan_id, t1, subject_id)"
+    assert "unknown column 't1': did you mean 't1w'?" in messages[1]
+    assert "unknown column 'subject_id': did you mean 'subject'?" in messages[2]
+    allowed = load_manifest(tmp_path / "m.csv", check_files=False, allow_unknown_columns=True)
+    assert [str(p) for p in allowed.problems] == messages[:1]  # the required one still fails
+
+
+def test_cli_validate_fails_on_a_misspelt_column_unless_allowed(
+    cohort: Path, cohort_table: pd.DataFrame
+) -> None:
+    path = write(cohort_table.rename(columns={"parcellation": "parcelation"}), cohort / "v.csv")
+    runner = CliRunner()
+    result = runner.invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "3 valid scans, 1 problem(s)" in text
+    assert "unknown column 'parcelation': did you mean 'parcellation'?" in text
+    assert "all rows valid" not in text
+    result = runner.invoke(main, ["validate", str(path), "--allow-unknown-columns"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "note: column 'parcelation' ignored" in text and "all rows valid" in text
+    assert "3 scans without a parcellation: whole-brain figures only" in text
+
+
+def test_validate_says_how_many_scans_have_no_parcellation(
+    cohort: Path, cohort_table: pd.DataFrame
+) -> None:
+    table = cohort_table.copy()
+    table.loc[1, "parcellation"] = ""
+    result = CliRunner().invoke(main, ["validate", str(write(table, cohort / "one_without.csv"))])
+    assert result.exit_code == 0, result.output
+    assert "1 scan without a parcellation: whole-brain figures only" in result.output
+    full = CliRunner().invoke(main, ["validate", str(cohort / "manifest.csv")])
+    assert full.exit_code == 0 and "without a parcellation" not in full.output
+
+
+@pytest.mark.parametrize("extra", [[], ["--skip-invalid"]])
+def test_cli_run_stops_on_a_misspelt_column_before_any_model_runs(
+    cohort: Path, cohort_table: pd.DataFrame, tmp_path: Path, extra: list[str]
+) -> None:
+    path = write(cohort_table.rename(columns={"parcellation": "parcelation"}), tmp_path / "m.csv")
+    out = tmp_path / "out"
+    arguments = ["run", str(path), "--out", str(out), "--model", "demo", *extra]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "did you mean 'parcellation'?" in text and "--allow-unknown-columns" in text
+    assert not (out / "tables").exists() and not (out / "run.json").exists()
+    assert not (out / "masks.zarr").exists()

@@ -21,7 +21,7 @@ from pingu_dask.analysis.regions import (
     parse_labels,
 )
 from pingu_dask.config import PvsClusterRules, setting
-from pingu_dask.inputs.manifest import ManifestReport
+from pingu_dask.inputs.manifest import ManifestReport, region_sources_note, whole_brain_only_note
 
 console = Console(highlight=False)
 SUMMARY_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
@@ -89,6 +89,14 @@ pvs_cluster_options = option_group(
 )
 
 
+allow_unknown_columns_option = click.option(
+    "--allow-unknown-columns",
+    is_flag=True,
+    help="Go on when a manifest column looks like a misspelt known one (e.g. "
+    "'parcelation'): it is ignored, with a note, instead of failing validation.",
+)
+
+
 def pvs_cluster_rules(
     connectivity: str | None,
     min_cluster_voxels: int | None,
@@ -132,13 +140,23 @@ def print_report(report: ManifestReport) -> None:
     if report.scans and any(site != "-" for site in sites):
         console.print("sites: " + ", ".join(f"{s} ({n})" for s, n in sorted(sites.items())))
     for note in report.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", soft_wrap=True)
+    without = sum(scan.parcellation is None for scan in report.scans)
+    if without:
+        console.print(f"[yellow]{whole_brain_only_note(without)}[/yellow]")
     if report.ok:
         console.print("[green]all rows valid[/green]")
         return
     # One plain line per problem: readable, and easy to grep or paste into an issue.
     for problem in report.problems:
         console.print(f"[red]problem[/red] {problem}", soft_wrap=True)
+
+
+def print_region_sources(run_info: dict | None) -> None:
+    """`status`: how many scans of the run's manifest had no parcellation (from run.json)."""
+    note = region_sources_note((run_info or {}).get("region_sources"))
+    if note:
+        console.print(f"[yellow]{note}[/yellow]", soft_wrap=True)
 
 
 def print_evaluation(evaluation: pd.DataFrame, title: str, agreement: bool = False) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from pingu_dask.cli.common import console, print_report, split
+from pingu_dask.cli.common import allow_unknown_columns_option, console, print_report, split
 from pingu_dask.inputs import bids
 from pingu_dask.inputs.manifest import DEFAULT_CHANNELS, load_manifest
 from pingu_dask.synth.cohort import DEFAULT_SITES, SITES, ScanRecord, generate_cohort
@@ -101,10 +101,19 @@ def _group_by_site(records: list[ScanRecord]) -> dict[str, list[ScanRecord]]:
     type=click.IntRange(min=1),
     help="Files checked in parallel (helps on network file systems).",
 )
-def validate(manifest: Path, channels: str, check_files: bool, jobs: int) -> None:
+@allow_unknown_columns_option
+def validate(
+    manifest: Path, channels: str, check_files: bool, jobs: int, allow_unknown_columns: bool
+) -> None:
     """Check a manifest (CSV, TSV or Parquet) and report every problem with its row."""
     try:
-        report = load_manifest(manifest, split(channels), check_files=check_files, jobs=jobs)
+        report = load_manifest(
+            manifest,
+            split(channels),
+            check_files=check_files,
+            jobs=jobs,
+            allow_unknown_columns=allow_unknown_columns,
+        )
     except (OSError, ValueError) as error:
         console.print(f"[red]cannot read manifest:[/red] {error}")
         raise SystemExit(1) from error
@@ -153,4 +162,10 @@ def discover_bids(bids_dir: Path, channels: tuple[str, ...]) -> bids.Discovery:
         click.echo(f"not used: {problem}", err=True)
     summary = f"{bids_dir}: {len(found.rows)} scans found, {len(found.problems)} problem(s)"
     click.echo(summary, err=True)
+    if found.without_parcellation:
+        click.echo(
+            f"{found.without_parcellation} of {len(found.rows)} scans have no parcellation "
+            "(no *_dseg found): whole-brain figures only",
+            err=True,
+        )
     return found

@@ -16,6 +16,8 @@ in `sub-<label>/[ses-<label>/]anat/`.
 - `participants.tsv` gives the site (column `site`, else `scanner`/`centre`/`center`).
 - A subject or session without a T1w, or a scan without a channel, is reported and left
   out; the rest still run.
+- A scan without a parcellation is kept (whole-brain figures only) and counted
+  (`Discovery.without_parcellation`), so that it is said rather than found later.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ class Discovery:
 
     rows: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def without_parcellation(self) -> int:
+        """Scans found without a parcellation (no SynthSeg/aseg `_dseg`, no aseg.mgz):
+        they get whole-brain figures only, which a cohort should hear about."""
+        return sum(not row.get("parcellation") for row in self.rows)
 
     def manifest(self, channels: tuple[str, ...]) -> pd.DataFrame:
         columns = ["scan_id", "subject", "session", "site", *channels, "parcellation"]

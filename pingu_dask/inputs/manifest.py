@@ -10,10 +10,16 @@ error per run), each with its row number and a plain reason. Rows count from 1 a
 the header, so row N of a CSV file is on line N + 1. Only rows without problems become
 Scan records. Scan ids end up in file and Zarr names, so they are held to a strict
 alphabet: this is what keeps a manifest from writing outside the output folder.
+
+An optional column lost to a typo loses its data silently (a `parcelation` column gives
+whole-brain figures only, a `refrence` column no evaluation), so an unknown column that
+looks like a known column the manifest lacks is a problem ("did you mean ...?") unless
+unknown columns are allowed; other unknown columns are noted and ignored.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -26,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pingu_dask.errors import InputError
+from pingu_dask.inputs.bids import SUFFIXES as KNOWN_CHANNELS
 from pingu_dask.inputs.imaging import LABEL_MAP_SUFFIXES, ImageError, ImageInfo, read_info
 
 DEFAULT_CHANNELS = ("t1w",)
@@ -35,6 +42,11 @@ MAX_ID_LENGTH = 128
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
+# difflib ratio from which an unknown column counts as a misspelling of a known one:
+# catches parcelation, refrence, sesion, t1, subject_id, reference_mask; leaves visit
+# (0.67 against site), scanner, sex, notes alone.
+CLOSE_COLUMN_CUTOFF = 0.75
+NO_REGION_SOURCE = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +108,11 @@ class ManifestReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def table_problems(self) -> tuple[Problem, ...]:
+        """Problems of the whole table (its columns), which skipping bad rows cannot fix."""
+        return tuple(problem for problem in self.problems if problem.row is None)
 
 
 class ManifestError(InputError):
@@ -162,13 +179,16 @@ def load_manifest(
     channels: Sequence[str] = DEFAULT_CHANNELS,
     check_files: bool = True,
     jobs: int = 8,
+    allow_unknown_columns: bool = False,
 ) -> ManifestReport:
     """Read and validate a manifest.
 
     `channels` are the model's input channels, in order; each must be a column.
     With `check_files`, every referenced file is opened (header only, `jobs` at a time,
     which matters on network file systems): it must exist, be a readable NIfTI and be
-    3D, and a scan's channels must share one grid.
+    3D, and a scan's channels must share one grid. An unknown column close to a known
+    column the table lacks (`parcelation`) is a problem, or with
+    `allow_unknown_columns` a note; see unknown_columns.
     """
     path = Path(path).absolute()
     channels = tuple(c.strip().lower() for c in channels)
@@ -190,12 +210,26 @@ def load_manifest(
                 f"{', '.join(columns) or 'none'})"
             )
         )
+    known = (*required, *OPTIONAL_TEXT_COLUMNS, *OPTIONAL_PATH_COLUMNS)
+    misspelt, ignored = unknown_columns(columns, known)
+    for column, meant in misspelt.items():
+        if allow_unknown_columns:
+            notes.append(
+                f"column {column!r} ignored (unknown columns allowed): it looks like "
+                f"{meant!r}, which this manifest does not have"
+            )
+        else:
+            problems.append(
+                Problem(
+                    f"unknown column {column!r}: did you mean {meant!r}? As spelled it is "
+                    "ignored; rename it, or allow unknown columns (--allow-unknown-columns) "
+                    "to go on without it"
+                )
+            )
+    if ignored:
+        notes.append(f"columns ignored: {', '.join(ignored)}")
     if missing or duplicated_columns:
-        return ManifestReport(path, len(table), channels, (), tuple(problems))
-    known = set(required) | set(OPTIONAL_TEXT_COLUMNS) | set(OPTIONAL_PATH_COLUMNS)
-    extra = [c for c in columns if c not in known]
-    if extra:
-        notes.append(f"columns ignored: {', '.join(extra)}")
+        return ManifestReport(path, len(table), channels, (), tuple(problems), tuple(notes))
 
     def column_values(name: str) -> Iterable[str]:
         return table[name].tolist() if name in table.columns else [""] * len(table)
@@ -243,6 +277,62 @@ def load_manifest(
         problems.extend(file_problems)
         problems.sort(key=lambda p: p.row or 0)
     return ManifestReport(path, len(table), channels, tuple(scans), tuple(problems), tuple(notes))
+
+
+def unknown_columns(
+    columns: Sequence[str], known: Sequence[str]
+) -> tuple[dict[str, str], list[str]]:
+    """The columns not in `known`: ({misspelt column: the known column it looks like},
+    [other unknown columns]).
+
+    A column counts as misspelt when difflib finds it close (CLOSE_COLUMN_CUTOFF) to a
+    known column that the table does not have: then its data would be lost. Close to a
+    column that is there (`site_id` beside `site`), or named like another model's input
+    channel (`t2w` for a T1w-only model), it is a deliberate extra and only ignored.
+    """
+    absent = [c for c in dict.fromkeys(known) if c not in columns]
+    misspelt: dict[str, str] = {}
+    ignored: list[str] = []
+    for column in dict.fromkeys(columns):
+        if column in known:
+            continue
+        close = [] if column in KNOWN_CHANNELS else _close(column, absent)
+        if close:
+            misspelt[column] = close[0]
+        else:
+            ignored.append(column)
+    return misspelt, ignored
+
+
+def _close(column: str, candidates: Sequence[str]) -> list[str]:
+    return difflib.get_close_matches(column, candidates, n=1, cutoff=CLOSE_COLUMN_CUTOFF)
+
+
+def region_source(scan: Scan, table_name: str) -> str:
+    """Where a scan's regions come from: the region table its parcellation is read with
+    (e.g. "synthseg", or a JSON table's name), or "none" (whole-brain figures only)."""
+    return table_name if scan.parcellation is not None else NO_REGION_SOURCE
+
+
+def whole_brain_only_note(n_without: int, brain_rule_share: float | None = None) -> str:
+    """The sentence run, validate, status and the report say about scans without a
+    parcellation (one wording, so that it can be searched for); with `brain_rule_share`
+    (the brain rule is on), also that the rule did not run for them."""
+    scans = "scan" if n_without == 1 else "scans"
+    note = f"{n_without} {scans} without a parcellation: whole-brain figures only"
+    if brain_rule_share is not None:
+        note += f", and no brain rule (max-outside-brain {brain_rule_share:g} needs a parcellation)"
+    return note
+
+
+def region_sources_note(record: Mapping | None) -> str | None:
+    """whole_brain_only_note from run.json's `region_sources` record (run/provenance.py),
+    or None when every scan had a parcellation or the run predates the record."""
+    if not record or not record.get("scans_without_parcellation"):
+        return None
+    rule = record.get("brain_rule") or {}
+    share = rule.get("max_outside_brain") if rule.get("on") else None
+    return whole_brain_only_note(int(record["scans_without_parcellation"]), share)
 
 
 def require_valid(report: ManifestReport) -> tuple[Scan, ...]:

@@ -21,6 +21,7 @@ import pandas as pd
 from pingu_dask import __version__
 from pingu_dask.analysis.evaluate import count_agreement, reference_handling, summarise
 from pingu_dask.errors import PinguError
+from pingu_dask.inputs.manifest import region_sources_note
 from pingu_dask.output import layout, ledger, tables
 from pingu_dask.output.files import atomic_path
 from pingu_dask.report import figures
@@ -155,6 +156,9 @@ def build_report(out: Path) -> Path:
         "run": run_info,
         "counts": summary.counts,
         "n_scans": run_info.get("n_scans"),
+        # run.json's record of the manifest's region sources (run/provenance.py)
+        "region_sources": run_info.get("region_sources"),
+        "whole_brain_only": region_sources_note(run_info.get("region_sources")),
         "attempts": summary.attempts,
         "retried": summary.retried,
         "rate": summary.scans_per_minute,

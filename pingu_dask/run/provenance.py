@@ -1,16 +1,22 @@
-"""What run.json records about a run: tool and library versions, model, settings, manifest."""
+"""What run.json records about a run: tool and library versions, model, settings, manifest,
+and what the manifest's scans had to work with (region_sources)."""
 
 from __future__ import annotations
 
 import hashlib
 import platform
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
 from pingu_dask import __version__
+from pingu_dask.inputs.manifest import NO_REGION_SOURCE, Scan, region_source
 from pingu_dask.run import stages
+
+REGION_SOURCES = "region_sources"  # run.json key: what the current manifest's scans used
 
 
 def manifest_info(manifest: Path | None) -> dict | None:
@@ -61,4 +67,34 @@ def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -
         "n_scans": n_scans,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "finished": None,
+    }
+
+
+def region_sources(scans: Sequence[Scan], pipeline: stages.Pipeline) -> dict:
+    """run.json's record of what the scans of the current manifest used, not the default.
+
+    `regions` in run.json is the region table the run was set up with (compared on
+    resume); this says how many scans had a parcellation for it at all, per region
+    source ("synthseg", ..., or "none": whole-brain figures only), and for how many
+    the brain rule (drop clusters mostly outside the parcellation's brain,
+    `max_outside_brain`) ran, since it needs a parcellation: counts of one cohort
+    made with and without it are not comparable. It is rewritten by every run, like
+    `n_scans`, and kept out of the settings that resuming compares.
+    """
+    per_source = Counter(region_source(scan, pipeline.regions.name) for scan in scans)
+    without = per_source.get(NO_REGION_SOURCE, 0)
+    with_parcellation = len(scans) - without
+    rule = pipeline.pvs_rules
+    checked = with_parcellation if rule.drops_outside_brain else 0
+    return {
+        "table": pipeline.regions.name if with_parcellation else None,
+        "scans_with_parcellation": with_parcellation,
+        "scans_without_parcellation": without,
+        "per_source": dict(sorted(per_source.items())),
+        "brain_rule": {
+            "max_outside_brain": rule.max_outside_brain,
+            "on": rule.drops_outside_brain,
+            "scans_with": checked,
+            "scans_without": len(scans) - checked,
+        },
     }
