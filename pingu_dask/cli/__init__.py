@@ -10,6 +10,7 @@ invalid manifest, failed scans), 2 wrong usage (click's own convention).
     progress.py  status; the progress bar, per-scan table and status summary
     evaluate.py  evaluate
     report.py    report
+    export.py    export (CSV, TSV, Parquet for R, SPSS, Stata, Excel)
     model.py     model import (nnU-Net v1 -> v2)
     common.py    the console, shared options and printing helpers
 """
@@ -28,7 +29,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from pingu_dask.cli import data, demo, evaluate, model, progress, report, run
+    from pingu_dask.cli import data, demo, evaluate, export, model, progress, report, run
 
     commands = (
         data.synth,
@@ -38,6 +39,7 @@ def _register() -> None:
         progress.status,
         evaluate.evaluate,
         report.report,
+        export.export,
         model.model,
         demo.demo,
     )
