@@ -21,6 +21,8 @@ a traceback.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -109,6 +111,48 @@ class ErrorReport:
     @property
     def retryable(self) -> bool:
         return self.verdict is Verdict.TRANSIENT
+
+
+class OutOfSpace(RunError):
+    """The output's file system is full or over its quota: every further write would
+    fail the same way, and no scan is to blame, so the run stops (see is_out_of_space)."""
+
+
+# How a full disk (ENOSPC, 28) or quota (EDQUOT, 122 on Linux) reads once the error has
+# become text: a worker's StageFailure crosses to the driver as its message only.
+_OUT_OF_SPACE_TEXT = (
+    f"[errno {errno.ENOSPC}]",
+    f"[errno {errno.EDQUOT}]",
+    os.strerror(errno.ENOSPC).lower(),  # "no space left on device"
+    os.strerror(errno.EDQUOT).lower(),  # "disk quota exceeded"
+)
+
+
+def is_out_of_space(failure: BaseException | ErrorReport) -> bool:
+    """Whether an error (or what the ledger would record of it) is a full file system
+    or quota: then no scan can be written until space is freed, so retrying, or
+    failing scan after scan, would only lose work. Looks at the error, its causes and
+    context (an OSError wrapped by Zarr, or raised again while cleaning up), and at the
+    message of a worker's StageFailure or an ErrorReport."""
+    if isinstance(failure, ErrorReport):
+        return _names_out_of_space(f"{failure.error_type}: {failure.message}")
+    seen: set[int] = set()
+    error: BaseException | None = failure
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OutOfSpace):
+            return True
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, StageFailure) and _names_out_of_space(error.message):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _names_out_of_space(text: str) -> bool:
+    text = text.lower()
+    return any(phrase in text for phrase in _OUT_OF_SPACE_TEXT)
 
 
 def describe(error: BaseException) -> ErrorReport:
