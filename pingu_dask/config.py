@@ -25,6 +25,29 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "step-size": 0.5,
         "device": "auto",
         "checkpoint": "checkpoint_final.pth",
+        # The orientation scans are brought to before the network (exact axis
+        # permutations and flips; the prediction goes back the same way): the one the
+        # model was trained in. RAS: nibabel's canonical, nnU-Net's reorienting reader's,
+        # and the bundled demo model's (trained on RAS/LAS/LPS-stored scans). "stored":
+        # off, the array as stored (nnUNetv2_predict's behaviour).
+        "orientation": "RAS",
+        # Pre-flight checks: turn flags into failures (the scan is then not run).
+        "strict": False,
+        # Pre-flight checks' bounds (inputs/checks.py; None turns one off), calibrated on
+        # Colin27, MNI152 and every synthetic site (docs/benchmarks.md). label_map: an
+        # all-integer image with fewer distinct values, or this share of equal neighbours.
+        "check-label-map-min-values": 16,
+        "check-label-map-equal-neighbours": 0.5,
+        "check-same-value-share": 0.99,  # intensity_spread failure: this share at one value
+        "check-min-contrast": 0.2,  # intensity_spread flag: head's p5-p95 span / median
+        "check-voxel-mm-flag": [0.3, 4.0],  # voxel_size (each axis): flag outside...
+        "check-voxel-mm-fail": [0.1, 8.0],  # ...failure outside
+        "check-fov-mm-flag": [90.0, 320.0],  # field_of_view (each axis): flag outside...
+        "check-fov-mm-fail": [40.0, 500.0],  # ...failure outside
+        "check-brain-in-head-flag": 0.9,  # alignment: parcellation's brain in the head
+        "check-brain-in-head-fail": 0.75,
+        "check-orientation-flag": 1.1,  # orientation: fit as stored / best 90-degree turn
+        "check-orientation-fail": 1.05,
         "connectivity": 26,
         "min-cluster-voxels": 6,
         "min-cluster-mm3": 0.0,
@@ -102,6 +125,7 @@ class InferenceSettings:
     step_size: float = _DEFAULT["step-size"]
     device: str = _DEFAULT["device"]  # auto | cpu | cuda | cuda:N
     torch_threads: int | None = None
+    orientation: str = _DEFAULT["orientation"]  # axis codes (RAS, LPS, ...) or "stored"
 
     @classmethod
     def from_config(cls, **overrides) -> InferenceSettings:
@@ -111,6 +135,7 @@ class InferenceSettings:
             "tta": bool(setting("tta")),
             "step_size": float(setting("step-size")),
             "device": str(setting("device")),
+            "orientation": str(setting("orientation")),
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         if base.get("folds") is not None:
@@ -122,11 +147,31 @@ class InferenceSettings:
             raise ValueError(f"step size must be in (0, 1], got {self.step_size}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch threads must be at least 1")
+        object.__setattr__(self, "orientation", check_orientation(self.orientation))
 
     def fingerprint(self) -> str:
         """Short hash of the settings that change the masks (for provenance)."""
         relevant = {k: v for k, v in asdict(self).items() if k not in ("device", "torch_threads")}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+AS_STORED = "stored"  # the orientation setting that turns reorienting off
+_AXIS_OF_CODE = {"L": "x", "R": "x", "P": "y", "A": "y", "I": "z", "S": "z"}
+
+
+def check_orientation(value: str) -> str:
+    """A valid orientation setting: three axis codes (RAS, LPS, LIA, ...) or 'stored'."""
+    text = str(value).strip()
+    if text.lower() == AS_STORED:
+        return AS_STORED
+    codes = text.upper()
+    axes = {_AXIS_OF_CODE.get(code) for code in codes}
+    if len(codes) != 3 or None in axes or len(axes) != 3:
+        raise ValueError(
+            f"orientation {value!r} is not three axis codes such as RAS, LPS or LIA "
+            f"(one of L/R, one of P/A, one of I/S), nor {AS_STORED!r}"
+        )
+    return codes
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,35 @@ class ScanCounts:
     cluster_f1: float | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class ScanFacts:
+    """What a scan was and what was used for it (the scans table and the mask's
+    sidecar): how its file is stored, what the pre-flight checks flagged, where its
+    regions came from. Measured by the worker that read the files."""
+
+    stored_orientation: str  # axis codes of the stored array, e.g. "LPS"
+    voxel_size_mm: tuple[float, float, float]  # along the stored array axes
+    flags: tuple[str, ...] = ()  # pre-flight checks that flagged the scan (their names)
+    flag_messages: tuple[str, ...] = ()  # what each found, in plain words
+    region_source: str = "none"  # the region table used, or "none" (no parcellation)
+    brain_rule: bool = False  # whether clusters outside the brain could be dropped
+    icv_mm3: float | None = None  # intracranial volume, where the parcellation gives it
+
+    def columns(self) -> dict:
+        """The facts as the scans table's (and the ledger's) columns."""
+        x, y, z = self.voxel_size_mm
+        return {
+            "stored_orientation": self.stored_orientation,
+            "voxel_size_x_mm": x,
+            "voxel_size_y_mm": y,
+            "voxel_size_z_mm": z,
+            "flags": ";".join(self.flags),
+            "region_source": self.region_source,
+            "brain_rule": self.brain_rule,
+            "icv_mm3": self.icv_mm3,
+        }
+
+
 @dataclass(kw_only=True)
 class ScanRows:
     """One scan's rows of the regions, clusters and evaluation tables, as plain Python
@@ -66,6 +95,7 @@ class ScanResult:
     voxel_dice: float | None = None
     cluster_f1: float | None = None
     input_fingerprint: str | None = None
+    facts: ScanFacts | None = None  # how it was stored, flags, region source
     mask: str | None = None  # the Zarr group, relative to OUT
     nifti: str | None = None
     qc: str | None = None
@@ -87,4 +117,6 @@ class ScanResult:
 
     def brief(self) -> ScanResult:
         """Its id and status only (a large run keeps no more per successful scan)."""
-        return ScanResult(scan_id=self.scan_id, status=self.status, attempt=self.attempt)
+        return ScanResult(
+            scan_id=self.scan_id, status=self.status, attempt=self.attempt, facts=self.facts
+        )

@@ -53,7 +53,7 @@ def write_scans(out: Path, ids: range) -> None:
 
 
 def snapshot(out: Path) -> dict[str, pd.DataFrame]:
-    return {name: tables.read_table(out, name) for name in tables.SCHEMAS}
+    return {name: tables.read_table(out, name) for name in parts.FLUSHED_TABLES}
 
 
 def assert_same(out: Path, expected: dict[str, pd.DataFrame]) -> None:
@@ -71,7 +71,7 @@ def files(out: Path, name: str) -> list[str]:
 def fragmented(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fragmented") / "out"
     write_scans(out, range(SCANS))
-    assert {name: len(parts.parts(out, name)) for name in tables.SCHEMAS} == PARTS
+    assert {name: len(parts.parts(out, name)) for name in parts.FLUSHED_TABLES} == PARTS
     return out
 
 
@@ -100,9 +100,9 @@ def test_compaction_leaves_one_part_per_table_and_the_same_rows(out: Path) -> No
 
 def test_compaction_is_idempotent_and_merges_later_flushes_with_the_tail(out: Path) -> None:
     compaction.compact_tables(out)
-    compacted = {name: files(out, name) for name in tables.SCHEMAS}
-    assert compaction.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
-    assert {name: files(out, name) for name in tables.SCHEMAS} == compacted  # untouched
+    compacted = {name: files(out, name) for name in parts.FLUSHED_TABLES}
+    assert compaction.compact_tables(out) == {name: (1, 1) for name in parts.FLUSHED_TABLES}
+    assert {name: files(out, name) for name in parts.FLUSHED_TABLES} == compacted  # untouched
     write_scans(out, range(SCANS, SCANS + 20))
     before = snapshot(out)
     assert len(before["regions"]) == 2 * (SCANS + 20)
@@ -150,7 +150,7 @@ def test_a_crash_before_the_commit_leaves_the_old_parts_in_charge(
     assert len(files(out, "regions")) == PARTS["regions"] + 1  # written, not committed
     assert_same(out, before)  # the uncommitted part is not read
     assert parts.remove_orphan_parts(out) == 4  # one compacted part per table, undone
-    assert {name: len(files(out, name)) for name in tables.SCHEMAS} == PARTS
+    assert {name: len(files(out, name)) for name in parts.FLUSHED_TABLES} == PARTS
     assert compaction.compact_tables(out)["regions"] == (200, 1)
     assert_same(out, before)
 
@@ -180,7 +180,7 @@ def test_a_crash_before_deleting_superseded_parts_neither_doubles_nor_loses_rows
     assert {name: len(files(out, name)) for name in parts.DATA_TABLES} == dict.fromkeys(
         parts.DATA_TABLES, 1
     )
-    assert compaction.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
+    assert compaction.compact_tables(out) == {name: (1, 1) for name in parts.FLUSHED_TABLES}
     assert_same(out, before)
 
 
@@ -196,7 +196,7 @@ def test_drop_scans_works_on_compacted_parts(out: Path) -> None:
         if name != "ledger":
             kept = kept[~kept.scan_id.isin(redo)].reset_index(drop=True)
         pd.testing.assert_frame_equal(frame, kept, obj=name)
-    assert compaction.compact_tables(out) == {name: (1, 1) for name in tables.SCHEMAS}
+    assert compaction.compact_tables(out) == {name: (1, 1) for name in parts.FLUSHED_TABLES}
 
 
 def test_orphan_parts_are_not_merged_and_stay_orphans(out: Path) -> None:
@@ -220,13 +220,13 @@ def test_a_replaced_table_keeps_its_part(out: Path) -> None:
 
 
 def test_nothing_happens_below_the_threshold(out: Path) -> None:
-    on_disk = {name: files(out, name) for name in tables.SCHEMAS}
+    on_disk = {name: files(out, name) for name in parts.FLUSHED_TABLES}
     assert compaction.compact_tables(out, above_parts=500) == {
         name: (count, count) for name, count in PARTS.items()
     }
     with dask.config.set({"pingu.compact-above-parts": None}):
         assert compaction.compact_if_fragmented(out) == {}
-    assert {name: files(out, name) for name in tables.SCHEMAS} == on_disk
+    assert {name: files(out, name) for name in parts.FLUSHED_TABLES} == on_disk
     assert compaction.compact_if_fragmented(out)["regions"] == (200, 1)  # default: above 8
 
 

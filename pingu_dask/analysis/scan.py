@@ -19,6 +19,7 @@ from pingu_dask.analysis import metrics
 from pingu_dask.analysis.clusters import find_clusters
 from pingu_dask.analysis.evaluate import evaluate_by_region
 from pingu_dask.analysis.regions import (
+    WHOLE_BRAIN,
     RegionTable,
     assign_clusters,
     brain_voxels,
@@ -33,6 +34,10 @@ from pingu_dask.inputs.imaging import voxel_volume
 from pingu_dask.inputs.manifest import Scan, scan_columns
 from pingu_dask.records import ScanCounts, ScanRows
 
+#: aseg's and SynthSeg's label for extracerebral CSF: a parcellation with it covers the
+#: whole intracranial space.
+EXTRACEREBRAL_CSF = 24
+
 
 @dataclass
 class Regions:
@@ -40,8 +45,16 @@ class Regions:
 
     codes: np.ndarray  # uint8 region code per voxel (0 = outside every region)
     excluded: np.ndarray | None  # voxels removed from the mask (e.g. ventricles)
-    # Voxels with any label (the brain rule's mask); None: no rule (hand-made Regions).
+    # Voxels with any label (the brain rule's mask, the pre-flight alignment check's
+    # brain); None: hand-made Regions. The rule runs when the settings turn it on.
     brain: np.ndarray | None = None
+    # Voxels per region code (index 0: labelled voxels in no region), and all labelled
+    # voxels: the regions' tissue volumes. None: not counted (hand-made Regions).
+    tissue_voxels: np.ndarray | None = None
+    labelled_voxels: int | None = None
+    # Whether the parcellation labels extracerebral CSF (label 24, as SynthSeg and aseg
+    # do): then its labelled voxels are the intracranial volume.
+    labels_csf: bool = False
 
 
 def scan_regions(
@@ -54,12 +67,49 @@ def scan_regions(
     """The scan's parcellation on an image grid as region codes and excluded voxels."""
     if scan.parcellation is None:
         return None
-    labels = parcellation_on_grid(scan.parcellation, shape, affine)
-    return Regions(
-        table.index_map(labels),
-        excluded_voxels(labels, settings.exclude_labels),
-        brain_voxels(labels) if settings.drops_outside_brain else None,
+    return regions_from_labels(
+        parcellation_on_grid(scan.parcellation, shape, affine), table, settings
     )
+
+
+def regions_from_labels(
+    labels: np.ndarray, table: RegionTable, settings: PvsClusterRules
+) -> Regions:
+    """Region codes, excluded voxels, brain and tissue counts of a parcellation's labels
+    already on the image grid (analysis.regions.parcellation_on_grid)."""
+    codes = table.index_map(labels)
+    labelled = brain_voxels(labels)
+    return Regions(
+        codes,
+        excluded_voxels(labels, settings.exclude_labels),
+        labelled,
+        tissue_voxels=np.bincount(codes[labelled], minlength=len(table.regions) + 1),
+        labelled_voxels=int(np.count_nonzero(labelled)),
+        labels_csf=bool(np.any(labels == EXTRACEREBRAL_CSF)),
+    )
+
+
+def intracranial_volume(regions: Regions | None, voxel_mm3: float) -> float | None:
+    """The intracranial volume (mm³) where the parcellation gives it: every labelled
+    voxel, when extracerebral CSF is labelled too (SynthSeg's total intracranial
+    volume is this sum); None otherwise (e.g. a parcellation of the brain only)."""
+    if regions is None or not regions.labels_csf or regions.labelled_voxels is None:
+        return None
+    return round(regions.labelled_voxels * voxel_mm3, 3)
+
+
+def _tissue_volumes(
+    regions: Regions | None, names: tuple[str, ...], voxel_mm3: float
+) -> dict[str, float]:
+    """Tissue volume (mm³) per reported region name: its parcellation voxels; `other`
+    the labelled voxels in no region; whole_brain every labelled voxel."""
+    if regions is None or regions.tissue_voxels is None or regions.labelled_voxels is None:
+        return {}
+    volumes = {
+        name: float(n) * voxel_mm3 for name, n in zip(names, regions.tissue_voxels, strict=True)
+    }
+    volumes[WHOLE_BRAIN] = regions.labelled_voxels * voxel_mm3
+    return volumes
 
 
 def keep_inside_brain(
@@ -122,13 +172,18 @@ def analyse_mask(
     region_rows = metrics.region_summary(
         columns["volume_mm3"], columns["n_voxels"], cluster_regions, report_order
     )
+    tissue = _tissue_volumes(regions, names, volume)
     for row in region_rows:  # whole_brain's row only (the brain rule counts brain-wide)
         row["n_clusters_outside_brain"] = None
+        row["tissue_volume_mm3"] = tissue.get(row["region"])
+        row["pvs_volume_fraction"] = (
+            row["total_volume_mm3"] / row["tissue_volume_mm3"] if row["tissue_volume_mm3"] else None
+        )
     region_rows[-1]["n_clusters_outside_brain"] = n_outside
     identity = scan_columns(scan)
     rows = ScanRows(
         regions=[{**identity, **row} for row in region_rows],
-        clusters={"scan_id": [scan.scan_id] * n_clusters, **columns},
+        clusters={**{k: [v] * n_clusters for k, v in identity.items()}, **columns},
     )
     whole = region_rows[-1]
     counts = {

@@ -9,6 +9,7 @@ import click
 
 from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
+    allow_unknown_columns_option,
     console,
     print_report,
     pvs_cluster_options,
@@ -21,13 +22,16 @@ from pingu_dask.cli.hpc import job_options, jobqueue_options
 from pingu_dask.cli.progress import (
     PER_SCAN_LINES_UP_TO,
     ProgressBar,
+    print_run_line,
     print_scan_table,
     print_status,
 )
-from pingu_dask.config import InferenceSettings, PvsClusterRules, setting
-from pingu_dask.errors import ModelError
+from pingu_dask.config import InferenceSettings, PvsClusterRules, check_orientation, setting
+from pingu_dask.errors import ModelError, is_out_of_space
+from pingu_dask.inputs.checks import CheckThresholds
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.output import ledger
 from pingu_dask.output.ledger import ResumePlan
 from pingu_dask.output.lock import LockedError
 from pingu_dask.run import orchestrate
@@ -37,6 +41,7 @@ from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 from pingu_dask.run.stages import Pipeline
 
 STOPPED_EXIT_CODE = 3  # the circuit breaker stopped the run (1: some scans failed)
+OUT_OF_SPACE_EXIT_CODE = 4  # OUT's file system is full or over quota: free space, resume
 BIDS_MANIFEST = "manifest_bids.csv"  # in OUT, for a BIDS dataset given as MANIFEST
 MODEL_CHOICES = (
     "choose a model with --model: a trained nnU-Net v2 model folder "
@@ -44,6 +49,14 @@ MODEL_CHOICES = (
     "nnUNetv2_export_model_to_zip, or 'demo' (the bundled demo model: it was trained on "
     "synthetic data and is for trying the tool, not for real scans)"
 )
+
+
+def orientation_option(value: str | None) -> str | None:
+    """--orientation, checked where it is given (axis codes such as RAS, or 'stored')."""
+    try:
+        return None if value is None else check_orientation(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
 
 
 @click.command()
@@ -101,6 +114,23 @@ MODEL_CHOICES = (
     "on threads, one per core).",
 )
 @click.option(
+    "--orientation",
+    default=None,
+    callback=lambda _context, _option, value: orientation_option(value),
+    help="The orientation scans are brought to before the network, by exact axis "
+    "permutations and flips (the prediction goes back the same way): the one the model "
+    f"was trained in, as axis codes (default {setting('orientation')}; nnU-Net's reorienting "
+    "reader's and the demo model's), or 'stored' to give the network the array as stored, "
+    "as nnUNetv2_predict does (figures then depend on how a file is stored).",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    default=None,
+    help="Pre-flight checks: a flagged scan fails (not run) instead of running with its "
+    f"flag (default {'on' if setting('strict') else 'off'}; pingu.strict).",
+)
+@click.option(
     "--torch-threads",
     type=click.IntRange(min=1),
     default=None,
@@ -149,6 +179,7 @@ MODEL_CHOICES = (
     is_flag=True,
     help="Run the valid rows of a manifest with problems (the others get ledger rows).",
 )
+@allow_unknown_columns_option
 @pvs_cluster_options
 @click.option(
     "--nifti/--no-nifti",
@@ -177,6 +208,8 @@ def run(
     workers: int,
     cpu_workers: int,
     torch_threads: int | None,
+    orientation: str | None,
+    strict: bool | None,
     retries: int | None,
     scan_timeout: float | None,
     dashboard_address: str | None,
@@ -184,6 +217,7 @@ def run(
     allow_version_change: bool,
     filter_reference: bool | None,
     skip_invalid: bool,
+    allow_unknown_columns: bool,
     regions_spec: str | None,
     connectivity: str | None,
     min_cluster_voxels: int | None,
@@ -203,7 +237,9 @@ def run(
     Writes OUT/masks.zarr, OUT/tables/{regions,clusters,evaluation,ledger} (Parquet),
     OUT/run.json and, unless --no-nifti, OUT/nifti. Running the same command again
     resumes: finished scans are skipped, failed and unfinished ones are redone.
-    Exit code 0 when every scan is done, 1 when any failed or was invalid.
+    Exit code 0 when every scan is done, 1 when any failed or was invalid, 3 when the
+    circuit breaker stopped the run, 4 when OUT's file system was full (free space and
+    run the same command again).
     """
     jobs = job_options(job_values)
     if dry_run:
@@ -218,6 +254,7 @@ def run(
         step_size=step_size,
         device=device,
         torch_threads=torch_threads,
+        orientation=orientation,
     )
     options = RunOptions(
         pvs_rules=pvs_cluster_rules(
@@ -231,6 +268,7 @@ def run(
         regions=region_table(regions_spec),
         nifti=nifti,
         qc=qc,
+        strict=bool(setting("strict")) if strict is None else strict,
         cluster=cluster,
         workers=workers,
         cpu_workers=cpu_workers,
@@ -239,6 +277,7 @@ def run(
         force=force,
         allow_version_change=allow_version_change,
         skip_invalid=skip_invalid,
+        allow_unknown_columns=allow_unknown_columns,
         jobs=jobs,
         dashboard_address=dashboard_address,
     )
@@ -254,6 +293,7 @@ class RunOptions:
     regions: RegionTable | None = None
     nifti: bool = True
     qc: bool = False
+    strict: bool = False  # pre-flight flags fail the scan
     cluster: str = "local"
     workers: int = 1
     cpu_workers: int = 0
@@ -262,6 +302,7 @@ class RunOptions:
     force: bool = False
     allow_version_change: bool = False
     skip_invalid: bool = False
+    allow_unknown_columns: bool = False  # a misspelt-looking column: a note, not a problem
     jobs: JobOptions | None = None
     dashboard_address: str | None = None
 
@@ -288,8 +329,16 @@ def run_manifest(
         Path(out).mkdir(parents=True, exist_ok=True)
         manifest = Path(out) / BIDS_MANIFEST
         found.manifest(model.channels).to_csv(manifest, index=False)
-    report = load_manifest(manifest, model.channels)
+    report = load_manifest(
+        manifest, model.channels, allow_unknown_columns=options.allow_unknown_columns
+    )
     print_report(report)
+    if report.table_problems:  # its columns: every row is concerned, --skip-invalid cannot help
+        console.print(
+            "[red]fix the manifest's columns (--skip-invalid skips bad rows only; "
+            "--allow-unknown-columns goes on without a column that looks misspelt)[/red]"
+        )
+        raise SystemExit(1)
     if not report.ok and not options.skip_invalid:
         console.print("[red]fix the manifest, or pass --skip-invalid to run the valid rows[/red]")
         raise SystemExit(1)
@@ -301,6 +350,8 @@ def run_manifest(
         options.regions or region_table(None),
         write_nifti=options.nifti,
         qc=options.qc,
+        checks=CheckThresholds.from_config(),
+        strict=options.strict,
     )
     request = RunRequest(
         report=report,
@@ -315,7 +366,7 @@ def run_manifest(
         scan_timeout=options.scan_timeout,
         allow_version_change=options.allow_version_change,
     )
-    bar = ProgressBar()
+    bar = ProgressBar(Path(out))
 
     def on_start(outcome: RunOutcome, plan: ResumePlan) -> None:
         if options.cluster == "local":
@@ -346,7 +397,7 @@ def run_manifest(
     try:
         with stop_on_signals():  # SIGTERM (scancel, walltime), SIGHUP: as Ctrl-C
             outcome = orchestrate.run_cohort(request, on_start=on_start, on_progress=bar.update)
-    except (LockedError, RunRefused) as error:
+    except (LockedError, RunRefused, ModelError) as error:  # ModelError: the model check
         console.print(f"[red]{error}[/red]", soft_wrap=True)
         raise SystemExit(1) from error
     except KeyboardInterrupt as interrupt:
@@ -357,17 +408,19 @@ def run_manifest(
             "run the same command again to resume[/yellow]"
         )
         raise SystemExit(exit_code(interrupt)) from None
+    except Exception as error:
+        if not is_out_of_space(error):
+            raise
+        bar.stop()
+        line = out_of_space_line(Path(out), len(report.scans))
+        console.print(f"[red]{line}[/red]", soft_wrap=True)
+        raise SystemExit(OUT_OF_SPACE_EXIT_CODE) from None
     finally:
         bar.stop()
     if len(outcome.results) <= PER_SCAN_LINES_UP_TO:
         print_scan_table(outcome.results)
     done = sum(r.ok for r in outcome.results)
-    rate = done / outcome.seconds * 60 if outcome.seconds else 0.0
-    console.print(
-        f"this run: {done} of {len(outcome.results)} scans segmented in "
-        f"{outcome.seconds:.1f} s ({rate:.1f} scans/min)"
-        + (f"; {outcome.done_before} were done before" if outcome.done_before else "")
-    )
+    print_run_line(done, len(outcome.results) - done, outcome.seconds, outcome.done_before)
     print_status(Path(out))
     if outcome.stopped:
         console.print(f"[red]{outcome.stopped}[/red]", soft_wrap=True)
@@ -377,6 +430,17 @@ def run_manifest(
         )
         raise SystemExit(STOPPED_EXIT_CODE)
     return outcome
+
+
+def out_of_space_line(out: Path, n_scans: int) -> str:
+    """The one line a full disk or quota ends a run with: what is kept, what to free,
+    how to go on (the ledger is read, which needs no space)."""
+    kept = ledger.summarise_ledger(out).counts.get(ledger.OK, 0)
+    return (
+        f"stopped: no space left in {out} (its file system is full or over quota); "
+        f"{kept:,} of {n_scans:,} scans are finished and kept; free space there "
+        f"(`df -h {out}`), then run the same command again to resume"
+    )
 
 
 def print_job_script(kind: str, jobs: JobOptions) -> None:

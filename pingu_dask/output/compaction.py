@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pingu_dask.output.files import atomic_path
 from pingu_dask.output.parts import (
     DATA_TABLES,
+    FLUSHED_TABLES,
     LEDGER,
     REPLACED_PART,
     TABLES,
@@ -95,7 +96,7 @@ def compact_tables(
     """
     out = Path(out)
     settle_compactions(out)
-    before = {name: parts(out, name) for name in SCHEMAS}
+    before = {name: parts(out, name) for name in FLUSHED_TABLES}
     counts = {name: (len(files), len(files)) for name, files in before.items()}
     if not any(len(files) > above_parts for files in before.values()):
         return counts
@@ -107,10 +108,10 @@ def compact_tables(
     token = f"compact-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
     for name in (*DATA_TABLES, LEDGER):
         _merge_runs(out, name, runs[name], token, max_rows)
-    supersedes = {name: [p.name for run in runs[name] for p in run] for name in SCHEMAS}
+    supersedes = {name: [p.name for run in runs[name] for p in run] for name in FLUSHED_TABLES}
     write_commit(out, token, supersedes)
     settle_compactions(out)  # deletes what it superseded, then drops the list
-    return {name: (len(before[name]), len(parts(out, name))) for name in SCHEMAS}
+    return {name: (len(before[name]), len(parts(out, name))) for name in FLUSHED_TABLES}
 
 
 def _runs(files: list[Path], name: str, vouched: set[str], max_rows: int) -> list[list[Path]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +34,7 @@ NIFTI = "nifti"
 RUN_JSON = "run.json"
 QC = "qc"  # <scan_id>.png per scan, with --qc (qc.py)
 REPORT = "report"  # index.html and gallery pages (report.py)
+EXPORT = "export"  # pvs_<layout>.<format>, by `pingu-dask export` (export.py)
 LAYOUT_VERSION = 1
 
 # --- layout (driver) -----------------------------------------------------------------
@@ -54,7 +55,7 @@ def prepare_output(out: Path) -> None:
 def reset_output(out: Path) -> None:
     """Remove what a run wrote into OUT (for --force); other files are left alone."""
     out = Path(out)
-    for name in (MASKS, TABLES, NIFTI, QC, REPORT):
+    for name in (MASKS, TABLES, NIFTI, QC, REPORT, EXPORT):
         shutil.rmtree(out / name, ignore_errors=True)
     from pingu_dask.output.masks import remove_partial_masks  # masks.py imports this module
 
@@ -108,17 +109,63 @@ def nifti_names(scans: Iterable[Scan]) -> dict[str, str]:
     }
 
 
-def describe_nifti_dataset(out: Path) -> None:
-    """OUT/nifti/dataset_description.json: the masks as a BIDS-derivatives dataset."""
+#: What GeneratedBy says pingu-dask does (BIDS: a free-text description of the pipeline).
+GENERATED_BY_DESCRIPTION = (
+    "Perivascular space masks from an nnU-Net v2 model (PINGU or another), run by "
+    "pingu-dask; `Model` names the model: its folder name, the folds averaged, the "
+    "checkpoint file, the nnU-Net configuration and the SHA-256 fingerprint of its "
+    "dataset.json, plans.json and the checkpoints used (as in OUT/run.json)."
+)
+
+
+def describe_nifti_dataset(out: Path, model: Mapping[str, object] | None = None) -> None:
+    """OUT/nifti/dataset_description.json: the masks as a BIDS-derivatives dataset.
+
+    GeneratedBy names the tool (Name, Version, Description; no CodeURL: the project
+    has no public address yet) and, in a `Model` object, the model that made the
+    masks: `model` is a plain dict (this layer does not know nnU-Net) such as
+    {"name", "folds", "fingerprint", "configuration", "checkpoint"}, its keys written
+    in BIDS's CamelCase (Name, Folds, Fingerprint, ...). Without the model facts, two
+    cohorts segmented by, say, PINGU-AF and PINGU-ADNI could not be told apart from
+    their derivatives.
+
+    A resumed run with the same tool and model finds its own entry and leaves the
+    file as it is. Where an earlier entry differs (a resume allowed across versions),
+    the new entry is added after it: the folder then holds masks made by both, and
+    GeneratedBy, a list, says so.
+    """
     folder = Path(out) / NIFTI
     folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "dataset_description.json"
+    entry: dict[str, object] = {
+        "Name": "pingu-dask",
+        "Version": __version__,
+        "Description": GENERATED_BY_DESCRIPTION,
+    }
+    if model is not None:
+        entry["Model"] = {_camel_case(key): value for key, value in model.items()}
+    entry = json.loads(json.dumps(entry, default=str))  # as it reads back (tuples: lists)
+    generated_by: list = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+            generated_by = list(previous.get("GeneratedBy") or [])
+        except (ValueError, AttributeError):
+            generated_by = []  # unreadable or not an object: written anew
+    if entry in generated_by:
+        return
     description = {
         "Name": "pingu-dask perivascular space masks",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "pingu-dask", "Version": __version__}],
+        "GeneratedBy": [*generated_by, entry],
     }
-    write_json(folder / "dataset_description.json", description)
+    write_json(path, description)
+
+
+def _camel_case(key: str) -> str:
+    """'fingerprint' -> 'Fingerprint', 'model_name' -> 'ModelName' (BIDS key style)."""
+    return "".join(part[:1].upper() + part[1:] for part in str(key).split("_"))
 
 
 def _bids_label(value: str | None, prefix: str) -> str | None:

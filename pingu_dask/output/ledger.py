@@ -19,6 +19,7 @@ import pandas as pd
 from pingu_dask.errors import ErrorReport, Verdict
 from pingu_dask.inputs.manifest import Problem, Scan
 from pingu_dask.output import masks, tables
+from pingu_dask.output.tables import FACT_COLUMNS
 from pingu_dask.records import ScanResult, Status
 
 OK, FAILED, INVALID = Status.OK.value, Status.FAILED.value, Status.INVALID.value
@@ -63,15 +64,20 @@ def attempt_row(
     result: ScanResult | None = None,
     error: ErrorReport | None = None,
     pipeline_fingerprint: str | None = None,
+    model_fingerprint: str | None = None,
 ) -> dict:
     """One ledger row. `result` is a finished scan's; `error` is errors.describe()'s.
 
-    The input fingerprint comes from the worker that read the files (in `result`): no
-    file system calls here, once per scan.
+    The input fingerprint and the scan's facts (stored orientation, voxel size, flags,
+    region source) come from the worker that read the files (in `result`): no file
+    system calls here, once per scan.
     """
     seconds = result.seconds if result else {}
     workers = result.workers if result else {}
+    facts = result.facts.columns() if result and result.facts else {}
     return {
+        **dict.fromkeys(FACT_COLUMNS),
+        **facts,
         "scan_id": scan_id,
         "site": site,
         "status": Status(status).value,
@@ -88,22 +94,31 @@ def attempt_row(
         "run_id": run_id,
         "input_fingerprint": result.input_fingerprint if result else None,
         "pipeline_fingerprint": pipeline_fingerprint,
+        "model_fingerprint": model_fingerprint,
     }
 
 
 def invalid_rows(problems: Sequence[Problem], run_id: str) -> list[dict]:
     """Ledger rows for manifest rows that could not become scans (one per row)."""
-    by_row: dict[int | None, list[Problem]] = {}
-    for problem in problems:
-        by_row.setdefault(problem.row, []).append(problem)
     rows = []
     started = now()
-    for row, found in by_row.items():
-        scan_id = next((p.scan_id for p in found if p.scan_id), "") or f"(row {row})"
-        message = "; ".join(str(p) for p in found)
+    for scan_id, message in invalid_scans(problems):
         error = ErrorReport(error_type="ManifestError", message=message, verdict=Verdict.INPUT)
         rows.append(attempt_row(scan_id, None, Status.INVALID, 0, run_id, started, error=error))
     return rows
+
+
+def invalid_scans(problems: Sequence[Problem]) -> list[tuple[str, str]]:
+    """(scan id, every problem of its row) for each manifest row that could not become
+    a scan; a row without a usable id is named '(row N)'."""
+    by_row: dict[int | None, list[Problem]] = {}
+    for problem in problems:
+        by_row.setdefault(problem.row, []).append(problem)
+    found = []
+    for row, of_row in by_row.items():
+        scan_id = next((p.scan_id for p in of_row if p.scan_id), "") or f"(row {row})"
+        found.append((scan_id, "; ".join(str(p) for p in of_row)))
+    return found
 
 
 def latest_attempts(out: Path, ledger: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -28,6 +28,11 @@ LEDGER = "ledger"
 DATA_TABLES = ("regions", "clusters", "evaluation")
 
 
+#: The tables the driver's flushes write and compactions merge (the scans table is
+#: rewritten whole at the end of a run instead: output/scans.py).
+FLUSHED_TABLES = (*DATA_TABLES, LEDGER)
+
+
 REPLACED_PART = "part-replaced.parquet"  # written by replace_table, vouched for by itself
 
 

@@ -47,6 +47,19 @@ _SCAN = [
     ("session", pa.string()),
     ("site", pa.string()),
 ]
+#: What the worker learnt of a scan (records.ScanFacts.columns): in the ledger rows of
+#: its attempts, and so in the scans table.
+_FACTS = [
+    ("stored_orientation", pa.string()),
+    ("voxel_size_x_mm", pa.float64()),
+    ("voxel_size_y_mm", pa.float64()),
+    ("voxel_size_z_mm", pa.float64()),
+    ("flags", pa.string()),  # pre-flight flags, ';'-joined ('' none)
+    ("region_source", pa.string()),  # the region table used, or 'none'
+    ("brain_rule", pa.bool_()),  # whether clusters outside the brain could be dropped
+    ("icv_mm3", pa.float64()),  # where the parcellation gives it
+]
+FACT_COLUMNS = tuple(name for name, _ in _FACTS)
 _STATISTICS = [
     (f"{name}_volume_mm3", pa.float64()) for name in ("total", "mean", "median", "sd", "min", "max")
 ]
@@ -61,11 +74,16 @@ SCHEMAS: dict[str, pa.Schema] = {
             # whole_brain row: clusters dropped by the brain rule (not counted above);
             # null where it did not run, and in parts written before it existed.
             ("n_clusters_outside_brain", pa.int64()),
+            # The region's tissue on the image grid (parcellation voxels x voxel
+            # volume; whole_brain: every labelled voxel) and total PVS volume / it.
+            # Null without a parcellation.
+            ("tissue_volume_mm3", pa.float64()),
+            ("pvs_volume_fraction", pa.float64()),
         ]
     ),
     "clusters": pa.schema(
         [
-            ("scan_id", pa.string()),
+            *_SCAN,
             ("cluster", pa.int64()),
             ("region", pa.string()),
             ("n_voxels", pa.int64()),
@@ -115,6 +133,25 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("run_id", pa.string()),
             ("input_fingerprint", pa.string()),
             ("pipeline_fingerprint", pa.string()),
+            ("model_fingerprint", pa.string()),
+            *_FACTS,
+        ]
+    ),
+    # One row per scan of the latest manifest, failed, invalid and not yet run ones
+    # too (output/scans.py makes it from the ledger at the end of every run).
+    "scans": pa.schema(
+        [
+            ("scan_id", pa.string()),
+            ("subject", pa.string()),
+            ("session", pa.string()),
+            ("site", pa.string()),
+            ("status", pa.string()),  # ok | failed | invalid | not_run
+            ("reason", pa.string()),  # why not ok: the error type and message
+            ("attempts", pa.int64()),
+            *_FACTS,
+            ("model_fingerprint", pa.string()),
+            ("pipeline_fingerprint", pa.string()),
+            ("finished", pa.timestamp("ms", tz="UTC")),
         ]
     ),
 }
@@ -187,10 +224,21 @@ class TableWriter:
             self._ledger_rows = []
         if any(self._buffers.values()):
             flush_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
-            for name in (*DATA_TABLES, LEDGER):  # the ledger last: it vouches for the rest
-                if self._buffers[name]:
-                    write_part(self.out, name, pa.concat_tables(self._buffers[name]), flush_id)
-                    self._buffers[name].clear()
+            written: list[Path] = []
+            try:
+                for name in (*DATA_TABLES, LEDGER):  # the ledger last: it vouches for the rest
+                    if self._buffers[name]:
+                        table = pa.concat_tables(self._buffers[name])
+                        written.append(write_part(self.out, name, table, flush_id))
+            except BaseException:
+                # All or nothing (e.g. a full disk): the parts written are orphans without
+                # the ledger's; remove them and keep every buffer, so that a later flush
+                # writes the rows again, all under one new flush id.
+                for path in written:
+                    path.unlink(missing_ok=True)
+                raise
+            for buffer in self._buffers.values():
+                buffer.clear()
             self.flushes += 1
         self._scans = 0
         self._last_flush = time.monotonic()
@@ -201,8 +249,15 @@ class TableWriter:
     def __enter__(self) -> TableWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # Ctrl-C or a driver error: still write what finished...
+            self.close()
+        except Exception as error:  # ...but a write that fails too (a full disk) must not
+            # hide the error on its way out; those scans have no ledger row: redone next run
+            logger.info("the last rows were not written (%s); the next run redoes them", error)
 
 
 def _write_parquet(table: pa.Table, path: Path) -> Path:

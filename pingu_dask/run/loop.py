@@ -13,6 +13,9 @@
   (errors.py). One scan's failure never stops the others, but when the first attempts
   of many scans in a row fail the same way (CircuitBreaker), the run stops submitting,
   lets what is in flight finish, and raises RunStopped: the cause is not in the scans.
+- A full disk or quota (errors.is_out_of_space), on a worker writing a mask or here
+  writing tables, is no scan's fault either: no retry, no ledger row for the scan, the
+  run stops submitting the same way and raises OutOfSpace; the next run does the rest.
 - An attempt that runs longer than `scan_timeout` seconds (counted from when a worker
   first holds one of its tasks) is cancelled, recorded as a transient TimeoutError and
   retried; the worker it hung on is restarted, because a stuck thread cannot be
@@ -40,7 +43,14 @@ from typing import NamedTuple
 from distributed import Client, Future
 
 from pingu_dask.config import INFERENCE_RESOURCE, setting
-from pingu_dask.errors import ErrorReport, RunError, Verdict, describe
+from pingu_dask.errors import (
+    ErrorReport,
+    OutOfSpace,
+    RunError,
+    Verdict,
+    describe,
+    is_out_of_space,
+)
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.monitor.feed import RunFeed
 from pingu_dask.monitor.plugin import RunMonitor
@@ -144,7 +154,17 @@ def segment_cohort(
     layout.prepare_output(pipeline.out)
     names = layout.nifti_names(scans) if pipeline.write_nifti else {}
     if pipeline.write_nifti:
-        layout.describe_nifti_dataset(pipeline.out)
+        model = pipeline.model  # named in GeneratedBy: output/ does not know nnU-Net's Model
+        layout.describe_nifti_dataset(
+            pipeline.out,
+            {
+                "name": model.name,
+                "folds": list(model.folds),
+                "fingerprint": model.fingerprint,
+                "configuration": model.configuration,
+                "checkpoint": model.checkpoint,
+            },
+        )
     retries = int(setting("retries")) if retries is None else retries
     if scan_timeout is None:
         scan_timeout = setting("scan-timeout")
@@ -214,6 +234,7 @@ class _Loop:
         self.results: list[ScanResult] = []
         self.feed_window = FeedWindow(int(setting("max-scans-per-slot")))
         self.stopping: str | None = None
+        self.out_of_space: str | None = None  # the first write that found no space left
         self._last_time_check = time.monotonic()
 
     def run(self, scans: Sequence[Scan]) -> list[ScanResult]:
@@ -238,13 +259,17 @@ class _Loop:
                 progress.stopping = self.stopping
                 if settled and self.on_progress:
                     self.on_progress(progress)
-        except BaseException:  # Ctrl-C (KeyboardInterrupt) or a driver error
+        except BaseException as error:  # Ctrl-C (KeyboardInterrupt) or a driver error
             self._cancel(list(self.submitted.values()))
             if self.feed:
                 self.feed.ended("interrupted")
+            if isinstance(error, Exception) and is_out_of_space(error):  # a table flush
+                raise OutOfSpace(f"the driver's table write: {error}") from error
             raise
         if self.feed:
             self.feed.ended("stopped" if self.stopping else "finished")
+        if self.out_of_space:
+            raise OutOfSpace(self.out_of_space)
         if self.stopping:
             raise RunStopped(self.stopping, self.results)
         return self.results
@@ -305,7 +330,14 @@ class _Loop:
         try:
             result = future.result()
         except Exception as error:
-            settled = self._failed(attempt, describe(error))
+            report = describe(error)
+            if is_out_of_space(report):
+                self._stop_for_space(attempt, report)
+                progress.last = None  # not a settled scan: nothing to show for it
+                for each in attempt.futures:
+                    each.release()
+                return
+            settled = self._failed(attempt, report)
         else:
             settled = self._succeeded(attempt, result)
         for each in attempt.futures:
@@ -345,6 +377,7 @@ class _Loop:
             result=result,
             error=error,
             pipeline_fingerprint=self.fingerprint,
+            model_fingerprint=self.pipeline.model.fingerprint,
         )
 
     def _failed(self, attempt: Attempt, report: ErrorReport) -> ScanResult:
@@ -364,6 +397,16 @@ class _Loop:
             message=report.message,
             worker=report.worker,
         )
+
+    def _stop_for_space(self, attempt: Attempt, report: ErrorReport) -> None:
+        """A worker found the output's file system full (or over quota). That is not the
+        scan's fault and would fail every scan after it, so: no ledger row (the scan is
+        simply not done, and the next run does it), no retry, nothing for the circuit
+        breaker; stop submitting and let what is in flight end, as the breaker does."""
+        if self.out_of_space is None:
+            self.out_of_space = f"{attempt.scan.scan_id}, {report.message}"
+            self.stopping = self.stopping or f"out of space: {report.message}"
+            self.queue.clear()  # not started: no ledger row, done by the next run
 
     def _succeeded(self, attempt: Attempt, result: ScanResult) -> ScanResult:
         """The ok attempt's ledger row and tables (the input fingerprint comes from the

@@ -7,6 +7,7 @@ can do the same. Printing is left to the caller's callbacks.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,16 +20,25 @@ from distributed import Client
 from pingu_dask.errors import RunError
 from pingu_dask.inputs.manifest import ManifestReport
 from pingu_dask.monitor.http import page_link
+from pingu_dask.nnunet.checkpoints import check_checkpoints
 from pingu_dask.nnunet.predictor import uses_gpu
-from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
+from pingu_dask.output import compaction, layout, ledger, masks, parts, scans, tables
 from pingu_dask.output.lock import OutputLock
 from pingu_dask.records import ScanResult
 from pingu_dask.run.capacity import Capacity, FixedCapacity, PresentWorkers
 from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions
 from pingu_dask.run.local import LocalLayout
 from pingu_dask.run.loop import Progress, RunStopped, segment_cohort
-from pingu_dask.run.provenance import manifest_info, package_versions, provenance
+from pingu_dask.run.provenance import (
+    REGION_SOURCES,
+    manifest_info,
+    package_versions,
+    provenance,
+    region_sources,
+)
 from pingu_dask.run.stages import Pipeline
+
+logger = logging.getLogger(__name__)
 
 KEEP_DETAILS_UP_TO = 1000  # scans; beyond, ok results shrink to id + status
 
@@ -153,6 +163,8 @@ def run_cohort(
     outcome = RunOutcome(run_id=uuid.uuid4().hex[:12])
     with OutputLock(out) as lock:
         outcome.took_over_lock = lock.took_over
+        # A broken model stops here, before any scan is sent (and before --force deletes).
+        check_checkpoints(pipeline.model)
         check_settings(out, pipeline, request.force, request.allow_version_change)
         parts.remove_orphan_parts(out)
         masks.remove_partial_masks(out)
@@ -167,6 +179,7 @@ def run_cohort(
         )
         run_info["n_scans"] = len(request.report.scans)
         run_info["manifest"] = manifest_info(request.report.path)
+        run_info[REGION_SOURCES] = region_sources(request.report.scans, pipeline)
         run_info.setdefault("runs", []).append(
             {
                 "run_id": outcome.run_id,
@@ -203,10 +216,21 @@ def run_cohort(
             compaction.compact_if_fragmented(out)  # not after Ctrl-C or an error: next run's start
         finally:
             outcome.seconds = time.perf_counter() - started
+            _write_scans_table(out, request.report)
             run_info["runs"][-1]["finished"] = _now()
             run_info["finished"] = _now()
             layout.write_json(out / layout.RUN_JSON, run_info)
     return outcome
+
+
+def _write_scans_table(out: Path, report: ManifestReport) -> None:
+    """OUT/tables/scans from the ledger, also after Ctrl-C or an error (its scans not
+    run show as not_run); a failure here (e.g. a full disk) must not hide the run's own
+    outcome, and the next run writes it again."""
+    try:
+        scans.write_scans_table(out, report.scans, report.problems)
+    except OSError as error:
+        logger.warning("could not write %s/tables/scans: %s", out, error)
 
 
 def _now() -> str:

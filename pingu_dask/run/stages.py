@@ -25,18 +25,30 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from pingu_dask.analysis.regions import ASEG, RegionTable
-from pingu_dask.analysis.scan import Regions, analyse_mask, scan_regions
+from pingu_dask.analysis.regions import ASEG, RegionTable, parcellation_on_grid
+from pingu_dask.analysis.scan import (
+    Regions,
+    analyse_mask,
+    intracranial_volume,
+    regions_from_labels,
+)
 from pingu_dask.config import InferenceSettings, PvsClusterRules, worker_threads
 from pingu_dask.errors import InputError, StageFailure, verdict_of
-from pingu_dask.inputs.imaging import ImageInfo, check_image_data
-from pingu_dask.inputs.manifest import Scan, channel_grid_mismatch, input_fingerprint
+from pingu_dask.inputs.checks import CheckOutcome, CheckThresholds, preflight
+from pingu_dask.inputs.imaging import ImageInfo, check_image_data, voxel_volume
+from pingu_dask.inputs.manifest import (
+    Scan,
+    channel_grid_mismatch,
+    input_fingerprint,
+    region_source,
+)
+from pingu_dask.inputs.orientation import Reorientation
 from pingu_dask.nnunet.case import (
     CaseGeometry,
     PreparedCase,
@@ -47,9 +59,8 @@ from pingu_dask.nnunet.case import (
 from pingu_dask.nnunet.model import Model
 from pingu_dask.nnunet.plans import model_plan
 from pingu_dask.nnunet.predictor import cached_predictor, uses_gpu, worker_slot
-from pingu_dask.output import layout, masks, tables
-from pingu_dask.output.files import save_nifti
-from pingu_dask.records import ScanResult
+from pingu_dask.output import derivatives, masks, tables
+from pingu_dask.records import ScanFacts, ScanResult
 from pingu_dask.report import qc
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,6 +97,7 @@ def _set_torch_threads(settings: InferenceSettings) -> None:
 
 
 DEFAULT_PVS_RULES = PvsClusterRules()
+DEFAULT_CHECKS = CheckThresholds()
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,10 @@ class Pipeline:
     regions: RegionTable = ASEG
     write_nifti: bool = True
     qc: bool = False  # write a QC montage per scan (OUT/qc); not part of the fingerprint
+    # Pre-flight checks: they decide which scans run, not any figure, so they are not
+    # part of the fingerprint (run.json records them).
+    checks: CheckThresholds = DEFAULT_CHECKS
+    strict: bool = False  # flags fail the scan too
 
     def fingerprint(self) -> str:
         """What decides a scan's outputs: model, inference, cluster and region settings."""
@@ -115,10 +131,13 @@ class Pipeline:
 class Source:
     """What preprocess learnt about the scan's files, for finish (no second read)."""
 
-    info: ImageInfo  # the first channel's grid: the mask is written on it
-    regions: Regions | None
+    info: ImageInfo  # the first channel's grid on the model's orientation
+    regions: Regions | None  # on that grid
     input_fingerprint: str  # of the files as they were read
     picture: qc.QCImage | None = None  # with --qc: the first channel, 8-bit, for finish
+    turn: Reorientation = field(kw_only=True)  # stored grid <-> model's orientation
+    stored_affine: np.ndarray = field(kw_only=True)  # the mask is written on the stored grid
+    facts: ScanFacts | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -163,39 +182,103 @@ def stage(name: str) -> Callable[[F], F]:
 
 @stage("preprocess")
 def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
-    """Check the scan's images, then nnU-Net's preprocessing of the voxels read.
+    """Check the scan's images, bring them to the model's orientation, then nnU-Net's
+    preprocessing of the voxels read.
 
     Every channel is read in full first (check_image_data): nnU-Net would accept a
-    truncated file, NaN voxels or an empty image without a word. Those voxels are what
+    truncated file, NaN voxels or an empty image without a word. The pre-flight checks
+    (inputs/checks.py) then refuse or flag images that do not look like their channel
+    or do not line up with their parcellation, before the GPU stage. The voxels are
+    then permuted and flipped onto the model's orientation (inputs/orientation.py), so
+    a scan's figures do not depend on how its file is stored; those voxels are what
     nnU-Net preprocesses (no second read). The parcellation is brought onto the image
-    grid here too, before the GPU stage, so that an unusable one fails the scan without
-    taking an inference slot.
+    grid here too, so that an unusable one fails the scan without taking a slot.
     """
     started = time.perf_counter()
     model = pipeline.model
     first = scan.channel(model.channels[0])
     infos: dict[Path, ImageInfo] = {}
     voxels: dict[Path, np.ndarray] = {}
-    picture = None
     for path in scan.channel_paths:
         infos[path], voxels[path] = check_image_data(path)
-        if path == first and pipeline.qc:
-            picture = qc.qc_image(voxels[path], infos[path].affine)
     if mismatch := channel_grid_mismatch(scan, infos):
         raise InputError(mismatch)
-    info = infos[first]
-    regions = scan_regions(scan, info.shape, info.affine, pipeline.regions, pipeline.pvs_rules)
-    source = Source(info, regions, input_fingerprint(scan), picture)
+    stored = infos[first]
+    labels = None
+    if scan.parcellation is not None:
+        labels = parcellation_on_grid(scan.parcellation, stored.shape, stored.affine)
+    findings = CheckOutcome.combine(
+        [
+            preflight(
+                voxels[scan.channel(column)],
+                stored.affine,
+                stored.spacing[:3],
+                labels if column == model.channels[0] else None,
+                pipeline.checks,
+                channel=column,
+            )
+            for column in model.channels
+        ],
+        prefixes=model.channels,
+    )
+    if pipeline.strict:
+        findings = findings.strict()
+    findings.raise_failures(f"scan {scan.scan_id!r}")
+    regions = None
+    if labels is not None:
+        regions = regions_from_labels(labels, pipeline.regions, pipeline.pvs_rules)
+        del labels
+    turn = Reorientation.for_image(stored.affine, stored.shape, pipeline.inference.orientation)
+    info = ImageInfo(
+        path=stored.path,
+        shape=turn.target_shape,
+        spacing=turn.target_spacing(stored.spacing),
+        affine=turn.target_affine(stored.affine),
+        dtype=stored.dtype,
+    )
+    images = [turn.to_target(voxels[scan.channel(column)]) for column in model.channels]
+    source = Source(
+        info,
+        reoriented_regions(regions, turn),
+        input_fingerprint(scan),
+        qc.qc_image(images[0], info.affine) if pipeline.qc else None,
+        turn=turn,
+        stored_affine=stored.affine,
+        facts=ScanFacts(
+            stored_orientation=turn.stored,
+            voxel_size_mm=(stored.spacing[0], stored.spacing[1], stored.spacing[2]),
+            flags=tuple(finding.check for finding in findings.flags),
+            flag_messages=tuple(f"{f.check}: {f.message}" for f in findings.flags),
+            region_source=region_source(scan, pipeline.regions.name),
+            brain_rule=regions is not None and pipeline.pvs_rules.drops_outside_brain,
+            icv_mm3=intracranial_volume(regions, voxel_volume(stored.affine)),
+        ),
+    )
     paths = [scan.channel(column) for column in model.channels]
     case = prepare_case(
         model_plan(model),
-        [voxels[path] for path in paths],
+        images,
         info.spacing[:3],
         paths,
         resample_now=not uses_gpu(pipeline.inference.device),
     )
     seconds = time.perf_counter() - started
     return Preprocessed(scan.scan_id, case, source, seconds, _worker_name())
+
+
+def reoriented_regions(regions: Regions | None, turn: Reorientation) -> Regions | None:
+    """A scan's regions (made on its stored grid) on the model's orientation: the same
+    permutation and flips as the image, so no label is resampled."""
+    if regions is None or turn.is_identity:
+        return regions
+
+    def moved(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else turn.to_target(array)
+
+    codes = turn.to_target(regions.codes)
+    return replace(
+        regions, codes=codes, excluded=moved(regions.excluded), brain=moved(regions.brain)
+    )
 
 
 @stage("predict")
@@ -220,8 +303,11 @@ def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
 
 @stage("finish")
 def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> ScanResult:
-    """Label map -> mask on the scan's grid -> clusters, regions, metrics; store the mask.
+    """Label map -> mask -> clusters, regions, metrics; store the mask on the stored grid.
 
+    The analysis runs on the model's orientation (so cluster numbers, like every
+    figure, do not depend on how the file is stored); the mask and the cluster image
+    are put back onto the scan's stored grid, exactly, before they are written.
     Returns the scan's result: counts, timings and its table rows (Arrow tables of a
     few hundred rows at most), which the driver writes.
     """
@@ -232,23 +318,34 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
     analysis = analyse_mask(
         raw, info.affine, scan, source.regions, pipeline.pvs_rules, pipeline.regions
     )
-    mask = analysis.mask
+    turn = source.turn
+    mask = turn.to_stored(analysis.mask)
     attrs = {
         "model_fingerprint": pipeline.model.fingerprint,
         "pipeline_fingerprint": pipeline.fingerprint(),
         "input_fingerprint": source.input_fingerprint,
+        "stored_orientation": turn.stored,
+        "network_orientation": turn.target,
     }
     result = ScanResult.counted(
         scan.scan_id,
         analysis.counts,
         input_fingerprint=source.input_fingerprint,
-        mask=masks.write_mask(pipeline.out, scan.scan_id, mask, info.affine, attrs),
+        facts=source.facts,
+        mask=masks.write_mask(pipeline.out, scan.scan_id, mask, source.stored_affine, attrs),
         tables=tables.scan_tables(analysis.rows),
     )
     if pipeline.write_nifti and nifti_name:
-        path = Path(pipeline.out) / layout.NIFTI / nifti_name
-        save_nifti(path, mask, info.affine)
-        result.nifti = str(path)
+        written = derivatives.write_nifti_outputs(
+            Path(pipeline.out),
+            nifti_name,
+            mask,
+            turn.to_stored(analysis.labels),
+            source.stored_affine,
+            mask_sidecar(pipeline, source),
+            sources=[str(path) for path in scan.channel_paths],
+        )
+        result.nifti = written["mask"]
     if source.picture is not None:
         parcels = source.regions.codes if source.regions is not None else None
         sheet = qc.scan_montage(scan, analysis, source.picture, parcels, pipeline.regions.names)
@@ -256,3 +353,28 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
     result.seconds = dict(item.seconds, finish=time.perf_counter() - started)
     result.workers = dict(item.workers, finish=_worker_name())
     return result
+
+
+def mask_sidecar(pipeline: Pipeline, source: Source) -> dict[str, Any]:
+    """What a mask's JSON sidecar says of how it was made: model, settings, region
+    source, pre-flight flags, orientation."""
+    model = pipeline.model
+    facts = source.facts
+    return {
+        "Model": {
+            "name": model.name,
+            "folds": list(model.folds),
+            "checkpoint": model.checkpoint,
+            "configuration": model.configuration,
+            "fingerprint": model.fingerprint,
+        },
+        "PipelineFingerprint": pipeline.fingerprint(),
+        "Inference": asdict(pipeline.inference),
+        "PvsClusterRules": asdict(pipeline.pvs_rules),
+        "RegionTable": pipeline.regions.name,
+        "RegionSource": facts.region_source if facts else None,
+        "BrainRule": facts.brain_rule if facts else None,
+        "Flags": list(facts.flag_messages) if facts else [],
+        "StoredOrientation": source.turn.stored,
+        "NetworkOrientation": source.turn.target,
+    }
