@@ -4,9 +4,14 @@
 #   make test    set up .venv (if needed), lint, and run the whole test suite (CI)
 #   make test-fast  lint and the quick tier only (no real inference, SLURM or browser)
 #
-# TORCH chooses the torch build installed *before* the project. The default is the
-# CPU build that lies on this machine's disk (small venv, fast install; its PyPI
-# torchvision cannot import, which pingu-dask never needs). For a CUDA build, e.g.:
+# TORCH chooses the torch build installed *before* the project (pip install arguments).
+# The default is plain `torch==2.13.0`: on this project's CI machines pip finds the CPU
+# build in a local wheel folder first (small venv, fast install; its PyPI torchvision
+# cannot import, which pingu-dask never needs), but from PyPI on any other Linux
+# machine it is a multi-GB CUDA build. A CPU build anywhere comes from PyTorch's CPU
+# wheel index:
+#   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# For a CUDA build, e.g.:
 #   make setup TORCH="torch==2.14.1 torchvision==0.29.1"
 # Whatever was installed is then pinned with a constraints file so that installing
 # the project cannot swap it for another build.
@@ -43,9 +48,13 @@ lint: setup
 	$(BIN)/mypy
 
 # The SLURM tests need a running SLURM: the testbed is started first (as root; it
-# installs the Debian packages on a fresh machine). The dashboard test needs headless
-# Chromium (Debian package, installed as root). If either cannot be had, make goes on
-# and those tests fail saying why.
+# installs the Debian packages slurmctld, slurmd, slurm-client and munge on a fresh
+# machine). It refuses to overwrite a /etc/slurm/slurm.conf or gres.conf it did not
+# write (a machine with its own SLURM); PINGU_SLURM_TESTBED_FORCE=1 backs them up
+# instead and `make slurm-down` restores them. The dashboard test needs headless
+# Chromium and test_colin27 the Colin27 templates (Debian packages chromium and
+# mricron-data, installed as root). If any cannot be had, make goes on and those tests
+# fail saying why.
 test: setup lint
 	-scripts/install_chromium.sh
 	-scripts/install_test_data.sh

@@ -105,11 +105,15 @@ def run_variant(variant: str, model_folder: Path, scan_path: Path, out: Path) ->
     torch.set_num_threads(available_cores())
     model = resolve_model(model_folder)
     scan = Scan(scan_path.name.split(".")[0], (("t1w", scan_path),))
-    settings = InferenceSettings(tta=False, device="cpu", torch_threads=available_cores())
+    # The array as stored, as nnU-Net's own code sees it: this compares implementations
+    # of nnU-Net's steps on the same input (reorienting is measured by bench_preflight).
+    settings = InferenceSettings(
+        tta=False, device="cpu", torch_threads=available_cores(), orientation="stored"
+    )
     pipeline = Pipeline(model, settings, out)
     layout.prepare_output(out)
     clock = Clock()
-    mask_file = out / "nifti" / f"{scan.scan_id}.nii.gz"
+    mask_file = out / "nifti" / f"{scan.scan_id}_desc-pvs_mask.nii.gz"
     if variant == "nnunet":
         nnunet_variant(model, scan_path, out, clock)
         mask_file = out / f"{scan.scan_id}_nnunet.nii.gz"
@@ -196,7 +200,7 @@ def after_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
         labels = nnunet_case._export(plan, logits, geometry)
     predicted = stages.Predicted(scan.scan_id, labels, geometry, item.source, {}, {})
     with clock.step("finish"):
-        stages.finish(predicted, scan, pipeline, f"{scan.scan_id}.nii.gz")
+        stages.finish(predicted, scan, pipeline, f"{scan.scan_id}_desc-pvs_mask.nii.gz")
 
 
 # --- the benchmark -------------------------------------------------------------------

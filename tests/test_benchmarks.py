@@ -81,6 +81,15 @@ CASES = [
         ],
     ),
     (
+        "bench_preflight.py",
+        ["--kinds", "colin27_1mm", "--repeats", "1"],
+        "bench_preflight",
+        [
+            rf"\| 1 mm colin27_1mm \| {stored} \| 181x217x181 \|( [0-9.]+ \|){{6}} [0-9.]+% \|"
+            for stored in (r"RAS \(as shipped\)", r"LPI \(axes reversed\)")
+        ],
+    ),
+    (
         "bench_feed.py",
         [
             "--scans",

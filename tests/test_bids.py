@@ -129,13 +129,19 @@ def test_a_run_on_a_bids_dataset_writes_bids_derivatives(bids_tree: Path, tmp_pa
     derivatives = out / "nifti"
     description = json.loads((derivatives / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
-    masks = sorted(p.relative_to(derivatives).as_posix() for p in derivatives.rglob("*.nii.gz"))
+    masks = sorted(p.relative_to(derivatives).as_posix() for p in derivatives.rglob("*mask.nii.gz"))
     assert masks == [
         "sub-01/ses-1/anat/sub-01_ses-1_run-1_desc-pvs_mask.nii.gz",
         "sub-01/ses-1/anat/sub-01_ses-1_run-2_desc-pvs_mask.nii.gz",
         "sub-01/ses-2/anat/sub-01_ses-2_desc-pvs_mask.nii.gz",
         "sub-02/anat/sub-02_desc-pvs_mask.nii.gz",
     ]
+    # Beside each mask its labelled clusters and its sidecar, named alike.
+    clusters = sorted(p.as_posix() for p in derivatives.rglob("*_desc-pvsclusters_dseg.nii.gz"))
+    assert [c.replace("pvsclusters_dseg", "pvs_mask") for c in clusters] == [
+        (derivatives / m).as_posix() for m in masks
+    ]
+    assert all((derivatives / m.replace(".nii.gz", ".json")).is_file() for m in masks)
     regions = tables.read_table(out, "regions")
     by_scan = regions.groupby("scan_id")["region"].apply(set)
     assert "basal_ganglia" in by_scan["sub-01_ses-2"]  # from FreeSurfer's aseg.mgz

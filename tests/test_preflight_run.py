@@ -144,6 +144,8 @@ def test_a_flag_is_kept_and_shown_and_strict_fails_the_scan(
     assert any(flag.startswith("voxel_size:") for flag in sidecar["Flags"]), sidecar["Flags"]
     out, code, output = outcomes[True]
     assert code == 1, output[-3000:]
+    recorded = json.loads((out / "run.json").read_text())["runs"][-1]["checks"]
+    assert recorded["strict"] is True and recorded["voxel_mm_flag"] == [0.3, 0.95]
     scans = read_scans(out).set_index("scan_id")
     assert scans.loc[flagged[0], "status"] == "failed"
     assert "voxel_size" in scans.loc[flagged[0], "reason"]

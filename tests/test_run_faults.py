@@ -222,3 +222,27 @@ def test_scaling_from_the_work_grows_to_the_maximum_and_releases_workers(tmp_pat
         while client.scheduler_info()["workers"] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not client.scheduler_info()["workers"]  # released as the queue drained
+
+
+def test_a_very_long_error_keeps_its_type_and_verdict_through_dask() -> None:
+    """torch's state-dict mismatch is ~40,000 characters; Dask replaces an exception
+    that long with a generic one (losing the ModelError and its verdict), so a stage's
+    failure carries a shortened message."""
+    from pingu_dask.errors import MAX_MESSAGE_LENGTH, StageFailure, Verdict
+
+    failure = StageFailure("predict", "w", "ModelError", "size mismatch " * 5000, Verdict.REPEATS)
+    assert len(failure.message) < MAX_MESSAGE_LENGTH + 100
+    assert failure.message.endswith("more characters)")
+    with (
+        LocalCluster(n_workers=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+        pytest.raises(StageFailure) as caught,
+    ):
+        client.submit(_fail_at_length, 70_000).result()
+    assert caught.value.error_type == "ModelError" and not caught.value.retryable
+
+
+def _fail_at_length(length: int) -> None:
+    from pingu_dask.errors import StageFailure, Verdict
+
+    raise StageFailure("predict", "w", "ModelError", "x" * length, Verdict.REPEATS)

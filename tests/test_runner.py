@@ -373,20 +373,23 @@ def test_status_counts_the_scans_of_the_latest_manifest(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
-    cohort12: Path, tmp_path: Path
-) -> None:
-    """A real model whose checkpoint is corrupt: every worker fails to load it (a
-    ModelError, which would repeat: not retried). After 4 scans (the breaker's setting
-    here) the run stops, says why in one line and exits 3, instead of failing all 12."""
+def test_a_model_that_cannot_load_trips_the_circuit_breaker(cohort12: Path, tmp_path: Path) -> None:
+    """A real model whose weights do not fit its plans.json (what the checkpoint check
+    before dispatch cannot see: each checkpoint loads; only building the network fails):
+    every worker fails to load it (a ModelError, which would repeat: not retried). After
+    4 scans (the breaker's setting here) the run stops, says why in one line and exits
+    3, instead of failing all 12. (A truncated checkpoint stops the run before any scan:
+    tests/test_model_check.py.)"""
     import shutil
 
     from pingu_dask.nnunet.model import demo_model_folder
 
     broken = tmp_path / "broken_model"
     shutil.copytree(demo_model_folder(), broken)
-    for checkpoint in broken.glob("fold_*/checkpoint_final.pth"):
-        checkpoint.write_bytes(b"not a torch checkpoint" * 100)
+    plans = json.loads((broken / "plans.json").read_text())
+    architecture = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    architecture["features_per_stage"] = [2 * f for f in architecture["features_per_stage"]]
+    (broken / "plans.json").write_text(json.dumps(plans))
     manifest = tmp_path / "all.csv"
     absolute_manifest(cohort12, manifest, rows=N_SCANS)
     out = tmp_path / "out"
@@ -404,7 +407,7 @@ def test_a_checkpoint_that_cannot_load_trips_the_circuit_breaker(
         r" on (\d) worker\(s\)"
     )
     found = re.search(line, " ".join(output.split()))
-    assert found and "cannot load the checkpoint" in output, output
+    assert found and "plans.json does not describe the saved weights" in output, output
     ledger = tables.read_table(out, "ledger")
     assert set(ledger.status) == {"failed"} and set(ledger.error_type) == {"ModelError"}
     assert set(ledger.attempt) == {1}  # a model that cannot load is not retried

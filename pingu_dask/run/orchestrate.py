@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distributed import Client
@@ -187,6 +187,9 @@ def run_cohort(
                 "finished": None,
                 "to_do": len(plan.todo),
                 "versions": current_versions(),
+                # Which scans run (not what their figures are): kept per run, as a
+                # resumed OUT may have been run with other bounds or --strict.
+                "checks": {"strict": pipeline.strict, **asdict(pipeline.checks)},
             }
         )
         ledger.write_manifest_scans(out, [scan.scan_id for scan in request.report.scans])
