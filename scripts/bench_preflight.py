@@ -133,7 +133,7 @@ def main() -> None:
         for kind, path in real_scans(folder / "heads", kinds).items():
             for variant, file in (
                 ("as shipped", path),
-                ("LPI", stored_lpi(path, folder / f"{kind}_lpi.nii.gz")),
+                ("axes reversed", stored_lpi(path, folder / f"{kind}_lpi.nii.gz")),
             ):
                 started = time.perf_counter()
                 figures = measure(file, args.repeats, pingu)
