@@ -11,10 +11,16 @@ Tests ship this module to the workers by value (cloudpickle.register_pickle_by_v
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
+import cloudpickle
 import numpy as np
+from distributed import Client
 
 from pingu_dask.config import InferenceSettings
 from pingu_dask.errors import ModelError
@@ -22,6 +28,7 @@ from pingu_dask.inputs.manifest import Scan, input_fingerprint
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import masks, tables
 from pingu_dask.records import ScanCounts, ScanResult
+from pingu_dask.run.local import local_cluster
 from pingu_dask.run.stages import Pipeline, stage
 
 
@@ -124,3 +131,20 @@ def pipeline_in(folder: Path) -> Pipeline:
     """A pipeline writing to folder/out (the stand-ins' control files go in folder)."""
     settings = InferenceSettings(tta=False, device="cpu")
     return Pipeline(resolve_model("demo"), settings, folder / "out", write_nifti=False)
+
+
+@contextmanager
+def client_for_stand_ins(
+    n_workers: int, threads_per_worker: int, *by_value: ModuleType
+) -> Iterator[Client]:
+    """A client on a LocalCluster of separate worker processes that can run these
+    stages (this module, and any test module in `by_value`, pickled by value: the
+    workers cannot import test modules)."""
+    for module in (sys.modules[__name__], *by_value):
+        cloudpickle.register_pickle_by_value(module)
+    with (
+        local_cluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                      torch_threads=1, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        yield client

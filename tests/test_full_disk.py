@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import cloudpickle
 import dask
 import pandas as pd
 import pytest
@@ -45,7 +44,6 @@ from pingu_dask.errors import ErrorReport, OutOfSpace, StageFailure, Verdict, is
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import layout, ledger, masks, tables
 from pingu_dask.records import ScanResult, Status
-from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import Progress, StageFunctions, segment_cohort
 from pingu_dask.run.stages import Pipeline, stage
 
@@ -333,13 +331,7 @@ def test_a_flush_on_a_full_disk_writes_nothing_and_a_later_one_everything(
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
-    cloudpickle.register_pickle_by_value(sys.modules["standins"])
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with (
-        local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1,
-                      dashboard_address="127.0.0.1:0") as cluster,
-        Client(cluster) as client,
-    ):  # fmt: skip
+    with standins.client_for_stand_ins(2, 2, sys.modules[__name__]) as client:
         yield client
 
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import pytest
 import standins
@@ -42,7 +40,6 @@ from pingu_dask.output.files import save_nifti
 from pingu_dask.report.build import build_report
 from pingu_dask.run import orchestrate
 from pingu_dask.run.capacity import FixedCapacity
-from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import StageFunctions, segment_cohort
 from pingu_dask.run.orchestrate import RunRequest, run_cohort
 from pingu_dask.run.provenance import region_sources
@@ -53,12 +50,7 @@ STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
-    cloudpickle.register_pickle_by_value(sys.modules["standins"])
-    with (
-        local_cluster(n_workers=1, threads_per_worker=2, torch_threads=1,
-                      dashboard_address="127.0.0.1:0") as cluster,
-        Client(cluster) as client,
-    ):  # fmt: skip
+    with standins.client_for_stand_ins(1, 2) as client:
         yield client
 
 

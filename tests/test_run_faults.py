@@ -25,7 +25,7 @@ from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import ledger, tables
 from pingu_dask.run.capacity import PresentWorkers
 from pingu_dask.run.jobs import JobCapacity, ScaleFromWork
-from pingu_dask.run.local import local_cluster, scheduler_settings
+from pingu_dask.run.local import scheduler_settings
 from pingu_dask.run.loop import RunStopped, StageFunctions, segment_cohort
 from pingu_dask.run.stages import Pipeline
 
@@ -35,12 +35,7 @@ make_scans, pipeline_in = standins.make_scans, standins.pipeline_in
 
 @pytest.fixture(scope="module")
 def client():
-    cloudpickle.register_pickle_by_value(sys.modules["standins"])
-    with (
-        local_cluster(n_workers=2, threads_per_worker=3, torch_threads=1,
-                      dashboard_address="127.0.0.1:0") as cluster,
-        Client(cluster) as client,
-    ):  # fmt: skip
+    with standins.client_for_stand_ins(2, 3) as client:
         yield client
 
 
