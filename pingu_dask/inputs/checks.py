@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from pingu_dask.config import setting
+from pingu_dask.config import DEFAULTS, setting
 from pingu_dask.errors import InputError
 
 #: Voxel size of the block-averaged copy the head and orientation measures use (mm).
@@ -179,6 +179,26 @@ class CheckOutcome:
 Bounds = tuple[float, float] | None
 
 
+_DEFAULT = DEFAULTS["pingu"]  # the thresholds' defaults are config's values, not copies
+
+
+def _default_bounds(key: str) -> Bounds:
+    """A (low, high) default from config (a list there, as YAML gives it)."""
+    value = _DEFAULT[key]
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
+_BOUNDS = {
+    key: _default_bounds(key)
+    for key in (
+        "check-voxel-mm-flag",
+        "check-voxel-mm-fail",
+        "check-fov-mm-flag",
+        "check-fov-mm-fail",
+    )
+}
+
+
 @dataclass(frozen=True)
 class CheckThresholds:
     """The bounds each check holds an image to; None turns that verdict off.
@@ -190,26 +210,26 @@ class CheckThresholds:
     """
 
     #: label_map: an all-integer image with fewer distinct values is a label map...
-    label_map_min_values: int | None = 16
+    label_map_min_values: int | None = _DEFAULT["check-label-map-min-values"]
     #: ...and so is one where at least this share of neighbouring voxel pairs (outside
     #: the background) are equal (measured: label maps >= 0.68, scans <= 0.23).
-    label_map_equal_neighbours: float | None = 0.5
+    label_map_equal_neighbours: float | None = _DEFAULT["check-label-map-equal-neighbours"]
     #: intensity_spread failure: at least this share of voxels have one value.
-    same_value_share: float | None = 0.99
+    same_value_share: float | None = _DEFAULT["check-same-value-share"]
     #: intensity_spread flag: the head's 5th-95th percentile span over its median.
-    min_contrast: float | None = 0.2
+    min_contrast: float | None = _DEFAULT["check-min-contrast"]
     #: voxel_size (mm, each array axis): flag outside, failure outside.
-    voxel_mm_flag: Bounds = (0.3, 4.0)
-    voxel_mm_fail: Bounds = (0.1, 8.0)
+    voxel_mm_flag: Bounds = _BOUNDS["check-voxel-mm-flag"]
+    voxel_mm_fail: Bounds = _BOUNDS["check-voxel-mm-fail"]
     #: field_of_view (mm, each array axis: voxels x spacing): flag outside, failure outside.
-    fov_mm_flag: Bounds = (90.0, 320.0)
-    fov_mm_fail: Bounds = (40.0, 500.0)
+    fov_mm_flag: Bounds = _BOUNDS["check-fov-mm-flag"]
+    fov_mm_fail: Bounds = _BOUNDS["check-fov-mm-fail"]
     #: alignment: the share of the parcellation's brain inside the head: flag, failure.
-    brain_in_head_flag: float | None = 0.9
-    brain_in_head_fail: float | None = 0.75
+    brain_in_head_flag: float | None = _DEFAULT["check-brain-in-head-flag"]
+    brain_in_head_fail: float | None = _DEFAULT["check-brain-in-head-fail"]
     #: orientation: fit as stored over the best right-angle turn: flag, failure.
-    orientation_flag: float | None = 1.1
-    orientation_fail: float | None = 1.05
+    orientation_flag: float | None = _DEFAULT["check-orientation-flag"]
+    orientation_fail: float | None = _DEFAULT["check-orientation-fail"]
 
     @classmethod
     def from_config(cls, **overrides: Any) -> CheckThresholds:
