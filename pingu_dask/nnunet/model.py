@@ -51,6 +51,17 @@ class Model:
     def name(self) -> str:
         return self.folder.name
 
+    def facts(self) -> dict[str, object]:
+        """What names this model in outputs (run.json, GeneratedBy, mask sidecars): plain
+        values, so that layers which do not know nnU-Net can write them."""
+        return {
+            "name": self.name,
+            "folds": list(self.folds),
+            "checkpoint": self.checkpoint,
+            "configuration": self.configuration,
+            "fingerprint": self.fingerprint,
+        }
+
 
 def manifest_column(channel_name: str) -> str:
     """dataset.json channel name -> manifest column: 'T1w' -> 't1w', 'T2 FLAIR' -> 't2_flair'."""

@@ -154,17 +154,7 @@ def segment_cohort(
     layout.prepare_output(pipeline.out)
     names = layout.nifti_names(scans) if pipeline.write_nifti else {}
     if pipeline.write_nifti:
-        model = pipeline.model  # named in GeneratedBy: output/ does not know nnU-Net's Model
-        layout.describe_nifti_dataset(
-            pipeline.out,
-            {
-                "name": model.name,
-                "folds": list(model.folds),
-                "fingerprint": model.fingerprint,
-                "configuration": model.configuration,
-                "checkpoint": model.checkpoint,
-            },
-        )
+        layout.describe_nifti_dataset(pipeline.out, pipeline.model.facts())
     retries = int(setting("retries")) if retries is None else retries
     if scan_timeout is None:
         scan_timeout = setting("scan-timeout")

@@ -358,16 +358,9 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
 def mask_sidecar(pipeline: Pipeline, source: Source) -> dict[str, Any]:
     """What a mask's JSON sidecar says of how it was made: model, settings, region
     source, pre-flight flags, orientation."""
-    model = pipeline.model
     facts = source.facts
     return {
-        "Model": {
-            "name": model.name,
-            "folds": list(model.folds),
-            "checkpoint": model.checkpoint,
-            "configuration": model.configuration,
-            "fingerprint": model.fingerprint,
-        },
+        "Model": pipeline.model.facts(),
         "PipelineFingerprint": pipeline.fingerprint(),
         "Inference": asdict(pipeline.inference),
         "PvsClusterRules": asdict(pipeline.pvs_rules),
