@@ -256,6 +256,18 @@ def test_a_parcellation_of_another_field_of_view_fails_alignment(cohort: Path) -
         preflight(voxels, info.affine, info.spacing, labels[1:])
 
 
+def test_an_image_with_no_head_above_zero_fails_without_a_crash(cohort: Path) -> None:
+    """A negated image (every voxel <= 0): no head foreground is found, which fails
+    alignment with its reason instead of crashing the orientation fit (it raised an
+    IndexError on zero head voxels)."""
+    files = scan_files(cohort, "sub-002")
+    info, voxels = check_image_data(files["t1w"])
+    labels = parcellation_on_grid(files["parcellation"], info.shape, info.affine)
+    outcome = preflight(-voxels, info.affine, info.spacing, labels)
+    assert outcome.failure_names == "alignment"
+    assert outcome.measures["brain_in_head"] == 0.0
+
+
 def test_nearly_empty_and_low_contrast_images() -> None:
     image, _, affine = phantom((80, 96, 80), (1.5, 1.5, 1.5))
     empty = np.zeros_like(image)

@@ -37,6 +37,7 @@ from pingu_dask.inputs.manifest import (
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import layout, tables
 from pingu_dask.output.files import save_nifti
+from pingu_dask.output.scans import read_scans
 from pingu_dask.report.build import build_report
 from pingu_dask.run import orchestrate
 from pingu_dask.run.capacity import FixedCapacity
@@ -177,6 +178,11 @@ def test_a_changed_manifest_updates_the_record_and_is_not_a_settings_change(
     assert second["region_sources"]["table"] == "synthseg"
     assert second["region_sources"]["scans_without_parcellation"] == 0
     assert second["regions"] == first["regions"]
+    # Their inputs changed, so each scan was redone: the scans table counts both runs'
+    # attempts (attempt numbers start at 1 in every run).
+    scans = read_scans(pipeline.out)
+    assert len(scans) == 4 and set(scans.status) == {"ok"}
+    assert set(scans.attempts) == {2}
     status = CliRunner().invoke(main, ["status", str(pipeline.out)])
     assert status.exit_code == 0, status.output
     assert "without a parcellation" not in status.output

@@ -485,6 +485,8 @@ def _check_alignment(
         )
     if limits.orientation_fail is None and limits.orientation_flag is None:
         return
+    if not head.any():  # no head to fit the labels to (already an alignment failure)
+        return
     if np.unique(labels[brain]).size < 2:  # a brain mask: see the module docstring
         return
     stored, turned, turn = _orientation_fit(coarse, head, labels, affine)

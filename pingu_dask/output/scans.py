@@ -36,7 +36,7 @@ def scans_rows(out: Path, scans: Sequence[Scan], problems: Sequence[Problem] = (
     row per invalid manifest row (from `problems`)."""
     attempts = tables.read_table(out, LEDGER)
     valid = attempts[attempts.status != ledger.INVALID]
-    tries = valid.groupby("scan_id")["attempt"].max().to_dict() if len(valid) else {}
+    tries = valid.groupby("scan_id").size().to_dict() if len(valid) else {}  # over all runs
     latest = ledger.latest_attempts(out, attempts).set_index("scan_id")
     rows = []
     for scan in scans:
@@ -47,7 +47,7 @@ def scans_rows(out: Path, scans: Sequence[Scan], problems: Sequence[Problem] = (
             row["attempts"] = int(tries.get(scan.scan_id, 0))
         else:
             row.update(status=NOT_RUN, attempts=0)
-        if row["stored_orientation"] is None:
+        if row["status"] == Status.FAILED.value and row["stored_orientation"] is None:
             row.update(_header_facts(scan))
         rows.append(row)
     rows.extend(_invalid_rows(problems))

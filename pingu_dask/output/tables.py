@@ -147,7 +147,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("site", pa.string()),
             ("status", pa.string()),  # ok | failed | invalid | not_run
             ("reason", pa.string()),  # why not ok: the error type and message
-            ("attempts", pa.int64()),
+            ("attempts", pa.int64()),  # over every run (the ledger's rows for the scan)
             *_FACTS,
             ("model_fingerprint", pa.string()),
             ("pipeline_fingerprint", pa.string()),

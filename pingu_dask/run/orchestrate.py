@@ -219,10 +219,10 @@ def run_cohort(
             compaction.compact_if_fragmented(out)  # not after Ctrl-C or an error: next run's start
         finally:
             outcome.seconds = time.perf_counter() - started
-            _write_scans_table(out, request.report)
             run_info["runs"][-1]["finished"] = _now()
             run_info["finished"] = _now()
             layout.write_json(out / layout.RUN_JSON, run_info)
+            _write_scans_table(out, request.report)
     return outcome
 
 
