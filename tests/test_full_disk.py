@@ -252,18 +252,23 @@ def test_status_prints_the_most_common_reasons_and_all_on_request(tmp_path: Path
 
 def test_status_on_a_folder_that_is_not_an_output_says_so(tmp_path: Path) -> None:
     runner = CliRunner()
+
+    def status(path: Path) -> tuple[int, str]:
+        """Exit code and output with its line breaks undone (the console wraps long paths)."""
+        result = runner.invoke(main, ["status", str(path)])
+        return result.exit_code, " ".join(result.output.split())
+
     (tmp_path / "notes.txt").write_text("not a run")
-    empty = runner.invoke(main, ["status", str(tmp_path)])
-    assert empty.exit_code == 2
-    assert f"{tmp_path} is not a pingu-dask output folder (no run.json)" in empty.output
-    missing = runner.invoke(main, ["status", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 2
-    assert "does not exist: not a pingu-dask output folder" in missing.output
-    a_file = runner.invoke(main, ["status", str(tmp_path / "notes.txt")])
-    assert a_file.exit_code == 2 and "is a file, not a pingu-dask output folder" in a_file.output
+    code, output = status(tmp_path)
+    assert code == 2
+    assert f"{tmp_path} is not a pingu-dask output folder (no run.json)" in output
+    code, output = status(tmp_path / "nowhere")
+    assert code == 2 and "does not exist: not a pingu-dask output folder" in output
+    code, output = status(tmp_path / "notes.txt")
+    assert code == 2 and "is a file, not a pingu-dask output folder" in output
     layout.write_json(tmp_path / layout.RUN_JSON, {"n_scans": 2})  # a run's OUT, nothing done
-    started = runner.invoke(main, ["status", str(tmp_path)])
-    assert started.exit_code == 1 and "0 done, 0 failed" in started.output
+    code, output = status(tmp_path)
+    assert code == 1 and "0 done, 0 failed" in output
 
 
 def failed_result(i: int) -> ScanResult:
