@@ -473,6 +473,7 @@ def test_a_disk_that_fills_mid_run_stops_it_in_one_line_and_the_same_command_res
         lines[0],
     )
     assert found, lines[0]
+    assert "(the write that failed: " in lines[0] and "[Errno 28]" in lines[0], lines[0]
     kept = int(found.group(1))
     ok = ledger.latest_attempts(out)
     assert kept == (ok.status == "ok").sum()

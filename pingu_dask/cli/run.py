@@ -412,7 +412,7 @@ def run_manifest(
         if not is_out_of_space(error):
             raise
         bar.stop()
-        line = out_of_space_line(Path(out), len(report.scans))
+        line = out_of_space_line(Path(out), len(report.scans), str(error))
         console.print(f"[red]{line}[/red]", soft_wrap=True)
         raise SystemExit(OUT_OF_SPACE_EXIT_CODE) from None
     finally:
@@ -432,14 +432,16 @@ def run_manifest(
     return outcome
 
 
-def out_of_space_line(out: Path, n_scans: int) -> str:
+def out_of_space_line(out: Path, n_scans: int, failed_write: str = "") -> str:
     """The one line a full disk or quota ends a run with: what is kept, what to free,
-    how to go on (the ledger is read, which needs no space)."""
+    how to go on (the ledger is read, which needs no space). `failed_write` is the
+    error (its stage and path), since a worker's own scratch space can be what filled."""
     kept = ledger.summarise_ledger(out).counts.get(ledger.OK, 0)
     return (
         f"stopped: no space left in {out} (its file system is full or over quota); "
         f"{kept:,} of {n_scans:,} scans are finished and kept; free space there "
         f"(`df -h {out}`), then run the same command again to resume"
+        + (f" (the write that failed: {failed_write})" if failed_write else "")
     )
 
 

@@ -321,24 +321,18 @@ def _check_geometry(
         ("voxel_size", spacing, limits.voxel_mm_fail, limits.voxel_mm_flag, "voxel size"),
         ("field_of_view", fov, limits.fov_mm_fail, limits.fov_mm_flag, "field of view"),
     ):
-        if wrong := _outside(values, fail):
-            assert fail is not None
-            found.failures.append(
-                Finding(
-                    check,
-                    f"{what} {_mm(values)} mm: {_mm(wrong)} mm is outside "
-                    f"{fail[0]:g}-{fail[1]:g} mm (a header in other units, or not a head scan?)",
+        # The failure bounds first: a value outside them is not flagged as well.
+        for verdicts, bounds, usual, why in (
+            (found.failures, fail, "", " (a header in other units, or not a head scan?)"),
+            (found.flags, flag, "the usual ", ""),
+        ):
+            if bounds is not None and (wrong := _outside(values, bounds)):
+                message = (
+                    f"{what} {_mm(values)} mm: {_mm(wrong)} mm is outside {usual}"
+                    f"{bounds[0]:g}-{bounds[1]:g} mm{why}"
                 )
-            )
-        elif wrong := _outside(values, flag):
-            assert flag is not None
-            found.flags.append(
-                Finding(
-                    check,
-                    f"{what} {_mm(values)} mm: {_mm(wrong)} mm is outside the usual "
-                    f"{flag[0]:g}-{flag[1]:g} mm",
-                )
-            )
+                verdicts.append(Finding(check, message))
+                break
 
 
 # Label map -----------------------------------------------------------------------------

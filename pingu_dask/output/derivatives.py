@@ -28,7 +28,6 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-import nibabel as nib
 import numpy as np
 
 from pingu_dask.output.files import atomic_path, save_nifti
@@ -121,7 +120,7 @@ def write_nifti_outputs(
     affine = np.asarray(affine, dtype=np.float64)
 
     cluster_path = mask_path.with_name(clusters_name(mask_path.name))
-    _save_labels(cluster_path, labels.astype(label_dtype(n_clusters)), affine)
+    save_nifti(cluster_path, labels.astype(label_dtype(n_clusters)), affine, intent="label")
     clusters_sidecar = mask_path.with_name(sidecar_name(cluster_path.name))
     _write_json(
         clusters_sidecar,
@@ -148,18 +147,6 @@ def write_nifti_outputs(
         "sidecar": str(mask_sidecar),
         "clusters_sidecar": str(clusters_sidecar),
     }
-
-
-def _save_labels(path: Path, labels: np.ndarray, affine: np.ndarray) -> None:
-    """A label image as NIfTI-1 in scanner space (as files.save_nifti), intent "label"."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(labels, affine)
-    image.header.set_xyzt_units("mm", "sec")
-    image.header.set_intent("label")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    with atomic_path(path) as temporary:
-        nib.save(image, temporary)
 
 
 def _write_json(path: Path, document: dict) -> None:

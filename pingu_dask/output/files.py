@@ -41,17 +41,21 @@ def save_nifti(
     path: str | os.PathLike[str],
     data: np.ndarray,
     affine: np.ndarray,
+    intent: str | None = None,
 ) -> Path:
     """Write a 3D array as NIfTI-1 in scanner space, atomically.
 
     The file is written under a temporary name in the same folder and renamed into
     place, so a reader (or a crash) never sees half a file. qform and sform both carry
     the affine with code 1 (scanner), which is what converters such as dcm2niix write.
+    `intent` is the NIfTI intent, e.g. "label" for a label image.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     image.header.set_xyzt_units("mm", "sec")
+    if intent is not None:
+        image.header.set_intent(intent)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     with atomic_path(path) as temporary:
