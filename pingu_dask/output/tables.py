@@ -141,10 +141,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     # too (output/scans.py makes it from the ledger at the end of every run).
     "scans": pa.schema(
         [
-            ("scan_id", pa.string()),
-            ("subject", pa.string()),
-            ("session", pa.string()),
-            ("site", pa.string()),
+            *_SCAN,
             ("status", pa.string()),  # ok | failed | invalid | not_run
             ("reason", pa.string()),  # why not ok: the error type and message
             ("attempts", pa.int64()),  # over every run (the ledger's rows for the scan)
