@@ -10,24 +10,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from distributed import Client
 
 from pingu_dask.errors import RunError
 from pingu_dask.inputs.manifest import ManifestReport
 from pingu_dask.monitor.http import page_link
 from pingu_dask.nnunet.checkpoints import check_checkpoints
-from pingu_dask.nnunet.predictor import uses_gpu
 from pingu_dask.output import compaction, layout, ledger, masks, parts, scans, tables
 from pingu_dask.output.lock import OutputLock
 from pingu_dask.records import ScanResult
-from pingu_dask.run.capacity import Capacity, FixedCapacity, PresentWorkers
-from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions
-from pingu_dask.run.local import LocalLayout
+from pingu_dask.run.clusters import ClusterRequest, open_client
+from pingu_dask.run.jobs import JobOptions
 from pingu_dask.run.loop import Progress, RunStopped, segment_cohort
 from pingu_dask.run.provenance import (
     REGION_SOURCES,
@@ -240,30 +235,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-@contextmanager
-def _client(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, Capacity]]:
+def _client(request: RunRequest, scans_left: int):
     """A client on the cluster the request names, and how many workers to plan for."""
-    from pingu_dask.run.jobs import jobqueue_cluster, scale_from_work
-    from pingu_dask.run.local import local_cluster
-
-    if request.cluster in BATCH_SYSTEMS:
-        # Jobs are asked for from the scans left (scale_from_work), and released as
-        # the queue drains; closing the cluster cancels the jobs still there.
-        cluster = jobqueue_cluster(request.cluster, request.jobs, request.dashboard_address)
-        with cluster, Client(cluster) as client:
-            yield client, scale_from_work(cluster, client, request.jobs, scans_left)
-        return
-    if request.cluster != "local":
-        with Client(request.cluster) as client:
-            yield client, PresentWorkers(client)
-        return
-    inference = request.pipeline.inference
-    machine = LocalLayout.for_machine(
+    cluster = ClusterRequest(
+        request.cluster,
         request.workers,
-        gpu=uses_gpu(inference.device),
-        cpu_workers=request.cpu_workers,
-        torch_threads=inference.torch_threads,
+        request.cpu_workers,
+        request.jobs,
+        request.dashboard_address,
     )
-    cluster = local_cluster(layout=machine, dashboard_address=request.dashboard_address)
-    with cluster, Client(cluster) as client:
-        yield client, FixedCapacity(request.workers, machine.threads_per_slot)
+    inference = request.pipeline.inference
+    return open_client(cluster, scans_left, inference.device, inference.torch_threads)

@@ -76,7 +76,7 @@ def _this_worker():
         return None
 
 
-def _worker_name() -> str:
+def worker_name() -> str:
     """This worker's address (what the ledger and the dashboards show)."""
     worker = _this_worker()
     return worker.address if worker else "local"
@@ -172,7 +172,7 @@ def stage(name: str) -> Callable[[F], F]:
                 return function(*args, **kwargs)
             except Exception as error:
                 raise StageFailure(
-                    name, _worker_name(), type(error).__name__, str(error), verdict_of(error)
+                    name, worker_name(), type(error).__name__, str(error), verdict_of(error)
                 ) from error
 
         return run  # type: ignore[return-value]
@@ -196,34 +196,9 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     """
     started = time.perf_counter()
     model = pipeline.model
-    first = scan.channel(model.channels[0])
-    infos: dict[Path, ImageInfo] = {}
-    voxels: dict[Path, np.ndarray] = {}
-    for path in scan.channel_paths:
-        infos[path], voxels[path] = check_image_data(path)
-    if mismatch := channel_grid_mismatch(scan, infos):
-        raise InputError(mismatch)
-    stored = infos[first]
-    labels = None
-    if scan.parcellation is not None:
-        labels = parcellation_on_grid(scan.parcellation, stored.shape, stored.affine)
-    findings = CheckOutcome.combine(
-        [
-            preflight(
-                voxels[scan.channel(column)],
-                stored.affine,
-                stored.spacing[:3],
-                labels if column == model.channels[0] else None,
-                pipeline.checks,
-                channel=column,
-            )
-            for column in model.channels
-        ],
-        prefixes=model.channels,
-    )
-    if pipeline.strict:
-        findings = findings.strict()
-    findings.raise_failures(f"scan {scan.scan_id!r}")
+    checked = check_inputs(scan, model.channels, pipeline.checks, pipeline.strict)
+    stored, voxels, labels, findings = (checked.stored, checked.voxels, checked.labels,
+                                        checked.findings)  # fmt: skip
     regions = None
     if labels is not None:
         regions = regions_from_labels(labels, pipeline.regions, pipeline.pvs_rules)
@@ -263,7 +238,58 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
         resample_now=not uses_gpu(pipeline.inference.device),
     )
     seconds = time.perf_counter() - started
-    return Preprocessed(scan.scan_id, case, source, seconds, _worker_name())
+    return Preprocessed(scan.scan_id, case, source, seconds, worker_name())
+
+
+@dataclass
+class CheckedInputs:
+    """A scan's images read in full and checked, before anything is made of them."""
+
+    stored: ImageInfo  # the first channel's grid as stored
+    voxels: dict[Path, np.ndarray]  # every channel's voxels, by path
+    labels: np.ndarray | None  # the parcellation on that grid, if the scan has one
+    findings: CheckOutcome  # the pre-flight checks' flags (failures have been raised)
+
+
+def check_inputs(
+    scan: Scan, channels: tuple[str, ...], checks: CheckThresholds, strict: bool
+) -> CheckedInputs:
+    """Read every channel in full and run the pre-flight checks (run's and train's).
+
+    Every channel is read whole (check_image_data): nnU-Net would accept a truncated
+    file, NaN voxels or an empty image without a word. The parcellation comes onto the
+    image grid, so that an unusable one fails the scan here. Raises the scan's input
+    error (never retried); flags are returned (with `strict`, they fail it too).
+    """
+    first = scan.channel(channels[0])
+    infos: dict[Path, ImageInfo] = {}
+    voxels: dict[Path, np.ndarray] = {}
+    for path in scan.channel_paths:
+        infos[path], voxels[path] = check_image_data(path)
+    if mismatch := channel_grid_mismatch(scan, infos):
+        raise InputError(mismatch)
+    stored = infos[first]
+    labels = None
+    if scan.parcellation is not None:
+        labels = parcellation_on_grid(scan.parcellation, stored.shape, stored.affine)
+    findings = CheckOutcome.combine(
+        [
+            preflight(
+                voxels[scan.channel(column)],
+                stored.affine,
+                stored.spacing[:3],
+                labels if column == channels[0] else None,
+                checks,
+                channel=column,
+            )
+            for column in channels
+        ],
+        prefixes=channels,
+    )
+    if strict:
+        findings = findings.strict()
+    findings.raise_failures(f"scan {scan.scan_id!r}")
+    return CheckedInputs(stored, voxels, labels, findings)
 
 
 def reoriented_regions(regions: Regions | None, turn: Reorientation) -> Regions | None:
@@ -297,7 +323,7 @@ def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
         item.case.geometry,
         item.source,
         {"preprocess": item.seconds, "predict": time.perf_counter() - started},
-        {"preprocess": item.worker, "predict": _worker_name()},
+        {"preprocess": item.worker, "predict": worker_name()},
     )
 
 
@@ -351,7 +377,7 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         sheet = qc.scan_montage(scan, analysis, source.picture, parcels, pipeline.regions.names)
         result.qc = str(qc.write_png(pipeline.out, scan.scan_id, sheet))
     result.seconds = dict(item.seconds, finish=time.perf_counter() - started)
-    result.workers = dict(item.workers, finish=_worker_name())
+    result.workers = dict(item.workers, finish=worker_name())
     return result
 
 
