@@ -1,10 +1,13 @@
 """The driver's side of watching a run: it registers the run's monitor on the scheduler and
 sends it the verdicts only the driver knows (a failure is final, or will be retried).
+`Feed` is shared with training.TrainFeed (a training's stages, fold verdicts, the end).
 """
 
 from __future__ import annotations
 
 import logging
+
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from pingu_dask.monitor.plugin import FAILURE_FIELDS, PLUGIN_NAME, TOPIC, RunMonitor
 from pingu_dask.records import ScanResult
@@ -12,26 +15,45 @@ from pingu_dask.records import ScanResult
 logger = logging.getLogger(__name__)
 
 
-class RunFeed:
-    """The driver's link to its run's monitor: registers it, sends it the verdicts.
+class Feed:
+    """Registers a monitor under `name` and sends it events on `topic` with its token.
 
     Whatever goes wrong here (a scheduler without pingu-dask installed, a scheduler
     that is going away) is logged and otherwise ignored: watching must never stop a run.
     """
 
-    def __init__(self, client, monitor: RunMonitor) -> None:
+    def __init__(
+        self, client, monitor: SchedulerPlugin, token: str, name: str, topic: str, what: str
+    ) -> None:
         self.client = client
-        self.token = monitor.token
+        self.token = token
+        self.topic = topic
         self.active = False
         try:
-            # A run before this one on the same scheduler left its monitor: replace it
+            # One before this one on the same scheduler left its monitor: replace it
             # (the scheduler would warn on an overwrite).
-            if PLUGIN_NAME in client.run_on_scheduler(_plugin_names):
-                client.unregister_scheduler_plugin(PLUGIN_NAME)
-            client.register_plugin(monitor, name=PLUGIN_NAME)
+            if name in client.run_on_scheduler(_plugin_names):
+                client.unregister_scheduler_plugin(name)
+            client.register_plugin(monitor, name=name)
             self.active = True
         except Exception as error:  # see the class docstring
-            logger.warning("the pingu dashboard is off for this run: %s", error)
+            logger.warning("the pingu dashboard is off for this %s: %s", what, error)
+
+    def _send(self, **message) -> None:
+        if not self.active:
+            return
+        try:
+            self.client.log_event(self.topic, {"token": self.token, **message})
+        except Exception as error:  # see the class docstring
+            logger.warning("could not update the pingu dashboard: %s", error)
+            self.active = False
+
+
+class RunFeed(Feed):
+    """The driver's link to its run's monitor: registers it, sends it the verdicts."""
+
+    def __init__(self, client, monitor: RunMonitor) -> None:
+        super().__init__(client, monitor, monitor.token, PLUGIN_NAME, TOPIC, "run")
 
     def failed(self, index: int, result: ScanResult, site: str | None, final: bool) -> None:
         """A scan's attempt failed: for good (final) or to be retried."""
@@ -41,15 +63,6 @@ class RunFeed:
 
     def ended(self, status: str) -> None:
         self._send(event="ended", status=status)
-
-    def _send(self, **message) -> None:
-        if not self.active:
-            return
-        try:
-            self.client.log_event(TOPIC, {"token": self.token, **message})
-        except Exception as error:  # see the class docstring
-            logger.warning("could not update the pingu dashboard: %s", error)
-            self.active = False
 
 
 def _plugin_names(dask_scheduler) -> list[str]:

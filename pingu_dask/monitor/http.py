@@ -1,7 +1,8 @@
 """The run's page on the scheduler's web server: /pingu (a static page that polls) and
-/pingu/status.json (the current run's snapshot), next to the Dask dashboard. The web
-server binds to localhost unless told otherwise (pingu.dashboard-address); from a
-laptop, reach it through an SSH tunnel (README).
+/pingu/status.json (the current run's snapshot and, when one is registered, the current
+training's under "training"), next to the Dask dashboard. The web server binds to
+localhost unless told otherwise (pingu.dashboard-address); from a laptop, reach it
+through an SSH tunnel (README).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from importlib import resources
 from distributed.http.utils import RequestHandler
 
 from pingu_dask.monitor.plugin import PAGE_PATH, PLUGIN_NAME, RunMonitor
+from pingu_dask.monitor.training import TRAIN_PLUGIN_NAME, TrainMonitor
 
 
 def page_link(dashboard_link: str | None) -> str | None:
@@ -28,18 +30,35 @@ def current_monitor(scheduler) -> RunMonitor | None:
     return plugin if isinstance(plugin, RunMonitor) else None
 
 
+def current_training(scheduler) -> TrainMonitor | None:
+    plugin = scheduler.plugins.get(TRAIN_PLUGIN_NAME) if scheduler is not None else None
+    return plugin if isinstance(plugin, TrainMonitor) else None
+
+
+def status(scheduler) -> dict | None:
+    """The current run's snapshot, with the current training's "training" key beside
+    it; either may be missing (None when both are)."""
+    run, training = current_monitor(scheduler), current_training(scheduler)
+    if run is None and training is None:
+        return None
+    return {
+        **(run.snapshot() if run is not None else {}),
+        **(training.snapshot() if training is not None else {}),
+    }
+
+
 class StatusHandler(RequestHandler):
-    """GET /pingu/status.json: the current run's snapshot."""
+    """GET /pingu/status.json: the current run's and training's snapshots."""
 
     def get(self) -> None:
-        monitor = current_monitor(self.server)
+        snapshot = status(self.server)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        if monitor is None:
+        if snapshot is None:
             self.set_status(404)
             self.write(json.dumps({"error": "no pingu-dask run on this scheduler"}))
             return
-        self.write(json.dumps(monitor.snapshot()))
+        self.write(json.dumps(snapshot))
 
 
 class PageHandler(RequestHandler):

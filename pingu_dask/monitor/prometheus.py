@@ -1,24 +1,34 @@
-"""pingu_* metrics on the scheduler's /metrics (prometheus_client's default registry)."""
+"""pingu_* metrics on the scheduler's /metrics (prometheus_client's default registry):
+pingu_scans_* and friends from scan runs (plugin.RunMonitor), pingu_train_* from
+trainings (training.TrainMonitor)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from pingu_dask.monitor.plugin import STAGES, STATES, RunMonitor
+from pingu_dask.monitor.training import FOLD_STATES, TrainMonitor
+
+Monitor = RunMonitor | TrainMonitor
 
 
 class MetricsCollector:
     """pingu_* metrics of the monitors attached in this process, for the scheduler's
     /metrics (which serves prometheus_client's default registry). Registered once per
-    process; one monitor per scheduler (a new run's replaces the last one's)."""
+    process; one monitor of each kind per scheduler (a new run's replaces the last run's,
+    a new training's the last training's)."""
 
     def __init__(self) -> None:
-        self.monitors: list[RunMonitor] = []
+        self.monitors: list[Monitor] = []
         self.registered = False
 
-    def attach(self, monitor: RunMonitor) -> None:
+    def attach(self, monitor: Monitor) -> None:
         self.monitors = [
-            m for m in self.monitors if m.scheduler is None or m.scheduler is not monitor.scheduler
+            m
+            for m in self.monitors
+            if m.scheduler is None
+            or m.scheduler is not monitor.scheduler
+            or type(m) is not type(monitor)
         ]
         self.monitors.append(monitor)
         if not self.registered:
@@ -29,18 +39,23 @@ class MetricsCollector:
             prometheus_client.REGISTRY.register(self)
             self.registered = True
 
-    def detach(self, monitor: RunMonitor) -> None:
+    def detach(self, monitor: Monitor) -> None:
         self.monitors = [m for m in self.monitors if m is not monitor]
 
     def describe(self) -> list:
         return []  # no fixed set: the registry then does not call collect() early
 
     def collect(self) -> Iterator:
-        return iter(metric_families(self.monitors))
+        runs = [m for m in self.monitors if isinstance(m, RunMonitor)]
+        trainings = [m for m in self.monitors if isinstance(m, TrainMonitor)]
+        families = metric_families(runs)
+        if trainings:  # a scheduler that never trained shows no pingu_train_* families
+            families += train_metric_families(trainings)
+        return iter(families)
 
 
 def metric_families(monitors: list[RunMonitor]) -> list:
-    """The pingu_* metric families, one sample per run (label `run`)."""
+    """The pingu_* metric families of scan runs, one sample per run (label `run`)."""
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
@@ -92,6 +107,59 @@ def metric_families(monitors: list[RunMonitor]) -> list:
             busy.add_metric([run, row["worker"]], row["busy"])
     return [done, failed, retried, in_flight, remaining, by_state, rate, eta, durations,
             predicted, busy]  # fmt: skip
+
+
+#: pingu_train_* gauges per fold: (name, help, the snapshot's field).
+FOLD_GAUGES = (
+    ("pingu_train_fold_epoch", "Epochs a fold has completed.", "epoch"),
+    ("pingu_train_fold_epochs", "Epochs a fold is to train (its target).", "epochs"),
+    ("pingu_train_loss", "A fold's training loss at its latest epoch.", "train_loss"),
+    ("pingu_train_pseudo_dice", "A fold's pseudo-Dice (its EMA where reported).", "dice"),
+    (
+        "pingu_train_iterations_per_second",
+        "A fold's training iterations per second at its latest epoch.",
+        "iterations_per_second",
+    ),
+    (
+        "pingu_train_data_wait_ratio",
+        "Share of a fold's latest epoch spent waiting for augmented batches.",
+        "data_wait_share",
+    ),
+)
+
+
+def train_metric_families(monitors: list[TrainMonitor]) -> list:
+    """The pingu_train_* metric families: per fold (labels `run`, `fold`: the fold's
+    number) and per training. A figure not known yet has no sample."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    per_fold = [
+        (GaugeMetricFamily(name, text, labels=["run", "fold"]), key)
+        for name, text, key in FOLD_GAUGES
+    ]
+    attempts = CounterMetricFamily(
+        "pingu_train_fold_attempts", "Attempts started at a fold.", labels=["run", "fold"]
+    )
+    folds = GaugeMetricFamily("pingu_train_folds", "Folds by state.", labels=["run", "state"])
+    eta = GaugeMetricFamily(
+        "pingu_train_eta_seconds", "Estimated seconds until the training ends.", labels=["run"]
+    )
+    for monitor in monitors:
+        training = monitor.snapshot()["training"]
+        run = monitor.run_id
+        for row in training["folds"]:
+            labels = [run, str(row["fold"])]
+            dice = row["ema_pseudo_dice"]
+            values = {**row, "dice": dice if dice is not None else row["pseudo_dice"]}
+            for family, key in per_fold:
+                if values[key] is not None:
+                    family.add_metric(labels, values[key])
+            attempts.add_metric(labels, row["attempts"])
+        for state in FOLD_STATES:
+            folds.add_metric([run, state], training["counts"][state])
+        if training["eta_s"] is not None:
+            eta.add_metric([run], training["eta_s"])
+    return [*(family for family, _ in per_fold), attempts, folds, eta]
 
 
 METRICS = MetricsCollector()
