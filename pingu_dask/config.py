@@ -88,6 +88,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "job-cores": 3,  # one predict + one preprocess + one finish in flight
         "min-jobs": 0,  # batch jobs asked for: at least...
         "max-jobs": 4,  # ...and at most (fewer when fewer scans are left)
+        # `train`: how folds are split (kfold | site | train-site:SITE), into how many
+        # (kfold), from which seed (the same seed gives the same splits)...
+        "train-split": "kfold",
+        "train-folds": 5,
+        "train-seed": 12345,
+        # ...how often a fold checkpoints, in epochs (nnU-Net: 50; and always on
+        # SIGTERM or when its worker is gone)...
+        "train-checkpoint-every": 5,
+        # ...and nnU-Net's data-augmentation processes per fold (None: the worker's
+        # cores - 1, at least 1; nnU-Net asks ~12 per GPU so that the GPU never waits)
+        "train-augmentation-processes": None,
     }
 }
 dask.config.update_defaults(DEFAULTS)

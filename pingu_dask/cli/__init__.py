@@ -6,6 +6,7 @@ invalid manifest, failed scans), 2 wrong usage (click's own convention).
 
     data.py      synth, validate, manifest (BIDS)
     run.py       run
+    train.py     train (nnU-Net training and fine-tuning, folds on Dask)
     demo.py      demo
     progress.py  status; the progress bar, per-scan table and status summary
     evaluate.py  evaluate
@@ -29,13 +30,24 @@ def main() -> None:
 
 
 def _register() -> None:
-    from pingu_dask.cli import data, demo, evaluate, export, model, progress, report, run
+    from pingu_dask.cli import (
+        data,
+        demo,
+        evaluate,
+        export,
+        model,
+        progress,
+        report,
+        run,
+        train,
+    )
 
     commands = (
         data.synth,
         data.validate,
         data.manifest,
         run.run,
+        train.train,
         progress.status,
         evaluate.evaluate,
         report.report,

@@ -1,0 +1,1 @@
+"""Training: a manifest with reference masks -> an nnU-Net model, its folds on Dask."""
