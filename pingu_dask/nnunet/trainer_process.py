@@ -114,6 +114,9 @@ class TrainerSpec:
     threads: int = 1  # torch threads of the child
     augmentation_processes: int = 1  # nnU-Net's nnUNet_n_proc_DA (0: in the main process)
     init_weights: str | None = None  # a checkpoint to start from (fine-tuning), once
+    # ...with its segmentation heads too (the same labels: binary PVS), or without them
+    # (nnU-Net's load_pretrained_weights: other labels get freshly initialised heads)
+    init_heads: bool = False
     parent_pid: int = 0  # the worker: when it is gone, the child saves and exits
     visible_gpu: str | None = None  # CUDA_VISIBLE_DEVICES for the child
 

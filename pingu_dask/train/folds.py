@@ -201,6 +201,8 @@ class FoldLoop:
     feed: TrainFeed | None = None
     on_event: Callable[[dict], None] | None = None  # the terminal's view of each event
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # this training's events
+    # What runs a fold on a worker: train_fold; tests of the loop itself pass a stand-in.
+    task: Callable[[FoldJob], FoldResult] = train_fold
 
     def __post_init__(self) -> None:
         self.events: queue.Queue[dict] = queue.Queue()
@@ -237,7 +239,7 @@ class FoldLoop:
 
     def _submit(self, job: FoldJob) -> None:
         future = self.client.submit(
-            train_fold,
+            self.task,
             job,
             key=(f"train-{self.token}", job.spec.fold, job.attempt),
             resources={INFERENCE_RESOURCE: 1},

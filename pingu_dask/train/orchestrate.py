@@ -373,6 +373,7 @@ class _Steps:
                     fold=fold.index,
                     settings=request.schedule,
                     init_weights=init_weights,
+                    init_heads=init_weights is not None and same_labels(request.init),
                 ),
                 attempt=1,
                 token=self.token,
@@ -450,6 +451,12 @@ class _Steps:
     def _stage(self, stage: str, done: int, total: int) -> None:
         if self.feed is not None:
             self.feed.send(event="stage", stage=stage, done=done, total=total)
+
+
+def same_labels(model: Model | None) -> bool:
+    """Whether a model's labels are this training's (background 0, PVS 1): then its
+    segmentation heads are fine-tuned too, not started afresh."""
+    return model is not None and dict(model.labels) == planning.LABELS
 
 
 def _preprocess_task(case: str, arguments: tuple) -> str:
