@@ -183,6 +183,18 @@ from pingu_dask.train.splits import SplitSpec
     help="Predict every validation case with the fold that never saw it and score it.",
 )
 @click.option("--tta/--no-tta", default=None, help="Test-time mirroring in the evaluation.")
+@click.option(
+    "--step-size",
+    type=click.FloatRange(0.05, 1.0),
+    default=None,
+    help=f"Sliding-window step of the evaluation's predictions (default {setting('step-size')}).",
+)
+@click.option(
+    "--prepare-only",
+    is_flag=True,
+    help="Stop after the cases, plans and nnU-Net's preprocessing (e.g. on a CPU node); "
+    "the same command without it then trains the folds.",
+)
 @click.option("--force", is_flag=True, help="Delete an earlier training in MODEL_DIR first.")
 @allow_unknown_columns_option
 @pvs_cluster_options
@@ -213,6 +225,8 @@ def train(
     orientation: str | None,
     evaluate: bool,
     tta: bool | None,
+    step_size: float | None,
+    prepare_only: bool,
     force: bool,
     allow_unknown_columns: bool,
     regions_spec: str | None,
@@ -269,7 +283,9 @@ def train(
         if value is not None
     }
     schedule = replace(base, **changes)
-    inference = InferenceSettings.from_config(tta=tta, device=device, orientation=orientation)
+    inference = InferenceSettings.from_config(
+        tta=tta, step_size=step_size, device=device, orientation=orientation
+    )
     request = TrainRequest(
         report=report,
         model_dir=model_dir,
@@ -301,6 +317,7 @@ def train(
         if augmentation_processes is not None
         else setting("train-augmentation-processes"),
         evaluate=evaluate,
+        prepare_only=prepare_only,
         force=force,
         command=tuple(sys.argv),
     )
@@ -398,8 +415,10 @@ def print_outcome(request: TrainRequest, outcome: TrainOutcome) -> None:
         print_comparison(evaluation.summary(outcome.evaluation), request)
         agreement = evaluation.agreement(outcome.evaluation)
         print_count_agreement(agreement[agreement.model == evaluation.TRAINED])
+    if outcome.written.get("report"):
+        console.print(f"report: {outcome.written['report']}", soft_wrap=True)
     if outcome.model_folder is not None:
-        console.print(f"model: {outcome.model_folder}")
+        console.print(f"model: {outcome.model_folder}", soft_wrap=True)
         console.print(f"run it: pingu-dask run MANIFEST --out OUT --model {request.model_dir}")
     console.print(f"training took {_duration(outcome.seconds)}")
 

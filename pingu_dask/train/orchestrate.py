@@ -16,6 +16,7 @@ refused unless --force. One `train` at a time per MODEL_DIR (output/lock.py, as 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import shutil
 import sys
@@ -48,6 +49,8 @@ from pingu_dask.train.cases import CaseJob, LeftOut, PreparedCase, missing_refer
 from pingu_dask.train.folds import FoldJob, FoldLoop, FoldResult
 from pingu_dask.train.splits import Fold, SplitSpec, make_splits, splits_final
 
+logger = logging.getLogger(__name__)
+
 TRAINER = "PinguTrainer"  # nnunet/trainer.py's class: the model folder is named after it
 TICK_SECONDS = 1.0
 
@@ -76,6 +79,7 @@ class TrainRequest:
     retries: int = 2
     augmentation_processes: int | None = None
     evaluate: bool = True
+    prepare_only: bool = False  # stop after preprocessing (e.g. on a CPU node)
     force: bool = False
     command: tuple[str, ...] = ()
 
@@ -91,13 +95,14 @@ class TrainOutcome:
     skipped_folds: list[int] = field(default_factory=list)  # finished by an earlier train
     failed_folds: dict[int, str] = field(default_factory=dict)
     evaluation: Any = None  # pandas DataFrame of out-of-fold rows, when scored
-    written: dict[str, Path] = field(default_factory=dict)
+    written: dict[str, Path | None] = field(default_factory=dict)
     seconds: float = 0.0
     dashboard: str | None = None
+    prepared_only: bool = False  # --prepare-only: stopped after preprocessing
 
     @property
     def ok(self) -> bool:
-        return not self.failed_folds and self.model_folder is not None
+        return not self.failed_folds and (self.model_folder is not None or self.prepared_only)
 
 
 @dataclass
@@ -158,6 +163,8 @@ def train_model(request: TrainRequest, watch: Watch | None = None) -> TrainOutco
                 if watch.on_start:
                     watch.on_start(outcome)
                 steps.run(candidates, record)
+            layout.write_json(model_dir / layout.TRAINING_JSON, record)
+            outcome.written["report"] = _report(model_dir)
         finally:
             outcome.seconds = time.perf_counter() - started
             record["runs"][-1]["finished"] = _now()
@@ -230,8 +237,13 @@ class _Steps:
         ]
         layout.write_json(self.model_dir / layout.TRAINING_JSON, record)
         self.preprocess(included, plans_name)
+        if request.prepare_only:
+            outcome.prepared_only = True
+            say("prepared (--prepare-only): the same command without it trains the folds")
+            return
         model_folder = self.folders.results_dataset / f"{TRAINER}__{plans_name}__{CONFIGURATION}"
         record["model_folder"] = str(model_folder.relative_to(self.model_dir))
+        layout.write_json(self.model_dir / layout.TRAINING_JSON, record)
         self.train_folds(folds, plans_name, model_folder)
         if outcome.failed_folds:
             return
@@ -239,7 +251,7 @@ class _Steps:
         if request.evaluate:
             self.score(folds, model_folder, {s.scan_id: s for s in request.report.scans})
             record["evaluation"] = {
-                k: str(v.relative_to(self.model_dir)) for k, v in outcome.written.items()
+                k: str(v.relative_to(self.model_dir)) for k, v in outcome.written.items() if v
             }
 
     # --- cases ------------------------------------------------------------------------
@@ -446,7 +458,7 @@ class _Steps:
             self._stage("evaluate", len(folds) + 1, len(folds) + 1)
         table = evaluation.gather(self.model_dir, folds, with_initial=request.init is not None)
         self.outcome.evaluation = table
-        self.outcome.written = evaluation.write(self.model_dir, table)
+        self.outcome.written.update(evaluation.write(self.model_dir, table))
 
     def _stage(self, stage: str, done: int, total: int) -> None:
         if self.feed is not None:
@@ -457,6 +469,17 @@ def same_labels(model: Model | None) -> bool:
     """Whether a model's labels are this training's (background 0, PVS 1): then its
     segmentation heads are fine-tuned too, not started afresh."""
     return model is not None and dict(model.labels) == planning.LABELS
+
+
+def _report(model_dir: Path) -> Path | None:
+    """MODEL_DIR/evaluation/report.html; a failure here must not fail the training."""
+    from pingu_dask.report.training import build_training_report
+
+    try:
+        return build_training_report(model_dir)
+    except Exception as error:
+        logger.warning("could not write the training report: %s", error)
+        return None
 
 
 def _preprocess_task(case: str, arguments: tuple) -> str:
