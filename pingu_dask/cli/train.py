@@ -75,7 +75,7 @@ from pingu_dask.train.splits import SplitSpec
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(min=0),
     default=None,
     help=f"Seed of the splits and the trainer (default {setting('train-seed')}): the same "
     "seed gives the same splits.",

@@ -213,7 +213,10 @@ class FoldExit:
         if self.outcome.get("status") == "error":
             return str(self.outcome.get("error_type")), str(self.outcome.get("message"))
         if self.returncode < 0:
-            name = signal.Signals(-self.returncode).name
+            try:
+                name = signal.Signals(-self.returncode).name
+            except ValueError:  # real-time signals have no name
+                name = f"signal {-self.returncode}"
             return "TrainerKilled", f"the trainer process was killed by {name}"
         if self.returncode == STOPPED_EXIT_CODE:
             return "TrainerStopped", str(self.outcome.get("message") or "stopped early")

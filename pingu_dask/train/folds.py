@@ -19,6 +19,7 @@ itself (a worker leaving gracefully at its --lifetime) is seen from the events (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -305,13 +306,14 @@ class FoldLoop:
 
     # --- settling ---------------------------------------------------------------------
 
-    def _settle(self, job: FoldJob, future: Future) -> None:
+    def _settle(self, job: FoldJob, future: Future, retry: bool = True) -> None:
+        """Record a finished attempt; a transient failure is submitted again (`retry`)."""
         fold = job.spec.fold
         try:
             result: FoldResult = future.result()
         except Exception as error:
             report = describe(error)
-            retry = report.retryable and job.attempt <= self.retries
+            retry = retry and report.retryable and job.attempt <= self.retries
             status = "retried" if retry else "failed"
             session = self._session(job, report.worker)
             self._write(fold, session, status, report)
@@ -398,8 +400,12 @@ class FoldLoop:
         while pending and time.monotonic() < deadline:
             time.sleep(0.5)
             pending = [f for f in pending if not f.done()]
-        self._drain_events()
-        for job in jobs:
+        with contextlib.suppress(Exception):  # the terminal may be gone: record regardless
+            self._drain_events()
+        for job, future in zip(jobs, futures, strict=True):
+            if future.status == "finished":  # done before it could be stopped: it is ok
+                self._settle(job, future, retry=False)
+                continue
             session = self._session(job, None)
             session.checkpoint_epoch = checkpoint_epoch(job.spec.fold_folder)
             report = ErrorReport(

@@ -8,9 +8,11 @@
 - `train-site:SITE`: one fold trained on SITE's cases only and validated on every other
   site (the paper's single-site model against external sites).
 
-The same cases and seed give the same splits: a case's fold depends only on the sorted
-case ids of its site and the seed. Cases without a site form one site of their own,
-named NO_SITE.
+The same cases and seed give the same splits. Which of a site's cases are validated
+together depends only on the site's sorted case ids and the seed; which fold number
+each group gets also depends on the sites before it (folds are kept within one case of
+each other in size), so adding a site may renumber them. Cases without a site form one
+site of their own, named NO_SITE.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class SplitSpec:
             raise SplitError(f"split {kind!r} takes no site (got {text!r})")
         if kind == "kfold" and k < 2:
             raise SplitError(f"kfold needs at least 2 folds, got {k}")
+        if seed < 0:
+            raise SplitError(f"the seed must be 0 or more, got {seed}")
         return cls(kind, k, site.strip() or None, seed)
 
     def describe(self) -> str:
@@ -125,7 +129,7 @@ def _kfold(by_site: dict[str, list[str]], spec: SplitSpec) -> list[Fold]:
     validation: list[list[str]] = [[] for _ in range(spec.k)]
     for site in sorted(by_site):
         # One generator per site, seeded from the seed and the site's name: adding a
-        # site does not reshuffle the others.
+        # site does not reshuffle the others' groups (their fold numbers may rotate).
         seed = [spec.seed, *site.encode()]
         order = np.random.default_rng(seed).permutation(len(by_site[site]))
         offset = sum(len(v) for v in validation) % spec.k  # spread remainders over folds
