@@ -258,7 +258,9 @@ class FoldLoop:
     def _received(self, event: tuple) -> None:
         """subscribe_topic's handler (the client's thread): queue it for the loop."""
         message = event[1] if isinstance(event, tuple) else event
-        if isinstance(message, dict) and message.get("token") == self.token:
+        if not isinstance(message, dict) or message.get("token") != self.token:
+            return
+        if message.get("event") not in ("fold-ended", "stage", "ended"):  # the driver's own
             self.events.put(message)
 
     def _drain_events(self) -> None:
@@ -378,8 +380,8 @@ class FoldLoop:
             "message": message,
         }
         if self.feed is not None:
-            self.feed.send(**event)  # comes back through the topic, to on_event too
-        elif self.on_event:
+            self.feed.send(**event)
+        if self.on_event:  # directly: its echo on the topic may come after the last fold
             self.on_event({"token": self.token, **event})
 
     # --- stopping ---------------------------------------------------------------------
