@@ -569,16 +569,16 @@ def _check_previous(model_dir: Path, request: TrainRequest) -> dict:
     same manifest and settings (else refused, or started afresh with --force)."""
     previous = layout.read_training_json(model_dir)
     mine = settings_record(request)
-    if previous is not None and previous.get("settings") != mine:
-        if not request.force:
-            changed = [k for k, v in mine.items() if (previous.get("settings") or {}).get(k) != v]
-            raise TrainRefused(
-                f"{model_dir} holds a training from another manifest or other settings "
-                f"(different: {', '.join(changed) or 'settings'}). Use another --out, or "
-                "--force to delete it and start afresh."
-            )
+    if previous is not None and request.force:
         _reset(model_dir)
         previous = None
+    if previous is not None and previous.get("settings") != mine:
+        changed = [k for k, v in mine.items() if (previous.get("settings") or {}).get(k) != v]
+        raise TrainRefused(
+            f"{model_dir} holds a training from another manifest or other settings "
+            f"(different: {', '.join(changed) or 'settings'}). Use another --out, or "
+            "--force to delete it and start afresh."
+        )
     if previous is not None:
         return previous
     return {
