@@ -37,7 +37,12 @@ from pingu_dask.monitor.training import TrainFeed, TrainMonitor
 from pingu_dask.nnunet import planning
 from pingu_dask.nnunet.model import Model, resolve_model
 from pingu_dask.nnunet.planning import CONFIGURATION, Preset
-from pingu_dask.nnunet.trainer_process import FINAL_CHECKPOINT, TrainerSettings, TrainerSpec
+from pingu_dask.nnunet.trainer_process import (
+    FINAL_CHECKPOINT,
+    NnunetFolders,
+    TrainerSettings,
+    TrainerSpec,
+)
 from pingu_dask.output import training as layout
 from pingu_dask.output.lock import OutputLock
 from pingu_dask.run.capacity import Capacity
@@ -178,7 +183,7 @@ class _Steps:
 
     request: TrainRequest
     model_dir: Path
-    folders: Any  # NnunetFolders
+    folders: NnunetFolders
     client: Client
     capacity: Capacity
     watch: Watch
@@ -190,6 +195,8 @@ class _Steps:
 
     def run(self, candidates: list[Scan], record: dict) -> None:
         request, outcome, say = self.request, self.outcome, self.watch.say
+        # Splits that cannot be made even from every candidate fail before any case is read.
+        make_splits([(scan.scan_id, scan.site) for scan in candidates], request.split)
         included = self.prepare_cases(candidates)
         outcome.included = included
         layout.write_cases_table(
