@@ -89,6 +89,53 @@ pvs_cluster_options = option_group(
 )
 
 
+# Options `run` and `train` (its evaluation) share: the inference settings, the cluster.
+tta_option = click.option(
+    "--tta/--no-tta",
+    default=None,
+    help=f"Mirroring test-time augmentation (default {'on' if setting('tta') else 'off'}, "
+    "nnU-Net's: on; ~8x slower).",
+)
+step_size_option = click.option(
+    "--step-size",
+    type=click.FloatRange(0.05, 1.0),
+    default=None,
+    help=f"Sliding-window step as a fraction of the patch (default {setting('step-size')}, "
+    "nnU-Net's).",
+)
+device_option = click.option(
+    "--device", default=None, help=f"auto, cpu, cuda or cuda:N (default {setting('device')})."
+)
+cluster_option = click.option(
+    "--cluster",
+    default="local",
+    show_default=True,
+    help="local (worker processes on this machine), slurm or pbs (worker jobs through "
+    "dask-jobqueue), or the address of a running scheduler, tcp://HOST:PORT.",
+)
+retries_option = click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=None,
+    help=f"Retries after a worker death, out of memory or I/O error (default "
+    f"{setting('retries')}). Input errors are never retried.",
+)
+dashboard_option = click.option(
+    "--dashboard-address",
+    default=None,
+    help="Where the scheduler's web server (Dask dashboard, the run page /pingu, "
+    f"/metrics) listens (default {setting('dashboard-address')}: this machine only; reach it "
+    "through an SSH tunnel). ':8787' listens on every interface, without any authentication.",
+)
+
+
+def workers_option(what: str) -> Callable:
+    """--workers: local worker processes, one inference slot each (`what` they do)."""
+    return click.option(
+        "--workers", "-w", default=1, show_default=True, type=click.IntRange(min=1), help=what
+    )
+
+
 allow_unknown_columns_option = click.option(
     "--allow-unknown-columns",
     is_flag=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -30,27 +31,26 @@ def report(path: Path) -> None:
 
 
 def print_report_path(out: Path) -> Path:
-    """Build the report and say where it is (also the end of `pingu-dask demo`)."""
-    from pingu_dask.report.build import ReportError, build_report
+    """Build the run's report and say where it is (also the end of `pingu-dask demo`)."""
+    from pingu_dask.report.build import build_report
 
-    try:
-        index = build_report(out)
-    except ReportError as error:
-        console.print(f"[red]{error}[/red]")
-        raise SystemExit(1) from error
-    console.print(f"report: {index.resolve()}", soft_wrap=True)
-    return index
+    return _built(build_report, out, "report")
 
 
 def print_training_report_path(model_dir: Path) -> Path:
     """Build a training's report (MODEL_DIR/evaluation/report.html) and say where it is."""
-    from pingu_dask.report.build import ReportError
     from pingu_dask.report.training import build_training_report
 
+    return _built(build_training_report, model_dir, "training report")
+
+
+def _built(build: Callable[[Path], Path], path: Path, what: str) -> Path:
+    from pingu_dask.report.build import ReportError
+
     try:
-        page = build_training_report(model_dir)
+        page = build(path)
     except ReportError as error:
         console.print(f"[red]{error}[/red]")
         raise SystemExit(1) from error
-    console.print(f"training report: {page.resolve()}", soft_wrap=True)
+    console.print(f"{what}: {page.resolve()}", soft_wrap=True)
     return page

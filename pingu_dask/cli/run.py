@@ -10,12 +10,19 @@ import click
 from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
     allow_unknown_columns_option,
+    cluster_option,
     console,
+    dashboard_option,
+    device_option,
     print_report,
     pvs_cluster_options,
     pvs_cluster_rules,
     region_table,
+    retries_option,
     split,
+    step_size_option,
+    tta_option,
+    workers_option,
 )
 from pingu_dask.cli.data import discover_bids
 from pingu_dask.cli.hpc import job_options, jobqueue_options
@@ -73,37 +80,11 @@ def orientation_option(value: str | None) -> str | None:
 )
 @click.option("--folds", default=None, help="Comma-separated folds (default: all in the model).")
 @click.option("--checkpoint", default=None, help="Checkpoint file name in each fold folder.")
-@click.option(
-    "--tta/--no-tta",
-    default=None,
-    help=f"Mirroring test-time augmentation (default {'on' if setting('tta') else 'off'}, "
-    "nnU-Net's: on; ~8x slower).",
-)
-@click.option(
-    "--step-size",
-    type=click.FloatRange(0.05, 1.0),
-    default=None,
-    help=f"Sliding-window step as a fraction of the patch (default {setting('step-size')}, "
-    "nnU-Net's).",
-)
-@click.option(
-    "--device", default=None, help=f"auto, cpu, cuda or cuda:N (default {setting('device')})."
-)
-@click.option(
-    "--cluster",
-    default="local",
-    show_default=True,
-    help="local (worker processes on this machine), slurm or pbs (worker jobs through "
-    "dask-jobqueue), or the address of a running scheduler, tcp://HOST:PORT.",
-)
-@click.option(
-    "--workers",
-    "-w",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Local worker processes (one inference slot each).",
-)
+@tta_option
+@step_size_option
+@device_option
+@cluster_option
+@workers_option("Local worker processes (one inference slot each).")
 @click.option(
     "--cpu-workers",
     default=0,
@@ -145,22 +126,8 @@ def orientation_option(value: str | None) -> str | None:
     f"{setting('scan-timeout'):g}); past it the attempt is cancelled, its worker restarted, "
     "and the scan retried. 0: no limit.",
 )
-@click.option(
-    "--retries",
-    type=click.IntRange(min=0),
-    default=None,
-    help=f"Retries per scan after a worker death, out of memory or I/O error (default "
-    f"{setting('retries')}). "
-    "Input errors are never retried.",
-)
-@click.option(
-    "--dashboard-address",
-    default=None,
-    help="Where the scheduler's web server (Dask dashboard, the run page /pingu, "
-    f"/metrics) listens (default {setting('dashboard-address')}: this machine only; reach it "
-    "through an "
-    "SSH tunnel). ':8787' listens on every interface, without any authentication.",
-)
+@retries_option
+@dashboard_option
 @click.option("--force", is_flag=True, help="Delete earlier results in OUT and start afresh.")
 @click.option(
     "--filter-reference/--reference-as-given",

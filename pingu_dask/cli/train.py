@@ -16,13 +16,20 @@ from rich.table import Table
 from pingu_dask.cli.common import (
     SHORT_REGION_NAMES,
     allow_unknown_columns_option,
+    cluster_option,
     console,
+    dashboard_option,
+    device_option,
     print_count_agreement,
     print_report,
     pvs_cluster_options,
     pvs_cluster_rules,
     region_table,
+    retries_option,
     split,
+    step_size_option,
+    tta_option,
+    workers_option,
 )
 from pingu_dask.cli.hpc import job_options, jobqueue_options
 from pingu_dask.cli.run import orientation_option
@@ -143,31 +150,11 @@ from pingu_dask.train.splits import SplitSpec
     help="nnU-Net's data-augmentation processes per fold (default: the worker's cores - 1; "
     "nnU-Net asks ~12 per GPU). 0: in the trainer's own process.",
 )
-@click.option(
-    "--device", default=None, help=f"auto, cpu, cuda or cuda:N (default {setting('device')})."
-)
-@click.option(
-    "--cluster",
-    default="local",
-    show_default=True,
-    help="local, slurm or pbs (one worker job per fold at once, up to --max-jobs), or the "
-    "address of a running scheduler.",
-)
-@click.option(
-    "--workers",
-    "-w",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Local worker processes: folds trained at once (one GPU each).",
-)
-@click.option(
-    "--retries",
-    type=click.IntRange(min=0),
-    default=None,
-    help=f"Retries of a lost fold or case (default {setting('retries')}).",
-)
-@click.option("--dashboard-address", default=None, help="As for `run`.")
+@device_option
+@cluster_option
+@workers_option("Local worker processes: folds trained at once (one inference slot each).")
+@retries_option
+@dashboard_option
 @click.option("--strict", is_flag=True, default=None, help="Pre-flight flags leave a case out.")
 @click.option(
     "--orientation",
@@ -182,13 +169,8 @@ from pingu_dask.train.splits import SplitSpec
     show_default=True,
     help="Predict every validation case with the fold that never saw it and score it.",
 )
-@click.option("--tta/--no-tta", default=None, help="Test-time mirroring in the evaluation.")
-@click.option(
-    "--step-size",
-    type=click.FloatRange(0.05, 1.0),
-    default=None,
-    help=f"Sliding-window step of the evaluation's predictions (default {setting('step-size')}).",
-)
+@tta_option
+@step_size_option
 @click.option(
     "--prepare-only",
     is_flag=True,

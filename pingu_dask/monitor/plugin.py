@@ -30,6 +30,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -104,7 +105,32 @@ class WorkerFigures:
             self.recent_seconds -= self.recent_predicts.popleft()[1]
 
 
-class RunMonitor(SchedulerPlugin):
+class ServedMonitor(SchedulerPlugin):
+    """A monitor the scheduler's web server shows: its start adds /pingu (once) and its
+    figures to /metrics; its close takes them off /metrics. The scheduler's clock,
+    which the transitions and events use, starts the monitor's `started`."""
+
+    started: float
+    clock: Callable[[], float]
+    scheduler: Any
+
+    async def start(self, scheduler) -> None:
+        # The page and the metrics import this module: imported here, when serving.
+        from pingu_dask.monitor.http import add_routes
+        from pingu_dask.monitor.prometheus import METRICS
+
+        self.scheduler = scheduler
+        self.started = self.clock()
+        add_routes(scheduler)
+        METRICS.attach(self)
+
+    async def close(self) -> None:  # the scheduler awaits it
+        from pingu_dask.monitor.prometheus import METRICS
+
+        METRICS.detach(self)
+
+
+class RunMonitor(ServedMonitor):
     """Live counts of one run, on the scheduler. See the module docstring."""
 
     name = PLUGIN_NAME
@@ -143,22 +169,7 @@ class RunMonitor(SchedulerPlugin):
         self.end_status: str | None = None
         self.scheduler = None
 
-    # -- scheduler hooks ---------------------------------------------------------------
-
-    async def start(self, scheduler) -> None:
-        # The page and the metrics import this module: imported here, when serving.
-        from pingu_dask.monitor.http import add_routes
-        from pingu_dask.monitor.prometheus import METRICS
-
-        self.scheduler = scheduler
-        self.started = self.clock()  # the scheduler's clock, which the transitions use
-        add_routes(scheduler)
-        METRICS.attach(self)
-
-    async def close(self) -> None:  # the scheduler awaits it
-        from pingu_dask.monitor.prometheus import METRICS
-
-        METRICS.detach(self)
+    # -- scheduler hooks: start and close are ServedMonitor's -------------------------------
 
     def transition(self, key, start, finish, *args, stimulus_id=None, **kwargs) -> None:
         if type(key) is not tuple:

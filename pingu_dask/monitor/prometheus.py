@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pingu_dask.monitor.plugin import STAGES, STATES, RunMonitor
+from pingu_dask.monitor.plugin import STAGES, STATES, RunMonitor, ServedMonitor
 from pingu_dask.monitor.training import FOLD_STATES, TrainMonitor
 
-Monitor = RunMonitor | TrainMonitor
+Monitor = ServedMonitor  # a RunMonitor or a TrainMonitor
 
 
 class MetricsCollector:

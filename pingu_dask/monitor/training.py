@@ -35,9 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from distributed.diagnostics.plugin import SchedulerPlugin
-
 from pingu_dask.monitor.feed import Feed
+from pingu_dask.monitor.plugin import ServedMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +191,7 @@ class FoldProgress:
         }
 
 
-class TrainMonitor(SchedulerPlugin):
+class TrainMonitor(ServedMonitor):
     """Live progress of one training, on the scheduler. See the module docstring.
 
     `folds`: one dict per fold, {"fold": int, "name": str, "train": cases, "val": cases,
@@ -226,21 +225,6 @@ class TrainMonitor(SchedulerPlugin):
         self.scheduler = None
 
     # -- scheduler hooks ---------------------------------------------------------------
-
-    async def start(self, scheduler) -> None:
-        # The page and the metrics import this module: imported here, when serving.
-        from pingu_dask.monitor.http import add_routes
-        from pingu_dask.monitor.prometheus import METRICS
-
-        self.scheduler = scheduler
-        self.started = self.clock()
-        add_routes(scheduler)
-        METRICS.attach(self)
-
-    async def close(self) -> None:  # the scheduler awaits it
-        from pingu_dask.monitor.prometheus import METRICS
-
-        METRICS.detach(self)
 
     def log_event(self, topic, msg) -> None:
         if topic != TRAIN_TOPIC or not isinstance(msg, dict) or msg.get("token") != self.token:

@@ -239,6 +239,9 @@ def _lock_fold(folder: Path, parent_pid: int) -> int:
 
 
 def _seed(seed: int | None) -> None:
+    """Seed the trainer's own sampling. nnU-Net's augmentation processes draw their own
+    seeds, so a training is reproducible in its splits, plans and schedule, not to the
+    bit (nnU-Net's trainer is not deterministic either)."""
     if seed is None:
         return
     random.seed(seed)
@@ -388,7 +391,8 @@ def main(spec_path: str) -> int:
     signal.signal(signal.SIGINT, lambda *_: STOP.request("SIGINT"))
     threading.Thread(target=_watch_parent, args=(spec.parent_pid,), daemon=True).start()
     torch.set_num_threads(spec.threads)
-    _seed(spec.settings.seed)
+    seed = spec.settings.seed
+    _seed(None if seed is None else seed + spec.fold)  # each fold its own, every attempt
     try:
         _lock_fold(folder, spec.parent_pid)
         outcome = train(spec)

@@ -126,6 +126,15 @@ def site_summary(regions: pd.DataFrame, region_names: list[str]) -> pd.DataFrame
     return table.sort_values(["order", "site", "region"]).drop(columns="order")
 
 
+def templates() -> jinja2.Environment:
+    """The reports' templates (escaped, and a missing value is an error, not a blank)."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("pingu_dask.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
 def build_report(out: Path) -> Path:
     """Write OUT/report/index.html (and gallery pages); return the index's path."""
     out = Path(out)
@@ -144,11 +153,7 @@ def build_report(out: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rest = items[GALLERY_FIRST:]
     pages = [rest[i : i + GALLERY_PAGE] for i in range(0, len(rest), GALLERY_PAGE)]
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("pingu_dask.report", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
+    environment = templates()
     context = {
         "out": str(out.resolve()),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -181,12 +186,12 @@ def build_report(out: Path) -> Path:
         html = environment.get_template("gallery.html.j2").render(
             context, gallery=page, page=number, first=GALLERY_FIRST + (number - 1) * GALLERY_PAGE
         )
-        _write(folder / f"gallery-{number}.html", html)
+        write_page(folder / f"gallery-{number}.html", html)
     for stale in folder.glob("gallery-*.html"):
         if stale.name not in context["pages"]:
             stale.unlink()
     index = folder / "index.html"
-    _write(index, environment.get_template("report.html.j2").render(context))
+    write_page(index, environment.get_template("report.html.j2").render(context))
     return index
 
 
@@ -270,6 +275,6 @@ def stage_seconds(ledger_rows: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _write(path: Path, text: str) -> None:
+def write_page(path: Path, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")

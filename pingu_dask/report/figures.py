@@ -20,7 +20,7 @@ REGION_TITLES = {
 MEASURE_TITLES = {"n_clusters": "PVS count", "total_volume_mm3": "PVS volume (mm³)"}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,7 @@ def _pyplot():
 
 def data_uri(figure) -> str:
     """A matplotlib figure as a data:image/png URI (the figure is closed)."""
-    plt = _pyplot()
+    plt = pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)
@@ -44,7 +44,7 @@ def distributions(
     """Box plots of PVS count and volume per site (columns: regions), outliers in red."""
     if regions.empty or not region_names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     measures = list(MEASURE_TITLES)
     figure, axes = plt.subplots(
         len(measures),
@@ -82,7 +82,7 @@ def throughput(ledger: pd.DataFrame) -> str | None:
     ok = ledger[ledger["status"] == "ok"].dropna(subset=["finished"])
     if ok.empty:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 2.8))
     for run_id, rows in ok.groupby("run_id", sort=False):
         times = rows["finished"].sort_values()

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandas as pd
 
@@ -27,7 +26,7 @@ from pingu_dask import __version__
 from pingu_dask.analysis.evaluate import reference_handling
 from pingu_dask.output import training as layout
 from pingu_dask.report import figures
-from pingu_dask.report.build import REPORTED_REGIONS, ReportError, _write
+from pingu_dask.report.build import REPORTED_REGIONS, ReportError, templates, write_page
 
 REPORT_HTML = "report.html"  # in MODEL_DIR/evaluation
 PROGRESS_FILE = "progress.jsonl"  # nnunet/trainer_process.py: one JSON object per line
@@ -74,11 +73,7 @@ def build_training_report(model_dir: Path) -> Path:
     out_of_fold = _read_parquet(folder / "out_of_fold.parquet")
     folds = fold_rows(record, ledger, curves, model_folder, out_of_fold)
     split = record.get("split") or {}
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("pingu_dask.report", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
+    environment = templates()
     context = {
         "model_dir": str(model_dir.resolve()),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -101,7 +96,7 @@ def build_training_report(model_dir: Path) -> Path:
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / REPORT_HTML
-    _write(path, environment.get_template("training.html.j2").render(context))
+    write_page(path, environment.get_template("training.html.j2").render(context))
     return path
 
 
@@ -390,7 +385,7 @@ def learning_curves(curves: pd.DataFrame, names: dict[int, str]) -> str | None:
     epoch, one colour per fold."""
     if curves.empty:
         return None
-    plt = figures._pyplot()
+    plt = figures.pyplot()
     from matplotlib.ticker import MaxNLocator
 
     figure, (dice_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 3.4))

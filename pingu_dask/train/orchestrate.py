@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, Future
+from distributed import Client, Future, wait
 
 from pingu_dask import __version__
 from pingu_dask.errors import RunError, describe
@@ -519,8 +519,6 @@ def _map(
     pending = {submit(i, 1): (i, 1) for i in range(len(items))}
     results: dict[str, Any] = {}
     failures: dict[str, str] = {}
-    from distributed import wait
-
     while pending:
         finished, _ = wait(list(pending), return_when="FIRST_COMPLETED")
         for future in finished:
