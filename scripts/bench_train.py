@@ -309,6 +309,8 @@ def bench_replica(args: argparse.Namespace, work: Path) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for (name, site), group in frame.groupby(["experiment", "site"], sort=False):
+        if site == "all" and frame[frame.experiment == name].site.nunique() == 2:
+            continue  # one site: its `all` row repeats it
         cells = {}
         for row in group.itertuples():
             cells[row.region] = f"{row.voxel_dice_mean:.2f} / {row.cluster_f1_mean:.2f}"
@@ -325,8 +327,8 @@ def main() -> None:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
-    header = (f"Machine: {machine()}; revision {git_revision()}; command: "
-              f"`scripts/bench_train.py {' '.join(sys.argv[1:])}`.")  # fmt: skip
+    header = (f"Machine: {machine()}. Commit {git_revision()}. Command: "
+              f"`.venv/bin/python scripts/bench_train.py {' '.join(sys.argv[1:])}`.")  # fmt: skip
     if "preprocess" in parts or "iterations" in parts:
         body = [header, ""]
         if "preprocess" in parts:

@@ -112,6 +112,20 @@ CASES = [
         ],
     ),
     (
+        "bench_train.py",
+        # tiny: 3 scans, one run each; the replica (hours) is not run here
+        ["--scans", "3", "--repeats", "1", "--iterations", "2", "--val-iterations", "1",
+         "--wait-iterations", "2"],  # fmt: skip
+        "bench_train",
+        [
+            r"\| `pingu-dask train --prepare-only --workers 2` \| [0-9.]+ \| [0-9.]+ \|",
+            r"\| `nnUNetv2_plan_and_preprocess -np 2` \| [0-9.]+ \|",
+            r"\| nnU-Net's `run_training` \(what `nnUNetv2_train` runs\) \| [0-9.]+ \|",
+            r"Ratio pingu-dask / nnU-Net: \*\*[0-9.]+x\*\*",
+            *[rf"\| {n} \| [0-9.]+ \| \d+ % \|" for n in (0, 1, 2)],
+        ],
+    ),
+    (
         "gpu_bench.sh",
         ["--tiny"],
         "bench_gpu",
