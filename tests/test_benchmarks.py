@@ -114,8 +114,18 @@ CASES = [
     (
         "bench_train.py",
         # tiny: 3 scans, one run each; the replica (hours) is not run here
-        ["--scans", "3", "--repeats", "1", "--iterations", "2", "--val-iterations", "1",
-         "--wait-iterations", "2"],  # fmt: skip
+        [
+            "--scans",
+            "3",
+            "--repeats",
+            "1",
+            "--iterations",
+            "2",
+            "--val-iterations",
+            "1",
+            "--wait-iterations",
+            "2",
+        ],
         "bench_train",
         [
             r"\| `pingu-dask train --prepare-only --workers 2` \| [0-9.]+ \| [0-9.]+ \|",
