@@ -42,6 +42,7 @@ from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.nnunet.planning import NNUNET_SCHEDULE, PRESETS
 from pingu_dask.output.lock import LockedError
 from pingu_dask.run.clusters import ClusterRequest
+from pingu_dask.run.loop import Progress
 from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 from pingu_dask.train import evaluation
 from pingu_dask.train.orchestrate import (
@@ -333,8 +334,19 @@ def run_training(request: TrainRequest) -> TrainOutcome:
         label = names.get(int(fold), f"fold {fold}") if fold is not None else ""
         print_fold_event(label, message)
 
+    def on_scans(progress: Progress) -> None:
+        """The out-of-fold predictions: a line at every tenth of a fold's scans."""
+        settled = progress.done + progress.failed
+        step = max(1, progress.total // 10)
+        if settled % step == 0 or settled == progress.total:
+            failed = f", {progress.failed} failed" if progress.failed else ""
+            console.print(f"  predicted {settled}/{progress.total}{failed}")
+
     watch = Watch(
-        say=lambda line: console.print(line, soft_wrap=True), on_event=on_event, on_start=on_start
+        say=lambda line: console.print(line, soft_wrap=True),
+        on_event=on_event,
+        on_start=on_start,
+        on_scans=on_scans,
     )
     watch.on_splits = lambda folds: names.update({fold.index: fold.name for fold in folds})
     try:
