@@ -470,3 +470,19 @@ def test_a_clean_up_that_hangs_ends_after_the_grace_time(tmp_path: Path) -> None
     assert "exiting now" in output
     # The lock is left (its workers may still write), but its process is gone: stale.
     assert read_lock(tmp_path)["stale"]
+
+
+def test_a_process_forked_inside_the_block_dies_of_sigterm() -> None:
+    """A library's process pool forked during a run (nnU-Net's planner lists files with
+    one) inherits the stop handler; the SIGTERM Pool.terminate sends must end its workers
+    as the default action does, not raise Stopped inside them (a worker stuck on its
+    queue's lock that way left the pool's join waiting forever)."""
+    import multiprocessing
+
+    with stop_on_signals():
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+        time.sleep(0.5)
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(10)
+    assert child.exitcode == -signal.SIGTERM  # raising Stopped in it would give 1

@@ -12,7 +12,8 @@ ignored, so the clean-up is not cut short half-way; a note says it is under way.
 clean-up still cannot hang forever: if it has not finished `pingu.stop-grace-seconds`
 after the first signal, the process exits at once with the same code. OUT/.lock is
 then left, but as its process is gone (and its heartbeat stops) it is stale.
-A signal this process was told to ignore (SIGHUP under `nohup`) stays ignored.
+A signal this process was told to ignore (SIGHUP under `nohup`) stays ignored. A process
+forked while the block runs gets the signal's default action, not Stopped.
 """
 
 from __future__ import annotations
@@ -104,8 +105,17 @@ def stop_on_signals() -> Iterator[None]:
         return
     grace = setting("stop-grace-seconds")
     stopping = _Stopping(float(grace) if grace else None)
+    owner = os.getpid()
 
     def handle(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            # A child forked while the block ran (a library's process pool, e.g. nnU-Net's
+            # planner listing files) inherits this handler: it must die of the signal as
+            # it would have, not raise Stopped where its pool cannot see it (which left
+            # such a pool waiting forever for a worker stuck on its queue's lock).
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if stopping.signum is not None:
             stopping.again(signum)
             return  # already cleaning up: let it finish
