@@ -80,3 +80,37 @@ def test_force_starts_afresh_and_keeps_the_lock(tmp_path: Path, same_settings: b
     record = _check_previous(model_dir, forced)
     assert "runs" not in record
     assert sorted(p.name for p in model_dir.iterdir()) == [".lock"]
+
+
+def test_changed_cases_are_named() -> None:
+    """A second train compares its cases with cases.csv: a training whose cases changed
+    (in, out, or their files) is refused, since its plans and folds are of the old ones."""
+    import pandas as pd
+
+    from pingu_dask.nnunet.planning import CaseFingerprint
+    from pingu_dask.train.cases import PreparedCase
+    from pingu_dask.train.orchestrate import case_changes
+
+    def case(scan_id: str, fingerprint: str) -> PreparedCase:
+        return PreparedCase(
+            scan_id=scan_id, site="A", fingerprint=CaseFingerprint([1], [1.0], [], 1.0),
+            input_fingerprint=fingerprint, stored_orientation="RAS",
+            voxel_size_mm=(1.0, 1.0, 1.0), reference_voxels=1, flags=(), linked=True,
+            seconds=0.0, worker="w",
+        )  # fmt: skip
+
+    earlier = pd.DataFrame(
+        {
+            "scan_id": ["a", "b", "c", "d"],
+            "status": ["included", "included", "included", "left out"],
+            "input_fingerprint": ["fa", "fb", "fc", None],
+        }
+    )
+    same = [case("a", "fa"), case("b", "fb"), case("c", "fc")]
+    assert case_changes(earlier, same) == []
+    changed = [case("a", "fa"), case("b", "fB"), case("d", "fd")]
+    assert case_changes(earlier, changed) == [
+        "d now included",
+        "c now left out",
+        "b's files changed",
+    ]

@@ -122,6 +122,16 @@ def write_cases_table(model_dir: Path, rows: Sequence[dict]) -> Path:
     return path
 
 
+def read_cases_table(model_dir: Path) -> pd.DataFrame | None:
+    """MODEL_DIR/cases.csv as written by an earlier train, or None (none yet, or one
+    written before input fingerprints were recorded: nothing to compare)."""
+    path = Path(model_dir) / CASES_CSV
+    if not path.exists():
+        return None
+    cases = pd.read_csv(path, dtype={"scan_id": str, "input_fingerprint": str})
+    return cases if "input_fingerprint" in cases else None
+
+
 def validation_out(model_dir: Path, fold: int | str) -> Path:
     """The OUT of a fold's out-of-fold predictions (or INITIAL: the --init model's)."""
     name = INITIAL if fold == INITIAL else f"fold_{fold}"

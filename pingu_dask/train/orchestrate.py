@@ -199,9 +199,16 @@ class _Steps:
         make_splits([(scan.scan_id, scan.site) for scan in candidates], request.split)
         included = self.prepare_cases(candidates)
         outcome.included = included
-        layout.write_cases_table(
-            self.model_dir, _case_rows(request.report, included, outcome.left_out)
-        )
+        earlier = layout.read_cases_table(self.model_dir)
+        if earlier is not None and (changes := case_changes(earlier, included)):
+            raise TrainRefused(
+                f"the training cases changed since {self.model_dir} was begun ("
+                + "; ".join(changes[:5])
+                + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+                + "): its plans, preprocessed data and folds are of the old ones. Use "
+                "--force to start afresh, or another --out"
+            )
+        layout.write_cases_table(self.model_dir, _case_rows(included, outcome.left_out))
         say(f"{len(included)} training cases, {len(outcome.left_out)} rows left out")
         if len(included) < 2:
             raise TrainRefused(
@@ -543,9 +550,23 @@ def _invalid_rows(report: ManifestReport) -> list[LeftOut]:
     return [LeftOut(scan_id, None, message) for scan_id, message in invalid_scans(report.problems)]
 
 
-def _case_rows(
-    report: ManifestReport, included: Sequence[PreparedCase], left_out: Sequence[LeftOut]
-) -> list[dict]:
+def case_changes(earlier: Any, included: Sequence[PreparedCase]) -> list[str]:
+    """How the included cases differ from an earlier train's cases.csv (`earlier`, a
+    DataFrame): cases in or out, or input files changed (path, size, mtime)."""
+    before = earlier[earlier.status == "included"]
+    was = dict(zip(before.scan_id.astype(str), before.input_fingerprint.astype(str), strict=True))
+    now = {case.scan_id: case.input_fingerprint for case in included}
+    changes = [f"{scan_id} now included" for scan_id in sorted(set(now) - set(was))]
+    changes += [f"{scan_id} now left out" for scan_id in sorted(set(was) - set(now))]
+    changes += [
+        f"{scan_id}'s files changed"
+        for scan_id in sorted(set(now) & set(was))
+        if now[scan_id] != was[scan_id]
+    ]
+    return changes
+
+
+def _case_rows(included: Sequence[PreparedCase], left_out: Sequence[LeftOut]) -> list[dict]:
     rows = []
     for case in included:
         rows.append(
@@ -559,13 +580,13 @@ def _case_rows(
                 "reference_voxels": case.reference_voxels,
                 "flags": ";".join(case.flags),
                 "images": "linked" if case.linked else "written (reoriented or not .nii.gz)",
+                "input_fingerprint": case.input_fingerprint,
             }
         )
     for row in left_out:
         rows.append(
             {"scan_id": row.scan_id, "site": row.site, "status": "left out", "reason": row.reason}
         )
-    del report
     return rows
 
 
