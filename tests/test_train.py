@@ -35,7 +35,8 @@ from pingu_dask.run.clusters import ClusterRequest
 from pingu_dask.run.local import local_cluster
 from pingu_dask.synth.cohort import generate_cohort
 from pingu_dask.train.evaluation import Scoring
-from pingu_dask.train.orchestrate import TrainRequest, Watch, train_model
+from pingu_dask.train.orchestrate import Watch, train_model
+from pingu_dask.train.request import TrainRequest
 from pingu_dask.train.splits import SplitSpec
 
 N_GOOD = 9  # 3 sites x 3 scans

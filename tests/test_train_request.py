@@ -16,7 +16,7 @@ from pingu_dask.inputs.checks import CheckThresholds
 from pingu_dask.inputs.manifest import ManifestReport
 from pingu_dask.nnunet.planning import PRESETS
 from pingu_dask.train.evaluation import Scoring
-from pingu_dask.train.orchestrate import TrainRefused, TrainRequest, _check_previous
+from pingu_dask.train.request import TrainRefused, TrainRequest, check_previous
 from pingu_dask.train.splits import SplitSpec
 
 
@@ -40,7 +40,7 @@ def request_for(tmp_path: Path, **changes) -> TrainRequest:
 def earlier_training(tmp_path: Path, request: TrainRequest) -> Path:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    record = _check_previous(model_dir, request)
+    record = check_previous(model_dir, request)
     record["runs"] = [{"run_id": "first"}]
     (model_dir / "training.json").write_text(json.dumps(record))
     (model_dir / "ledger").mkdir()
@@ -52,7 +52,7 @@ def earlier_training(tmp_path: Path, request: TrainRequest) -> Path:
 def test_the_same_manifest_and_settings_go_on(tmp_path: Path) -> None:
     request = request_for(tmp_path)
     model_dir = earlier_training(tmp_path, request)
-    record = _check_previous(model_dir, request)
+    record = check_previous(model_dir, request)
     assert record["runs"] == [{"run_id": "first"}]
     assert (model_dir / "ledger" / "part-1.parquet").exists()
 
@@ -62,11 +62,11 @@ def test_other_settings_are_refused_naming_them(tmp_path: Path) -> None:
     model_dir = earlier_training(tmp_path, request)
     other = replace(request, split=SplitSpec.parse("kfold", k=3))
     with pytest.raises(TrainRefused) as refused:
-        _check_previous(model_dir, other)
+        check_previous(model_dir, other)
     assert "different: split" in str(refused.value) and "--force" in str(refused.value)
     (tmp_path / "manifest.csv").write_text("scan_id,t1w,reference\nx,a.nii.gz,b.nii.gz\n")
     with pytest.raises(TrainRefused, match="manifest_sha256"):
-        _check_previous(model_dir, request_for(tmp_path))
+        check_previous(model_dir, request_for(tmp_path))
     assert (model_dir / "ledger" / "part-1.parquet").exists()  # nothing was deleted
 
 
@@ -77,7 +77,7 @@ def test_force_starts_afresh_and_keeps_the_lock(tmp_path: Path, same_settings: b
     forced = replace(request, force=True)
     if not same_settings:
         forced = replace(forced, split=SplitSpec.parse("kfold", k=2))
-    record = _check_previous(model_dir, forced)
+    record = check_previous(model_dir, forced)
     assert "runs" not in record
     assert sorted(p.name for p in model_dir.iterdir()) == [".lock"]
 
@@ -88,8 +88,7 @@ def test_changed_cases_are_named() -> None:
     import pandas as pd
 
     from pingu_dask.nnunet.planning import CaseFingerprint
-    from pingu_dask.train.cases import PreparedCase
-    from pingu_dask.train.orchestrate import case_changes
+    from pingu_dask.train.cases import PreparedCase, case_changes
 
     def case(scan_id: str, fingerprint: str) -> PreparedCase:
         return PreparedCase(

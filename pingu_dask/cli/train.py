@@ -45,13 +45,8 @@ from pingu_dask.run.clusters import ClusterRequest
 from pingu_dask.run.loop import Progress
 from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 from pingu_dask.train import evaluation
-from pingu_dask.train.orchestrate import (
-    TrainOutcome,
-    TrainRefused,
-    TrainRequest,
-    Watch,
-    train_model,
-)
+from pingu_dask.train.orchestrate import TrainOutcome, Watch, train_model
+from pingu_dask.train.request import TrainRefused, TrainRequest
 from pingu_dask.train.splits import SplitSpec
 
 

@@ -20,20 +20,23 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pingu_dask.analysis.regions import label_map_on_grid
 from pingu_dask.errors import InputError
 from pingu_dask.inputs.checks import CheckThresholds
 from pingu_dask.inputs.imaging import LABEL_MAP_SUFFIXES, load_volume
-from pingu_dask.inputs.manifest import Scan, input_fingerprint
+from pingu_dask.inputs.manifest import ManifestReport, Scan, input_fingerprint
 from pingu_dask.inputs.orientation import Reorientation
 from pingu_dask.nnunet.planning import FILE_ENDING, CaseFingerprint, analyze_case, case_files
 from pingu_dask.nnunet.trainer_process import NnunetFolders
 from pingu_dask.output.files import save_nifti
+from pingu_dask.output.ledger import invalid_scans
 from pingu_dask.run.stages import check_inputs, stage, worker_name
 
 
@@ -152,3 +155,47 @@ def _link(source: Path, target: Path, dimensions: int) -> bool:
     except OSError:  # no symlinks on this file system: copy
         shutil.copyfile(source, target)
     return True
+
+
+def invalid_rows(report: ManifestReport) -> list[LeftOut]:
+    return [LeftOut(scan_id, None, message) for scan_id, message in invalid_scans(report.problems)]
+
+
+def case_changes(earlier: pd.DataFrame, included: Sequence[PreparedCase]) -> list[str]:
+    """How the included cases differ from an earlier train's cases.csv (`earlier`, a
+    DataFrame): cases in or out, or input files changed (path, size, mtime)."""
+    before = earlier[earlier.status == "included"]
+    was = dict(zip(before.scan_id.astype(str), before.input_fingerprint.astype(str), strict=True))
+    now = {case.scan_id: case.input_fingerprint for case in included}
+    changes = [f"{scan_id} now included" for scan_id in sorted(set(now) - set(was))]
+    changes += [f"{scan_id} now left out" for scan_id in sorted(set(was) - set(now))]
+    changes += [
+        f"{scan_id}'s files changed"
+        for scan_id in sorted(set(now) & set(was))
+        if now[scan_id] != was[scan_id]
+    ]
+    return changes
+
+
+def case_rows(included: Sequence[PreparedCase], left_out: Sequence[LeftOut]) -> list[dict]:
+    rows = []
+    for case in included:
+        rows.append(
+            {
+                "scan_id": case.scan_id,
+                "site": case.site,
+                "status": "included",
+                "reason": "",
+                "stored_orientation": case.stored_orientation,
+                "voxel_size_mm": "x".join(f"{v:g}" for v in case.voxel_size_mm),
+                "reference_voxels": case.reference_voxels,
+                "flags": ";".join(case.flags),
+                "images": "linked" if case.linked else "written (reoriented or not .nii.gz)",
+                "input_fingerprint": case.input_fingerprint,
+            }
+        )
+    for row in left_out:
+        rows.append(
+            {"scan_id": row.scan_id, "site": row.site, "status": "left out", "reason": row.reason}
+        )
+    return rows

@@ -17,76 +17,50 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, Future, wait
+from distributed import Client
 
-from pingu_dask import __version__
-from pingu_dask.errors import RunError, describe
-from pingu_dask.inputs.checks import CheckThresholds
-from pingu_dask.inputs.manifest import ManifestReport, Scan
+from pingu_dask.errors import RunError
+from pingu_dask.inputs.manifest import Scan
 from pingu_dask.monitor.training import TrainFeed, TrainMonitor
 from pingu_dask.nnunet import planning
 from pingu_dask.nnunet.model import Model, resolve_model
-from pingu_dask.nnunet.planning import CONFIGURATION, Preset
+from pingu_dask.nnunet.planning import CONFIGURATION
 from pingu_dask.nnunet.trainer_process import (
     FINAL_CHECKPOINT,
     NnunetFolders,
-    TrainerSettings,
     TrainerSpec,
 )
 from pingu_dask.output import training as layout
 from pingu_dask.output.lock import OutputLock
 from pingu_dask.run.capacity import Capacity
-from pingu_dask.run.clusters import ClusterRequest, open_client
+from pingu_dask.run.clusters import open_client
 from pingu_dask.run.loop import Progress
-from pingu_dask.run.provenance import manifest_info, package_versions
 from pingu_dask.train import evaluation
-from pingu_dask.train.cases import CaseJob, LeftOut, PreparedCase, missing_reference, prepare_case
+from pingu_dask.train.cases import (
+    CaseJob,
+    LeftOut,
+    PreparedCase,
+    case_changes,
+    case_rows,
+    invalid_rows,
+    missing_reference,
+    prepare_case,
+)
 from pingu_dask.train.folds import FoldJob, FoldLoop, FoldResult
-from pingu_dask.train.splits import Fold, SplitSpec, make_splits, splits_final
+from pingu_dask.train.request import TrainRefused, TrainRequest, check_previous
+from pingu_dask.train.splits import Fold, make_splits, splits_final
+from pingu_dask.train.tasks import map_tasks, preprocess_task
 
 logger = logging.getLogger(__name__)
 
 TRAINER = "PinguTrainer"  # nnunet/trainer.py's class: the model folder is named after it
-TICK_SECONDS = 1.0
-
-
-class TrainRefused(RunError):
-    """The training cannot start as asked (another manifest or settings in MODEL_DIR)."""
-
-
-@dataclass(kw_only=True)
-class TrainRequest:
-    """Everything one `train` is told, resolved once (by the CLI, or a test)."""
-
-    report: ManifestReport  # the validated manifest; its bad rows are left out
-    model_dir: Path
-    split: SplitSpec
-    channel_names: tuple[str, ...]  # dataset.json names, in order (e.g. ("T1w",))
-    schedule: TrainerSettings
-    scoring: evaluation.Scoring  # how validation cases are predicted and scored
-    preset: Preset | None = None
-    target_spacing: tuple[float, ...] | None = None
-    init: Model | None = None  # fine-tune from this model (its plans and weights)
-    cluster: ClusterRequest = field(default_factory=ClusterRequest)
-    device: str = "auto"
-    checks: CheckThresholds = field(default_factory=CheckThresholds)
-    strict: bool = False
-    retries: int = 2
-    augmentation_processes: int | None = None
-    evaluate: bool = True
-    prepare_only: bool = False  # stop after preprocessing (e.g. on a CPU node)
-    force: bool = False
-    command: tuple[str, ...] = ()
 
 
 @dataclass
@@ -122,20 +96,6 @@ class Watch:
     on_splits: Callable[[list[Fold]], None] | None = None
 
 
-def settings_record(request: TrainRequest) -> dict:
-    """What decides the model (compared when a MODEL_DIR is trained again)."""
-    return {
-        "manifest_sha256": (manifest_info(request.report.path) or {}).get("sha256"),
-        "split": asdict(request.split),
-        "channels": list(request.channel_names),
-        "preset": request.preset.name if request.preset else None,
-        "target_spacing": list(request.target_spacing) if request.target_spacing else None,
-        "init": request.init.fingerprint if request.init else None,
-        "schedule": asdict(request.schedule),
-        "orientation": request.scoring.inference.orientation,
-    }
-
-
 def train_model(request: TrainRequest, watch: Watch | None = None) -> TrainOutcome:
     """Train (or resume) a model into request.model_dir; see the module docstring."""
     watch = watch or Watch()
@@ -144,7 +104,7 @@ def train_model(request: TrainRequest, watch: Watch | None = None) -> TrainOutco
     outcome = TrainOutcome(run_id=uuid.uuid4().hex[:12])
     started = time.perf_counter()
     with OutputLock(model_dir):
-        record = _check_previous(model_dir, request)
+        record = check_previous(model_dir, request)
         record.setdefault("runs", []).append(
             {
                 "run_id": outcome.run_id,
@@ -157,7 +117,7 @@ def train_model(request: TrainRequest, watch: Watch | None = None) -> TrainOutco
         folders = planning.folders_in(model_dir)
         candidates = [s for s in request.report.scans if missing_reference(s) is None]
         outcome.left_out = [r for s in request.report.scans if (r := missing_reference(s))]
-        outcome.left_out += _invalid_rows(request.report)
+        outcome.left_out += invalid_rows(request.report)
         try:
             with open_client(request.cluster, len(candidates), request.device) as (
                 client,
@@ -208,7 +168,7 @@ class _Steps:
                 + "): its plans, preprocessed data and folds are of the old ones. Use "
                 "--force to start afresh, or another --out"
             )
-        layout.write_cases_table(self.model_dir, _case_rows(included, outcome.left_out))
+        layout.write_cases_table(self.model_dir, case_rows(included, outcome.left_out))
         say(f"{len(included)} training cases, {len(outcome.left_out)} rows left out")
         if len(included) < 2:
             raise TrainRefused(
@@ -282,7 +242,7 @@ class _Steps:
             n_cases=len(candidates),
         )
         self._stage("cases", 0, len(candidates))
-        results, failures = _map(
+        results, failures = map_tasks(
             self.client,
             prepare_case,
             candidates,
@@ -356,9 +316,9 @@ class _Steps:
         todo = [c.scan_id for c in included if not planning.is_preprocessed(folder, c.scan_id)]
         total = len(included)
         self._stage("preprocess", total - len(todo), total)
-        results, failures = _map(
+        results, failures = map_tasks(
             self.client,
-            _preprocess_task,
+            preprocess_task,
             todo,
             (self.folders, plans_name, len(self.request.channel_names)),
             self.request.retries,
@@ -494,154 +454,6 @@ def _report(model_dir: Path) -> Path | None:
     except Exception as error:
         logger.warning("could not write the training report: %s", error)
         return None
-
-
-def _preprocess_task(case: str, arguments: tuple) -> str:
-    folders, plans_name, n_channels = arguments
-    planning.preprocess_case(folders, plans_name, CONFIGURATION, case, n_channels)
-    return case
-
-
-def _map(
-    client: Client,
-    function: Callable,
-    items: Sequence[Any],
-    shared: Any,
-    retries: int,
-    name: str,
-    on_done: Callable[[int], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """One task per item (a Scan or a case id) with `shared`; transient failures retried
-    up to `retries` times. ({id: result}, {id: failure message})."""
-    token = uuid.uuid4().hex[:8]
-
-    def identity(item: Any) -> str:
-        return item.scan_id if isinstance(item, Scan) else str(item)
-
-    def submit(index: int, attempt: int) -> Future:
-        return client.submit(
-            function, items[index], shared, key=(f"{name}-{token}", index, attempt), pure=False
-        )
-
-    pending = {submit(i, 1): (i, 1) for i in range(len(items))}
-    results: dict[str, Any] = {}
-    failures: dict[str, str] = {}
-    while pending:
-        finished, _ = wait(list(pending), return_when="FIRST_COMPLETED")
-        for future in finished:
-            index, attempt = pending.pop(future)
-            try:
-                results[identity(items[index])] = future.result()
-            except Exception as error:
-                report = describe(error)
-                if report.retryable and attempt <= retries:
-                    pending[submit(index, attempt + 1)] = (index, attempt + 1)
-                    continue
-                failures[identity(items[index])] = report.message
-            future.release()
-            if on_done:
-                on_done(len(results) + len(failures))
-    return results, failures
-
-
-def _invalid_rows(report: ManifestReport) -> list[LeftOut]:
-    from pingu_dask.output.ledger import invalid_scans
-
-    return [LeftOut(scan_id, None, message) for scan_id, message in invalid_scans(report.problems)]
-
-
-def case_changes(earlier: Any, included: Sequence[PreparedCase]) -> list[str]:
-    """How the included cases differ from an earlier train's cases.csv (`earlier`, a
-    DataFrame): cases in or out, or input files changed (path, size, mtime)."""
-    before = earlier[earlier.status == "included"]
-    was = dict(zip(before.scan_id.astype(str), before.input_fingerprint.astype(str), strict=True))
-    now = {case.scan_id: case.input_fingerprint for case in included}
-    changes = [f"{scan_id} now included" for scan_id in sorted(set(now) - set(was))]
-    changes += [f"{scan_id} now left out" for scan_id in sorted(set(was) - set(now))]
-    changes += [
-        f"{scan_id}'s files changed"
-        for scan_id in sorted(set(now) & set(was))
-        if now[scan_id] != was[scan_id]
-    ]
-    return changes
-
-
-def _case_rows(included: Sequence[PreparedCase], left_out: Sequence[LeftOut]) -> list[dict]:
-    rows = []
-    for case in included:
-        rows.append(
-            {
-                "scan_id": case.scan_id,
-                "site": case.site,
-                "status": "included",
-                "reason": "",
-                "stored_orientation": case.stored_orientation,
-                "voxel_size_mm": "x".join(f"{v:g}" for v in case.voxel_size_mm),
-                "reference_voxels": case.reference_voxels,
-                "flags": ";".join(case.flags),
-                "images": "linked" if case.linked else "written (reoriented or not .nii.gz)",
-                "input_fingerprint": case.input_fingerprint,
-            }
-        )
-    for row in left_out:
-        rows.append(
-            {"scan_id": row.scan_id, "site": row.site, "status": "left out", "reason": row.reason}
-        )
-    return rows
-
-
-def _check_previous(model_dir: Path, request: TrainRequest) -> dict:
-    """training.json for this run: a new one, or the earlier one if it was made from the
-    same manifest and settings (else refused, or started afresh with --force)."""
-    previous = layout.read_training_json(model_dir)
-    mine = settings_record(request)
-    if previous is not None and request.force:
-        _reset(model_dir)
-        previous = None
-    if previous is not None and previous.get("settings") != mine:
-        changed = [k for k, v in mine.items() if (previous.get("settings") or {}).get(k) != v]
-        raise TrainRefused(
-            f"{model_dir} holds a training from another manifest or other settings "
-            f"(different: {', '.join(changed) or 'settings'}). Use another --out, or "
-            "--force to delete it and start afresh."
-        )
-    if previous is not None:
-        return previous
-    return {
-        "tool": "pingu-dask",
-        "version": __version__,
-        "created": _now(),
-        "settings": mine,
-        "manifest": manifest_info(request.report.path),
-        "split": {**asdict(request.split), "description": request.split.describe()},
-        "schedule": asdict(request.schedule),
-        "seeds": {"split": request.split.seed, "trainer": request.schedule.seed},
-        "device": request.device,
-        "orientation": request.scoring.inference.orientation,
-        "scoring": {
-            "inference": asdict(request.scoring.inference),
-            "clusters": asdict(request.scoring.pvs_rules),
-            "regions": request.scoring.regions.name,
-        },
-        "versions": {
-            "pingu-dask": __version__,
-            "python": platform.python_version(),
-            **package_versions(("nnunetv2", "torch", "dask", "distributed", "numpy")),
-        },
-        "host": platform.node(),
-        "python_executable": sys.executable,
-    }
-
-
-def _reset(model_dir: Path) -> None:
-    """Delete a training's outputs (not the lock)."""
-    for child in model_dir.iterdir():
-        if child.name == ".lock":
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
 
 
 def _now() -> str:
