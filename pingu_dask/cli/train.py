@@ -368,7 +368,8 @@ def print_fold_event(label: str, message: dict) -> None:
         start = message.get("from_epoch") or 0
         resume = f" from its checkpoint at epoch {start}" if start else ""
         console.print(
-            f"{label}: attempt {message.get('attempt')} started on {message.get('worker')}{resume}"
+            f"{label}: attempt {message.get('attempt')} started on {message.get('worker')}{resume}",
+            soft_wrap=True,
         )
     elif kind == "epoch":
         epoch, epochs = message.get("epoch") or 0, message.get("epochs") or 0
@@ -382,7 +383,7 @@ def print_fold_event(label: str, message: dict) -> None:
             f"data wait {_percent(message.get('data_wait_share'))}",
             f"ETA {eta}",
         ]
-        console.print("  ".join(parts))
+        console.print("  ".join(parts), soft_wrap=True)
     elif kind == "fold-ended":
         status = str(message.get("status"))
         colour = {"ok": "green", "retry": "yellow"}.get(status, "red")
