@@ -66,12 +66,13 @@ class ScanFacts:
 
 @dataclass(kw_only=True)
 class ScanRows:
-    """One scan's rows of the regions, clusters and evaluation tables, as plain Python
-    (the output layer makes Arrow tables of them, with their fixed schemas)."""
+    """One scan's rows of the regions, clusters, structures and evaluation tables, as
+    plain Python (the output layer makes Arrow tables of them, with their fixed schemas)."""
 
     regions: list[dict]
     clusters: dict[str, list]  # by column
     evaluation: list[dict] | None = None  # with a reference mask
+    structures: list[dict] = field(default_factory=list)  # the model's non-PVS labels
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,7 @@ far costlier than with a real model). **The masks mean nothing**: this model is 
 throughput, memory and agreement-between-implementations figures, never for science.
 
     .venv/bin/python scripts/make_bench_model.py OUT [--folds 1] [--size pingu|tiny]
-        [--reader SimpleITKIO|NibabelIO] [--calibrate-on SCAN.nii.gz]
+        [--reader SimpleITKIO|NibabelIO] [--calibrate-on SCAN.nii.gz] [--labels A,B,C]
 
 writes OUT/Dataset902_PinguSizedRandom/nnUNetTrainer__nnUNetPlansPinguSized__3d_fullres/
 (dataset.json, plans.json, fold_N/checkpoint_final.pth, model_card.json) and prints the
@@ -76,7 +76,7 @@ def fingerprint(rng: np.random.Generator) -> dict:
     }
 
 
-def write_raw_dataset(raw: Path, reader: str) -> None:
+def write_raw_dataset(raw: Path, reader: str, labels: tuple[str, ...] = ("PVS",)) -> None:
     """dataset.json and one tiny image and label pair (the planner lists the files)."""
     import nibabel as nib
 
@@ -85,7 +85,7 @@ def write_raw_dataset(raw: Path, reader: str) -> None:
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     dataset = {
         "channel_names": {"0": "T1w"},
-        "labels": {"background": 0, "PVS": 1},
+        "labels": {"background": 0, **{name: value for value, name in enumerate(labels, 1)}},
         "numTraining": N_CASES,
         "file_ending": ".nii.gz",
         "overwrite_image_reader_writer": reader,
@@ -102,7 +102,7 @@ def write_raw_dataset(raw: Path, reader: str) -> None:
     )
 
 
-def plan(work: Path, reader: str) -> tuple[dict, dict]:
+def plan(work: Path, reader: str, labels: tuple[str, ...] = ("PVS",)) -> tuple[dict, dict]:
     """nnU-Net's ExperimentPlanner on the fingerprint: (plans, dataset.json)."""
     for name in ("raw", "preprocessed", "results"):
         (work / name).mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def plan(work: Path, reader: str) -> tuple[dict, dict]:
     os.environ["nnUNet_raw"] = str(work / "raw")
     os.environ["nnUNet_preprocessed"] = str(work / "preprocessed")
     os.environ["nnUNet_results"] = str(work / "results")
-    write_raw_dataset(work / "raw", reader)
+    write_raw_dataset(work / "raw", reader, labels)
     preprocessed = work / "preprocessed" / DATASET
     preprocessed.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(902)
@@ -145,7 +145,7 @@ def shrink(plans: dict) -> dict:
     return plans
 
 
-def build_network(plans: dict, allow_init: bool = True):
+def build_network(plans: dict, allow_init: bool = True, n_outputs: int = 2):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     arch = plans["configurations"][CONFIGURATION]["architecture"]
@@ -154,7 +154,7 @@ def build_network(plans: dict, allow_init: bool = True):
         arch["arch_kwargs"],
         arch["_kw_requires_import"],
         1,
-        2,
+        n_outputs,
         allow_init=allow_init,
         deep_supervision=False,
     )
@@ -175,8 +175,9 @@ def flops_per_patch(plans: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def foreground_bias(network, plans: dict, scan: Path | None, share: float) -> float:
-    """The shift of the 'PVS' output that leaves `share` of one patch's voxels as PVS.
+def foreground_bias(network, plans: dict, scan: Path | None, share: float) -> np.ndarray:
+    """The shift of each foreground output that leaves about `share` of one patch's
+    voxels as foreground, shared equally between the foreground outputs.
 
     The patch is the middle of `scan` preprocessed as nnU-Net would (z-scored); without
     a scan, standard normal noise.
@@ -199,8 +200,11 @@ def foreground_bias(network, plans: dict, scan: Path | None, share: float) -> fl
         sample = torch.randn(1, 1, *patch, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         logits = network.eval()(sample)[0]
-    margin = (logits[1] - logits[0]).flatten().numpy()
-    return -float(np.quantile(margin, 1.0 - share))
+    shifts = []
+    for output in range(1, logits.shape[0]):  # each foreground output its share
+        margin = (logits[output] - logits[0]).flatten().numpy()
+        shifts.append(-float(np.quantile(margin, 1.0 - share / (logits.shape[0] - 1))))
+    return np.asarray(shifts, dtype=np.float32)
 
 
 def save_folds(folder: Path, plans: dict, dataset: dict, args: argparse.Namespace) -> dict:
@@ -208,11 +212,11 @@ def save_folds(folder: Path, plans: dict, dataset: dict, args: argparse.Namespac
 
     for fold in range(args.folds):
         torch.manual_seed(fold)
-        network = build_network(plans)
+        network = build_network(plans, n_outputs=len(dataset["labels"]))
         shift = foreground_bias(network, plans, args.calibrate_on, args.foreground)
         last = network.decoder.seg_layers[-1]
         with torch.no_grad():
-            last.bias[1] += shift
+            last.bias[1:] += torch.from_numpy(shift)
         checkpoint = {
             "network_weights": network.state_dict(),
             "trainer_name": "nnUNetTrainer",
@@ -239,10 +243,17 @@ def main() -> None:
     parser.add_argument("--reader", default="SimpleITKIO", help="plans' image reader")
     parser.add_argument("--calibrate-on", type=Path, help="a T1w scan for the output bias")
     parser.add_argument("--foreground", type=float, default=0.002, help="share of PVS voxels")
+    parser.add_argument(
+        "--labels",
+        default="PVS",
+        help="foreground label names, comma-separated, e.g. WM-PVS,BG-PVS,WMH (a multi-class "
+        "model: its outputs share the foreground in ways that mean nothing)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        plans, dataset = plan(Path(scratch), args.reader)
+        labels = tuple(name.strip() for name in args.labels.split(",") if name.strip())
+        plans, dataset = plan(Path(scratch), args.reader, labels)
     plans["plans_name"] = PLANS
     if args.size == "tiny":
         plans = shrink(plans)

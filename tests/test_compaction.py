@@ -19,8 +19,8 @@ from pingu_dask.output import compaction, ledger, parts, tables
 
 SCANS = 200
 # parts per table after SCANS scans flushed one by one: clusters for every 3rd scan,
-# evaluation for every 10th (write_scans)
-PARTS = {"regions": 200, "clusters": 67, "evaluation": 20, "ledger": 200}
+# evaluation for every 10th, structures (a model's non-PVS labels) every 7th (write_scans)
+PARTS = {"regions": 200, "clusters": 67, "evaluation": 20, "structures": 29, "ledger": 200}
 
 
 def scan(i: int) -> Scan:
@@ -41,6 +41,9 @@ def scan_tables(i: int) -> dict:
     if i % 10 == 0:
         row = {**identity, "region": "whole_brain", "voxel_dice": i / SCANS}
         found["evaluation"] = tables.to_table("evaluation", [row])
+    if i % 7 == 0:
+        row = {**identity, "label": "WMH", "label_value": 3, "n_voxels": i, "volume_mm3": i}
+        found["structures"] = tables.to_table("structures", [row])
     return found
 
 
@@ -111,6 +114,7 @@ def test_compaction_is_idempotent_and_merges_later_flushes_with_the_tail(out: Pa
         "regions": (21, 1),
         "clusters": (8, 1),
         "evaluation": (3, 1),
+        "structures": (4, 1),
         "ledger": (21, 1),
     }
     assert_same(out, before)  # the new rows stay after the old ones
@@ -149,7 +153,7 @@ def test_a_crash_before_the_commit_leaves_the_old_parts_in_charge(
     monkeypatch.undo()
     assert len(files(out, "regions")) == PARTS["regions"] + 1  # written, not committed
     assert_same(out, before)  # the uncommitted part is not read
-    assert parts.remove_orphan_parts(out) == 4  # one compacted part per table, undone
+    assert parts.remove_orphan_parts(out) == len(PARTS)  # one compacted part per table, undone
     assert {name: len(files(out, name)) for name in parts.FLUSHED_TABLES} == PARTS
     assert compaction.compact_tables(out)["regions"] == (200, 1)
     assert_same(out, before)

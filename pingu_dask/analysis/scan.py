@@ -18,6 +18,7 @@ import numpy as np
 from pingu_dask.analysis import metrics
 from pingu_dask.analysis.clusters import find_clusters
 from pingu_dask.analysis.evaluate import evaluate_by_region
+from pingu_dask.analysis.labels import ModelLabels, binary_labels, majority_labels
 from pingu_dask.analysis.regions import (
     WHOLE_BRAIN,
     RegionTable,
@@ -134,12 +135,27 @@ def keep_inside_brain(
 
 
 class MaskAnalysis(NamedTuple):
-    mask: np.ndarray  # uint8 0/1: exclusions and size filter applied; what is stored
+    # uint8: the model's PVS label values (1 for a PVS-only model) where PVS was kept
+    # (exclusions, size filter, brain rule applied), 0 elsewhere; what is stored
+    mask: np.ndarray
     counts: ScanCounts  # whole-brain figures
     rows: ScanRows  # the scan's table rows
     labels: np.ndarray  # cluster labels 1..n on the image grid (0: no PVS)
     cluster_regions: list[str]  # the region each cluster was counted in, by label - 1
     region_names: tuple[str, ...]  # the regions a cluster could be counted in
+    # The model's other structures (e.g. WMH) as it labelled them, 0 elsewhere; None
+    # for a model that labels PVS only.
+    structures: np.ndarray | None = None
+
+
+def model_regions(label_map: np.ndarray, labels: ModelLabels) -> tuple[Regions, RegionTable] | None:
+    """Regions from the model's own region-specific PVS labels (WM-PVS, BG-PVS), for a
+    scan without a parcellation: each voxel's region is its label's. No brain mask and
+    no tissue volumes: the labels say where PVS are, not where tissue is."""
+    table = labels.region_table()
+    if table is None:
+        return None
+    return Regions(table.index_map(label_map), excluded=None), table
 
 
 def analyse_mask(
@@ -149,26 +165,40 @@ def analyse_mask(
     regions: Regions | None,
     settings: PvsClusterRules,
     table: RegionTable,
+    model_labels: ModelLabels | None = None,
+    region_source: str | None = None,
 ) -> MaskAnalysis:
-    """Clusters, regions, metrics and (with a reference) evaluation of one predicted mask.
+    """Clusters, regions, metrics and (with a reference) evaluation of one predicted
+    label map (the model's label values on the image grid).
 
-    Returns the cleaned mask, the whole-brain counts, the scan's table rows, and the
-    clusters with their regions (for the QC picture).
+    Only the model's PVS labels are clustered and counted; its other structures are
+    kept apart with their volumes. Without a parcellation, region-specific PVS labels
+    give the regions. Returns the cleaned mask, the whole-brain counts, the scan's
+    table rows, and the clusters with their regions (for the QC picture).
     """
+    model_labels = model_labels or binary_labels()
     volume = voxel_volume(affine)
     excluded = regions.excluded if regions is not None else None
-    cleaned, labels, n_clusters = find_clusters(raw_mask, volume, settings, excluded)
+    pvs = model_labels.pvs_voxels(raw_mask)
+    cleaned, labels, n_clusters = find_clusters(pvs, volume, settings, excluded)
     cleaned, labels, n_clusters, n_outside = keep_inside_brain(
         cleaned, labels, n_clusters, regions, settings
     )
-    if regions is None:
+    counted_in, counted_table = regions, table
+    if regions is None and (own := model_regions(raw_mask, model_labels)) is not None:
+        counted_in, counted_table = own
+    if counted_in is None:
         names, codes = region_names(None), np.zeros(n_clusters, dtype=np.intp)
     else:
-        names = region_names(table)
-        codes = assign_clusters(labels, n_clusters, regions.codes, len(table.regions))
+        names = region_names(counted_table)
+        codes = assign_clusters(labels, n_clusters, counted_in.codes, len(counted_table.regions))
     cluster_regions = [names[code] for code in codes]
     columns = metrics.cluster_measures(labels, n_clusters, affine, cluster_regions)
-    report_order = names if regions is None else (*names[1:], names[0])  # `other` last
+    label_names = model_labels.names
+    columns["label"] = [
+        label_names[int(v)] for v in majority_labels(labels, n_clusters, raw_mask, model_labels.pvs)
+    ]
+    report_order = names if counted_in is None else (*names[1:], names[0])  # `other` last
     region_rows = metrics.region_summary(
         columns["volume_mm3"], columns["n_voxels"], cluster_regions, report_order
     )
@@ -180,10 +210,12 @@ def analyse_mask(
             row["total_volume_mm3"] / row["tissue_volume_mm3"] if row["tissue_volume_mm3"] else None
         )
     region_rows[-1]["n_clusters_outside_brain"] = n_outside
-    identity = scan_columns(scan)
+    identity = {**scan_columns(scan), "region_source": region_source}
+    structures, structure_rows = other_structures(raw_mask, model_labels, volume)
     rows = ScanRows(
         regions=[{**identity, **row} for row in region_rows],
         clusters={**{k: [v] * n_clusters for k, v in identity.items()}, **columns},
+        structures=[{**scan_columns(scan), **row} for row in structure_rows],
     )
     whole = region_rows[-1]
     counts = {
@@ -202,8 +234,31 @@ def analyse_mask(
             voxel_dice=whole["voxel_dice"],
             cluster_f1=whole["cluster_f1"],
         )
-    analysis = (cleaned.astype(np.uint8), ScanCounts(**counts), rows)
-    return MaskAnalysis(*analysis, labels, cluster_regions, names)
+    stored = np.where(cleaned, raw_mask, 0).astype(np.uint8)
+    analysis = (stored, ScanCounts(**counts), rows)
+    return MaskAnalysis(*analysis, labels, cluster_regions, names, structures)
+
+
+def other_structures(
+    label_map: np.ndarray, model_labels: ModelLabels, voxel_mm3: float
+) -> tuple[np.ndarray | None, list[dict]]:
+    """The model's non-PVS labels as they came (None when it has none) and one row per
+    such label: its voxels and volume. Never clustered, never counted as PVS."""
+    others = model_labels.others
+    if not others:
+        return None, []
+    kept = np.where(np.isin(label_map, [value for _, value in others]), label_map, 0)
+    counts = np.bincount(kept.ravel(), minlength=max(value for _, value in others) + 1)
+    rows = [
+        {
+            "label": name,
+            "label_value": value,
+            "n_voxels": int(counts[value]),
+            "volume_mm3": float(counts[value]) * voxel_mm3,
+        }
+        for name, value in others
+    ]
+    return kept.astype(np.uint8), rows
 
 
 def evaluate_against_reference(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pingu_dask.analysis.labels import LabelError, ModelLabels, resolve_labels
 from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
     allow_unknown_columns_option,
@@ -80,6 +81,20 @@ def orientation_option(value: str | None) -> str | None:
 )
 @click.option("--folds", default=None, help="Comma-separated folds (default: all in the model).")
 @click.option("--checkpoint", default=None, help="Checkpoint file name in each fold folder.")
+@click.option(
+    "--pvs-labels",
+    default=None,
+    help="The model's labels that are PVS, as names or values, comma-separated (default: "
+    "every label named like PVS, or a model's only label). Its other labels (e.g. WMH) are "
+    "kept as their own structures, never counted as PVS.",
+)
+@click.option(
+    "--label-regions",
+    default=None,
+    help="Regions of region-specific PVS labels, as LABEL=region pairs, comma-separated, "
+    "e.g. 'WM-PVS=white_matter,BG-PVS=basal_ganglia' (default: read from the label names); "
+    "'none': no regions from the model. Used for scans without a parcellation.",
+)
 @tta_option
 @step_size_option
 @device_option
@@ -168,6 +183,8 @@ def run(
     model_spec: str | None,
     folds: str | None,
     checkpoint: str | None,
+    pvs_labels: str | None,
+    label_regions: str | None,
     tta: bool | None,
     step_size: float | None,
     device: str | None,
@@ -233,6 +250,8 @@ def run(
             filter_reference=filter_reference,
         ),
         regions=region_table(regions_spec),
+        pvs_labels=pvs_labels,
+        label_regions=label_regions,
         nifti=nifti,
         qc=qc,
         strict=bool(setting("strict")) if strict is None else strict,
@@ -258,6 +277,8 @@ class RunOptions:
 
     pvs_rules: PvsClusterRules | None = None
     regions: RegionTable | None = None
+    pvs_labels: str | None = None  # --pvs-labels: which model labels are PVS
+    label_regions: str | None = None  # --label-regions: PVS label -> region
     nifti: bool = True
     qc: bool = False
     strict: bool = False  # pre-flight flags fail the scan
@@ -291,6 +312,11 @@ def run_manifest(
         f"model {model.folder} (folds {', '.join(model.folds)}, "
         f"channels {', '.join(model.channels)}, fingerprint {model.fingerprint[:12]})"
     )
+    try:
+        labels = resolve_labels(model.name, model.labels, options.pvs_labels, options.label_regions)
+    except LabelError as error:
+        raise click.UsageError(str(error)) from error
+    console.print(labels_line(labels))
     if Path(manifest).is_dir():
         found = discover_bids(Path(manifest), model.channels)
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -319,6 +345,7 @@ def run_manifest(
         qc=options.qc,
         checks=CheckThresholds.from_config(),
         strict=options.strict,
+        labels=labels,
     )
     request = RunRequest(
         report=report,
@@ -397,6 +424,22 @@ def run_manifest(
         )
         raise SystemExit(STOPPED_EXIT_CODE)
     return outcome
+
+
+def labels_line(labels: ModelLabels) -> str:
+    """What the run counts as PVS, which regions the model's labels give, and what it
+    keeps apart: said before any scan runs, so a surprise costs nothing."""
+    regions = dict(labels.regions)
+    pvs = ", ".join(
+        f"{name}" + (f" -> {regions[value]}" if value in regions else "")
+        for name, value in labels.labels
+        if value in labels.pvs
+    )
+    line = f"PVS labels: {pvs}"
+    if labels.others:
+        others = ", ".join(name for name, _ in labels.others)
+        line += f"; other structures (kept apart, not PVS): {others}"
+    return line
 
 
 def out_of_space_line(out: Path, n_scans: int, failed_write: str = "") -> str:

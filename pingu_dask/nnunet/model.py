@@ -193,7 +193,7 @@ def _describe(folder: Path, folds: tuple[str, ...] | None, checkpoint: str) -> M
         dataset = json.loads((folder / "dataset.json").read_text())
         channel_map = dataset.get("channel_names") or dataset["modality"]
         channel_names = tuple(channel_map[k] for k in sorted(channel_map, key=int))
-        labels = tuple((str(k), int(v)) for k, v in dataset["labels"].items())
+        labels = exported_labels(dataset)
         json.loads((folder / "plans.json").read_text())
     except (KeyError, ValueError, TypeError) as error:
         raise ModelError(f"{folder}: dataset.json or plans.json is not valid: {error}") from error
@@ -208,6 +208,22 @@ def _describe(folder: Path, folds: tuple[str, ...] | None, checkpoint: str) -> M
         fingerprint=sha256_of_files(files),
         configuration=_configuration_of(folder),
     )
+
+
+def exported_labels(dataset: dict) -> tuple[tuple[str, int], ...]:
+    """dataset.json's labels as (name, value in the exported label map).
+
+    A region-based model (labels given as lists of classes) writes region i of its
+    foreground as `regions_class_order[i]`, as nnU-Net's label manager does.
+    """
+    labels = dataset["labels"]
+    if not any(isinstance(value, list | tuple) for value in labels.values()):
+        return tuple((str(name), int(value)) for name, value in labels.items())
+    foreground = [name for name, value in labels.items() if value not in (0, [0])]
+    order = dataset["regions_class_order"]
+    if len(order) != len(foreground):
+        raise ValueError("regions_class_order does not have one value per region")
+    return (("background", 0), *((str(n), int(v)) for n, v in zip(foreground, order, strict=True)))
 
 
 def _configuration_of(folder: Path) -> str:

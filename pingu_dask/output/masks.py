@@ -22,14 +22,25 @@ import numpy as np
 
 from pingu_dask.output.layout import MASKS
 
-MASK_ARRAY = "pvs"
+MASK_ARRAY = "pvs"  # the model's PVS label values where PVS was kept, 0 elsewhere
+STRUCTURES_ARRAY = "structures"  # its other labels (e.g. WMH), for models that have them
 
 
 CHUNK = 64  # voxels per chunk side; one shard holds a whole mask (one file per scan)
 
 
-def write_mask(out: Path, scan_id: str, mask: np.ndarray, affine: np.ndarray, attrs: dict) -> str:
+def write_mask(
+    out: Path,
+    scan_id: str,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    attrs: dict,
+    structures: np.ndarray | None = None,
+) -> str:
     """Store one scan's mask as group `scan_id` of masks.zarr, atomically.
+
+    `mask` holds PVS only (the model's PVS label values), so that every reader of
+    MASK_ARRAY reads PVS; a model's other structures go to STRUCTURES_ARRAY beside it.
 
     The group is written whole under a name of its own in OUT/.masks-tmp (see
     _staging_folder) and only then renamed into masks.zarr, so two attempts of one
@@ -39,7 +50,7 @@ def write_mask(out: Path, scan_id: str, mask: np.ndarray, affine: np.ndarray, at
     attempt = uuid.uuid4().hex
     staged = _staging_folder(out) / _staged_name(NEW, attempt, scan_id)
     try:
-        _write_group(staged, scan_id, attempt, mask, affine, attrs)
+        _write_group(staged, scan_id, attempt, mask, affine, attrs, structures)
         _publish(staged, Path(out) / MASKS / scan_id, scan_id)
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # gone already when published
@@ -184,7 +195,13 @@ def _scan_in(name: str, kind: str) -> str | None:
 
 
 def _write_group(
-    path: Path, scan_id: str, attempt: str, mask: np.ndarray, affine: np.ndarray, attrs: dict
+    path: Path,
+    scan_id: str,
+    attempt: str,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    attrs: dict,
+    structures: np.ndarray | None = None,
 ) -> None:
     """Write a whole mask group at `path` (nobody reads it there); `complete` goes last."""
     import zarr
@@ -193,16 +210,20 @@ def _write_group(
     path.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(path, mode="w-", zarr_format=3)
     shards = tuple(int(np.ceil(n / CHUNK) * CHUNK) for n in mask.shape)
-    array = group.create_array(
-        MASK_ARRAY,
-        shape=mask.shape,
-        chunks=(CHUNK,) * 3,
-        shards=shards,
-        dtype="uint8",
-        compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
-        dimension_names=("i", "j", "k"),
-    )
-    array[...] = mask.astype(np.uint8)
+    named = {MASK_ARRAY: mask, STRUCTURES_ARRAY: structures}
+    for name, values in named.items():
+        if values is None:
+            continue
+        array = group.create_array(
+            name,
+            shape=mask.shape,
+            chunks=(CHUNK,) * 3,
+            shards=shards,
+            dtype="uint8",
+            compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
+            dimension_names=("i", "j", "k"),
+        )
+        array[...] = values.astype(np.uint8)
     group.attrs.update(
         {
             **attrs,

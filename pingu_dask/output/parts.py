@@ -25,7 +25,7 @@ TABLES = "tables"
 LEDGER = "ledger"
 
 
-DATA_TABLES = ("regions", "clusters", "evaluation")
+DATA_TABLES = ("regions", "clusters", "evaluation", "structures")
 
 
 #: The tables the driver's flushes write and compactions merge (the scans table is

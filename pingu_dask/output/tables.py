@@ -3,6 +3,7 @@
     OUT/tables/regions/     one row per scan x region
     OUT/tables/clusters/    one row per cluster
     OUT/tables/evaluation/  one row per scan x region, for scans with a reference
+    OUT/tables/structures/  one row per scan x non-PVS model label (e.g. WMH volume)
     OUT/tables/ledger/      one row per attempt at a scan: what happened and why
 
 Only the driver writes tables. Rows are buffered and written together as one
@@ -79,6 +80,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             # Null without a parcellation.
             ("tissue_volume_mm3", pa.float64()),
             ("pvs_volume_fraction", pa.float64()),
+            # Where the regions came from: the parcellation's region table, "atlas",
+            # "model" (the model's region-specific labels) or "none" (whole brain).
+            ("region_source", pa.string()),
         ]
     ),
     "clusters": pa.schema(
@@ -86,6 +90,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             *_SCAN,
             ("cluster", pa.int64()),
             ("region", pa.string()),
+            ("label", pa.string()),  # the model label most of the cluster's voxels carry
+            ("region_source", pa.string()),
             ("n_voxels", pa.int64()),
             ("volume_mm3", pa.float64()),
             ("centroid_x_mm", pa.float64()),
@@ -113,6 +119,17 @@ SCHEMAS: dict[str, pa.Schema] = {
             # (--filter-reference); False: compared as given; null: written before this
             # was recorded (such tables filtered the reference).
             ("reference_filtered", pa.bool_()),
+        ]
+    ),
+    # The model's labels that are not PVS (e.g. WMH): one row per scan x label, never
+    # counted as PVS. Empty for a model that labels PVS only.
+    "structures": pa.schema(
+        [
+            *_SCAN,
+            ("label", pa.string()),
+            ("label_value", pa.int64()),
+            ("n_voxels", pa.int64()),
+            ("volume_mm3", pa.float64()),
         ]
     ),
     "ledger": pa.schema(
@@ -161,6 +178,7 @@ def scan_tables(rows: ScanRows) -> dict[str, pa.Table | None]:
         "regions": to_table("regions", rows.regions),
         "clusters": to_table("clusters", rows.clusters),
         "evaluation": evaluation,
+        "structures": to_table("structures", rows.structures) if rows.structures else None,
     }
 
 

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pingu_dask import __version__
-from pingu_dask.inputs.manifest import NO_REGION_SOURCE, Scan, region_source
+from pingu_dask.inputs.manifest import Scan
 from pingu_dask.run import stages
 
 REGION_SOURCES = "region_sources"  # run.json key: what the current manifest's scans used
@@ -56,6 +56,7 @@ def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -
         "inference": asdict(pipeline.inference),
         "clusters": asdict(pipeline.pvs_rules),
         "regions": {"table": pipeline.regions.name, "regions": dict(pipeline.regions.regions)},
+        "labels": pipeline.model_labels.record(),
         "pipeline_fingerprint": pipeline.fingerprint(),
         "manifest": manifest_info(manifest),
         "n_scans": n_scans,
@@ -75,9 +76,9 @@ def region_sources(scans: Sequence[Scan], pipeline: stages.Pipeline) -> dict:
     made with and without it are not comparable. It is rewritten by every run, like
     `n_scans`, and kept out of the settings that resuming compares.
     """
-    per_source = Counter(region_source(scan, pipeline.regions.name) for scan in scans)
-    without = per_source.get(NO_REGION_SOURCE, 0)
-    with_parcellation = len(scans) - without
+    per_source = Counter(pipeline.region_source(scan) for scan in scans)
+    with_parcellation = sum(scan.parcellation is not None for scan in scans)
+    without = len(scans) - with_parcellation
     rule = pipeline.pvs_rules
     checked = with_parcellation if rule.drops_outside_brain else 0
     return {

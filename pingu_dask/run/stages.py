@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from pingu_dask.analysis.labels import MODEL_REGION_SOURCE, ModelLabels, resolve_labels
 from pingu_dask.analysis.regions import ASEG, RegionTable, parcellation_on_grid
 from pingu_dask.analysis.scan import (
     Regions,
@@ -43,6 +44,7 @@ from pingu_dask.errors import InputError, StageFailure, verdict_of
 from pingu_dask.inputs.checks import CheckOutcome, CheckThresholds, preflight
 from pingu_dask.inputs.imaging import ImageInfo, check_image_data, voxel_volume
 from pingu_dask.inputs.manifest import (
+    NO_REGION_SOURCE,
     Scan,
     channel_grid_mismatch,
     input_fingerprint,
@@ -115,16 +117,42 @@ class Pipeline:
     # part of the fingerprint (run.json records them).
     checks: CheckThresholds = DEFAULT_CHECKS
     strict: bool = False  # flags fail the scan too
+    # Which model labels are PVS and which regions they stand for (analysis/labels.py);
+    # None: read from the model's labels by the default rules (LabelError when they
+    # cannot decide).
+    labels: ModelLabels | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            labels = resolve_labels(self.model.name, self.model.labels)
+            object.__setattr__(self, "labels", labels)
+
+    @property
+    def model_labels(self) -> ModelLabels:
+        assert self.labels is not None  # set in __post_init__
+        return self.labels
 
     def fingerprint(self) -> str:
-        """What decides a scan's outputs: model, inference, cluster and region settings."""
+        """What decides a scan's outputs: model, inference, cluster, region and label
+        settings (a PVS-only model's labels add nothing, so its fingerprint stays what
+        it was before labels were read)."""
         parts = [
             self.model.fingerprint,
             self.inference.fingerprint(),
             json.dumps(asdict(self.pvs_rules), sort_keys=True),
             self.regions.fingerprint(),
         ]
+        if not self.model_labels.is_binary:
+            parts.append(self.model_labels.fingerprint())
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def region_source(self, scan: Scan) -> str:
+        """Where this scan's regions come from: the parcellation's table, the model's
+        region-specific labels ("model"), or "none"."""
+        source = region_source(scan, self.regions.name)
+        if source == NO_REGION_SOURCE and self.model_labels.region_table() is not None:
+            return MODEL_REGION_SOURCE
+        return source
 
 
 @dataclass
@@ -224,7 +252,7 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
             voxel_size_mm=(stored.spacing[0], stored.spacing[1], stored.spacing[2]),
             flags=tuple(finding.check for finding in findings.flags),
             flag_messages=tuple(f"{f.check}: {f.message}" for f in findings.flags),
-            region_source=region_source(scan, pipeline.regions.name),
+            region_source=pipeline.region_source(scan),
             brain_rule=regions is not None and pipeline.pvs_rules.drops_outside_brain,
             icv_mm3=intracranial_volume(regions, voxel_volume(stored.affine)),
         ),
@@ -342,7 +370,14 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
     info = source.info
     raw = to_image_order(model_plan(pipeline.model), item.labels, item.geometry, info.shape[:3])
     analysis = analyse_mask(
-        raw, info.affine, scan, source.regions, pipeline.pvs_rules, pipeline.regions
+        raw,
+        info.affine,
+        scan,
+        source.regions,
+        pipeline.pvs_rules,
+        pipeline.regions,
+        pipeline.model_labels,
+        source.facts.region_source if source.facts else None,
     )
     turn = source.turn
     mask = turn.to_stored(analysis.mask)
@@ -352,13 +387,17 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         "input_fingerprint": source.input_fingerprint,
         "stored_orientation": turn.stored,
         "network_orientation": turn.target,
+        "labels": pipeline.model_labels.record(),
     }
+    structures = None if analysis.structures is None else turn.to_stored(analysis.structures)
     result = ScanResult.counted(
         scan.scan_id,
         analysis.counts,
         input_fingerprint=source.input_fingerprint,
         facts=source.facts,
-        mask=masks.write_mask(pipeline.out, scan.scan_id, mask, source.stored_affine, attrs),
+        mask=masks.write_mask(
+            pipeline.out, scan.scan_id, mask, source.stored_affine, attrs, structures
+        ),
         tables=tables.scan_tables(analysis.rows),
     )
     if pipeline.write_nifti and nifti_name:
@@ -391,6 +430,7 @@ def mask_sidecar(pipeline: Pipeline, source: Source) -> dict[str, Any]:
         "Inference": asdict(pipeline.inference),
         "PvsClusterRules": asdict(pipeline.pvs_rules),
         "RegionTable": pipeline.regions.name,
+        "Labels": pipeline.model_labels.record(),
         "RegionSource": facts.region_source if facts else None,
         "BrainRule": facts.brain_rule if facts else None,
         "Flags": list(facts.flag_messages) if facts else [],
