@@ -258,6 +258,12 @@ def test_a_multi_class_model_runs_and_keeps_its_labels_apart(
         wmh = structures[structures.scan_id == scan_id]
         assert wmh.n_voxels.tolist() == [np.count_nonzero(other == 3)]
         assert group.attrs["labels"]["other_structures"] == ["WMH"]
+    from pingu_dask.output.export import wide_table
+
+    wide = wide_table(out).set_index("scan_id")  # WMH volume beside the PVS figures
+    by_scan = structures.set_index("scan_id").volume_mm3.round(3)
+    assert wide.wmh_volume_mm3.astype(float).to_dict() == by_scan.to_dict()
+    assert "wmh_n_clusters" not in wide and "whole_brain_n_clusters" in wide
     run = json.loads((out / "run.json").read_text())
     assert run["labels"]["pvs"] == ["WM-PVS", "BG-PVS"]
     assert run["labels"]["label_regions"] == {"WM-PVS": "white_matter", "BG-PVS": "basal_ganglia"}

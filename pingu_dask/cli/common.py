@@ -52,7 +52,9 @@ pvs_cluster_options = option_group(
         default=None,
         help="Region table: synthseg (default; = aseg), pvs (the same labels per "
         "hemisphere, plus ventral DC; = synthseg-pvs, aseg-pvs), or a JSON file "
-        '({"regions": {"white_matter": [2, 41, "251-255"], ...}}).',
+        '({"regions": {"white_matter": [2, 41, "251-255"], ...}}). `run` also takes '
+        "atlas: every scan's regions from the MNI152 atlas registered to its T1w (the "
+        "synthseg table on the atlas's labels; a parcellation column is not used).",
     ),
     click.option(
         "--connectivity",
@@ -177,8 +179,12 @@ def region_table(spec: str | None, default: str = "synthseg") -> RegionTable:
         raise click.UsageError(str(error)) from error
 
 
-def print_report(report: ManifestReport) -> None:
-    """Summary line, notes and a table of problems for a validated manifest."""
+def print_report(report: ManifestReport, atlas_for: str = "none") -> None:
+    """Summary line, notes and a table of problems for a validated manifest.
+
+    `atlas_for`: which scans the run gives atlas regions ("none", "missing", "all"),
+    so that scans without a parcellation are not called whole-brain-only when the
+    atlas serves them."""
     sites = Counter(scan.site or "-" for scan in report.scans)
     console.print(
         f"{report.path}: {report.n_rows} rows, {len(report.scans)} valid scans, "
@@ -189,8 +195,11 @@ def print_report(report: ManifestReport) -> None:
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True)
     without = sum(scan.parcellation is None for scan in report.scans)
-    if without:
+    if without and atlas_for == "none":
         console.print(f"[yellow]{whole_brain_only_note(without)}[/yellow]")
+    elif without and atlas_for == "missing":
+        scans = "scan" if without == 1 else "scans"
+        console.print(f"{without} {scans} without a parcellation: regions from the atlas")
     if report.ok:
         console.print("[green]all rows valid[/green]")
         return

@@ -7,7 +7,8 @@ cohort's denominator is lost. `pingu-dask export` writes one file from them:
 - wide: one row per scan of the latest run's manifest, failed, invalid and never
   attempted ones included: scan_id, subject, session, site, status, reason, flags,
   the scan facts OUT records (SCAN_FACTS: region source, brain rule, ICV, voxel size),
-  then `<region>_<measure>`.
+  then `<region>_<measure>`, and for a model with non-PVS labels (e.g. WMH) their
+  volumes, `<label>_volume_mm3`.
 - long: one row per scan x region, the same scan columns, `region`, the measures. A
   scan without a result (failed, invalid, not run) gets one row per region with empty
   measures, so the long table is the complete scan x region grid: dplyr's
@@ -107,7 +108,30 @@ def wide_table(out: Path) -> pd.DataFrame:
     spread = spread.swaplevel(axis=1).reindex(columns=grid)
     spread.columns = [f"{region}_{measure}" for region, measure in grid]
     wide = scans.merge(spread, how="left", left_on="scan_id", right_index=True)
-    return _typed(_unmeasured(wide, list(spread.columns)))
+    structures = structure_volumes(out)
+    wide = wide.merge(structures, how="left", left_on="scan_id", right_index=True)
+    return _typed(_unmeasured(wide, [*spread.columns, *structures.columns]))
+
+
+def structure_volumes(out: Path) -> pd.DataFrame:
+    """`<label>_volume_mm3` per scan (index) for the model's non-PVS labels (e.g.
+    wmh_volume_mm3): studies put WMH volume beside PVS counts. No columns for a model
+    that labels PVS only."""
+    structures = tables.read_table(out, "structures")
+    if structures.empty:
+        return pd.DataFrame(index=pd.Index([], name="scan_id"))
+    structures = structures.drop_duplicates(["scan_id", "label"], keep="last")
+    column = structures.label.map(lambda name: f"{column_word(name)}_volume_mm3")
+    spread = structures.assign(column=column).pivot(
+        index="scan_id", columns="column", values="volume_mm3"
+    )
+    spread.columns = list(spread.columns)
+    return spread
+
+
+def column_word(name: str) -> str:
+    """A label name as a column word: 'WMH' -> 'wmh', 'Lesion (T2)' -> 'lesion_t2'."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "label"
 
 
 def long_table(out: Path) -> pd.DataFrame:
