@@ -55,6 +55,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # With a parcellation, drop clusters with more than this share of their voxels
         # outside the brain (label 0), as SHiVAi does; None or 1.0: off.
         "max-outside-brain": 0.25,
+        # Regions from an atlas (analysis/atlas.py: the MNI152 template with WM and deep
+        # grey matter labels, registered to each T1w): for scans without a
+        # parcellation when atlas-fallback is on (`--regions atlas` uses it for every
+        # scan). Its working grid and registration library.
+        "atlas-fallback": False,
+        "atlas-resolution-mm": 2.0,
+        "atlas-method": "dipy",
         # Evaluation: put the reference mask through the size filter and exclusions too
         # (inflates Dice; papers compare with the reference as given: False).
         "filter-reference": False,

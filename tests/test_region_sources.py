@@ -105,7 +105,9 @@ def test_region_source_per_scan_and_the_counts_of_a_manifest(tmp_path: Path) -> 
     assert record == {
         "table": "synthseg",
         "scans_with_parcellation": 3,
+        "scans_with_atlas": 0,
         "scans_without_parcellation": 2,
+        "scans_whole_brain_only": 2,
         "per_source": {"none": 2, "synthseg": 3},
         "brain_rule": {"max_outside_brain": 0.25, "on": True, "scans_with": 3, "scans_without": 2},
     }

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pingu_dask.analysis.atlas import AtlasSettings
 from pingu_dask.analysis.labels import LabelError, ModelLabels, resolve_labels
 from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
@@ -46,7 +47,7 @@ from pingu_dask.run import orchestrate
 from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
 from pingu_dask.run.orchestrate import RunOutcome, RunRefused, RunRequest
 from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
-from pingu_dask.run.stages import Pipeline
+from pingu_dask.run.stages import ATLAS_CHANNEL, Pipeline
 
 STOPPED_EXIT_CODE = 3  # the circuit breaker stopped the run (1: some scans failed)
 OUT_OF_SPACE_EXIT_CODE = 4  # OUT's file system is full or over quota: free space, resume
@@ -81,6 +82,14 @@ def orientation_option(value: str | None) -> str | None:
 )
 @click.option("--folds", default=None, help="Comma-separated folds (default: all in the model).")
 @click.option("--checkpoint", default=None, help="Checkpoint file name in each fold folder.")
+@click.option(
+    "--atlas-fallback/--no-atlas-fallback",
+    default=None,
+    help="Scans without a parcellation get regions from the atlas (the MNI152 template's WM "
+    "and basal ganglia labels registered to the T1w; region_source = atlas) instead of "
+    f"whole-brain figures only (default {'on' if setting('atlas-fallback') else 'off'}; "
+    "pingu.atlas-fallback). `--regions atlas` uses the atlas for every scan.",
+)
 @click.option(
     "--pvs-labels",
     default=None,
@@ -183,6 +192,7 @@ def run(
     model_spec: str | None,
     folds: str | None,
     checkpoint: str | None,
+    atlas_fallback: bool | None,
     pvs_labels: str | None,
     label_regions: str | None,
     tta: bool | None,
@@ -249,7 +259,8 @@ def run(
             max_outside_brain=max_outside_brain,
             filter_reference=filter_reference,
         ),
-        regions=region_table(regions_spec),
+        regions=region_table(None if regions_spec == ATLAS else regions_spec),
+        atlas_for=atlas_for(regions_spec, atlas_fallback),
         pvs_labels=pvs_labels,
         label_regions=label_regions,
         nifti=nifti,
@@ -277,6 +288,7 @@ class RunOptions:
 
     pvs_rules: PvsClusterRules | None = None
     regions: RegionTable | None = None
+    atlas_for: str = "none"  # regions from the atlas for: none, missing (parcellation), all
     pvs_labels: str | None = None  # --pvs-labels: which model labels are PVS
     label_regions: str | None = None  # --label-regions: PVS label -> region
     nifti: bool = True
@@ -317,6 +329,11 @@ def run_manifest(
     except LabelError as error:
         raise click.UsageError(str(error)) from error
     console.print(labels_line(labels))
+    if options.atlas_for != "none" and ATLAS_CHANNEL not in model.channels:
+        raise click.UsageError(
+            f"atlas regions are registered to a T1w; model {model.name} takes "
+            f"{', '.join(model.channels)}"
+        )
     if Path(manifest).is_dir():
         found = discover_bids(Path(manifest), model.channels)
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -325,7 +342,7 @@ def run_manifest(
     report = load_manifest(
         manifest, model.channels, allow_unknown_columns=options.allow_unknown_columns
     )
-    print_report(report)
+    print_report(report, options.atlas_for)
     if report.table_problems:  # its columns: every row is concerned, --skip-invalid cannot help
         console.print(
             "[red]fix the manifest's columns (--skip-invalid skips bad rows only; "
@@ -346,6 +363,11 @@ def run_manifest(
         checks=CheckThresholds.from_config(),
         strict=options.strict,
         labels=labels,
+        atlas_for=options.atlas_for,
+        atlas=AtlasSettings(
+            method=str(setting("atlas-method")),
+            resolution_mm=float(setting("atlas-resolution-mm")),
+        ),
     )
     request = RunRequest(
         report=report,
@@ -424,6 +446,18 @@ def run_manifest(
         )
         raise SystemExit(STOPPED_EXIT_CODE)
     return outcome
+
+
+ATLAS = "atlas"  # --regions atlas: every scan's regions from the atlas
+
+
+def atlas_for(regions_spec: str | None, fallback: bool | None) -> str:
+    """Which scans get atlas regions: all (--regions atlas), the ones without a
+    parcellation (--atlas-fallback or pingu.atlas-fallback), or none."""
+    if regions_spec == ATLAS:
+        return "all"
+    on = bool(setting("atlas-fallback")) if fallback is None else fallback
+    return "missing" if on else "none"
 
 
 def labels_line(labels: ModelLabels) -> str:

@@ -314,12 +314,23 @@ def region_source(scan: Scan, table_name: str) -> str:
     return table_name if scan.parcellation is not None else NO_REGION_SOURCE
 
 
-def whole_brain_only_note(n_without: int, brain_rule_share: float | None = None) -> str:
+def whole_brain_only_note(
+    n_without: int, brain_rule_share: float | None = None, n_whole_brain: int | None = None
+) -> str:
     """The sentence run, validate, status and the report say about scans without a
     parcellation (one wording, so that it can be searched for); with `brain_rule_share`
-    (the brain rule is on), also that the rule did not run for them."""
+    (the brain rule is on), also that the rule did not run for them. `n_whole_brain`:
+    how many of them got whole-brain figures only (the others had regions from the
+    model's own labels); None: all of them."""
     scans = "scan" if n_without == 1 else "scans"
-    note = f"{n_without} {scans} without a parcellation: whole-brain figures only"
+    note = f"{n_without} {scans} without a parcellation: "
+    if n_whole_brain is None or n_whole_brain == n_without:
+        note += "whole-brain figures only"
+    else:
+        note += (
+            f"{n_without - n_whole_brain} with regions from the model's labels, "
+            f"{n_whole_brain} with whole-brain figures only"
+        )
     if brain_rule_share is not None:
         note += f", and no brain rule (max-outside-brain {brain_rule_share:g} needs a parcellation)"
     return note
@@ -327,12 +338,16 @@ def whole_brain_only_note(n_without: int, brain_rule_share: float | None = None)
 
 def region_sources_note(record: Mapping | None) -> str | None:
     """whole_brain_only_note from run.json's `region_sources` record (run/provenance.py),
-    or None when every scan had a parcellation or the run predates the record."""
+    or None when every scan had a parcellation (or the atlas) or the run predates the
+    record."""
     if not record or not record.get("scans_without_parcellation"):
         return None
     rule = record.get("brain_rule") or {}
     share = rule.get("max_outside_brain") if rule.get("on") else None
-    return whole_brain_only_note(int(record["scans_without_parcellation"]), share)
+    whole = record.get("scans_whole_brain_only")
+    return whole_brain_only_note(
+        int(record["scans_without_parcellation"]), share, None if whole is None else int(whole)
+    )
 
 
 def require_valid(report: ManifestReport) -> tuple[Scan, ...]:

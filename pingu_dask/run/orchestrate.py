@@ -105,7 +105,7 @@ def check_settings(
         mine = provenance(pipeline, None, 0)
         differences = [
             key
-            for key in ("model", "inference", "clusters", "regions")
+            for key in ("model", "inference", "clusters", "regions", "labels", "atlas")
             if _comparable(previous.get(key), key) != _comparable(mine[key], key)
         ]
         raise RunRefused(

@@ -13,7 +13,8 @@ from importlib import metadata
 from pathlib import Path
 
 from pingu_dask import __version__
-from pingu_dask.inputs.manifest import Scan
+from pingu_dask.analysis.atlas import ATLAS_REGION_SOURCE
+from pingu_dask.inputs.manifest import NO_REGION_SOURCE, Scan
 from pingu_dask.run import stages
 
 REGION_SOURCES = "region_sources"  # run.json key: what the current manifest's scans used
@@ -57,6 +58,11 @@ def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -
         "clusters": asdict(pipeline.pvs_rules),
         "regions": {"table": pipeline.regions.name, "regions": dict(pipeline.regions.regions)},
         "labels": pipeline.model_labels.record(),
+        "atlas": {
+            "for": pipeline.atlas_for,
+            **asdict(pipeline.atlas),
+            "fingerprint": pipeline.atlas.fingerprint(),
+        },
         "pipeline_fingerprint": pipeline.fingerprint(),
         "manifest": manifest_info(manifest),
         "n_scans": n_scans,
@@ -69,22 +75,30 @@ def region_sources(scans: Sequence[Scan], pipeline: stages.Pipeline) -> dict:
     """run.json's record of what the scans of the current manifest used, not the default.
 
     `regions` in run.json is the region table the run was set up with (compared on
-    resume); this says how many scans had a parcellation for it at all, per region
-    source ("synthseg", ..., or "none": whole-brain figures only), and for how many
-    the brain rule (drop clusters mostly outside the parcellation's brain,
-    `max_outside_brain`) ran, since it needs a parcellation: counts of one cohort
-    made with and without it are not comparable. It is rewritten by every run, like
-    `n_scans`, and kept out of the settings that resuming compares.
+    resume); this says how many scans had regions for it at all, per region source
+    ("synthseg", ..., "atlas", "model": the model's region-specific labels, or "none":
+    whole-brain figures only), and for how many the brain rule (drop clusters mostly
+    outside the brain, `max_outside_brain`) ran, since it needs a parcellation or the
+    atlas: counts of one cohort made with and without it are not comparable. It is
+    rewritten by every run, like `n_scans`, and kept out of the settings that resuming
+    compares.
     """
     per_source = Counter(pipeline.region_source(scan) for scan in scans)
-    with_parcellation = sum(scan.parcellation is not None for scan in scans)
-    without = len(scans) - with_parcellation
+    with_atlas = per_source.get(ATLAS_REGION_SOURCE, 0)
+    with_parcellation = sum(
+        scan.parcellation is not None and not pipeline.uses_atlas(scan) for scan in scans
+    )
+    without = len(scans) - with_parcellation - with_atlas
     rule = pipeline.pvs_rules
-    checked = with_parcellation if rule.drops_outside_brain else 0
+    checked = with_parcellation + with_atlas if rule.drops_outside_brain else 0
     return {
-        "table": pipeline.regions.name if with_parcellation else None,
+        "table": pipeline.regions.name if with_parcellation or with_atlas else None,
         "scans_with_parcellation": with_parcellation,
+        "scans_with_atlas": with_atlas,
+        # Neither a parcellation nor the atlas: whole-brain figures, or the model's
+        # own regions; no brain rule either way.
         "scans_without_parcellation": without,
+        "scans_whole_brain_only": per_source.get(NO_REGION_SOURCE, 0),
         "per_source": dict(sorted(per_source.items())),
         "brain_rule": {
             "max_outside_brain": rule.max_outside_brain,

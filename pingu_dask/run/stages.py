@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from pingu_dask.analysis.atlas import ATLAS_REGION_SOURCE, AtlasSettings, atlas_parcellation
 from pingu_dask.analysis.labels import MODEL_REGION_SOURCE, ModelLabels, resolve_labels
 from pingu_dask.analysis.regions import ASEG, RegionTable, parcellation_on_grid
 from pingu_dask.analysis.scan import (
@@ -99,6 +100,8 @@ def _set_torch_threads(settings: InferenceSettings) -> None:
 
 
 DEFAULT_PVS_RULES = PvsClusterRules()
+DEFAULT_ATLAS = AtlasSettings()
+ATLAS_FOR = ("none", "missing", "all")
 DEFAULT_CHECKS = CheckThresholds()
 
 
@@ -121,8 +124,14 @@ class Pipeline:
     # None: read from the model's labels by the default rules (LabelError when they
     # cannot decide).
     labels: ModelLabels | None = None
+    # Regions from the atlas (analysis/atlas.py) for which scans: "none", "missing"
+    # (scans without a parcellation) or "all"; and how it is registered.
+    atlas_for: str = "none"
+    atlas: AtlasSettings = DEFAULT_ATLAS
 
     def __post_init__(self) -> None:
+        if self.atlas_for not in ATLAS_FOR:
+            raise ValueError(f"atlas_for {self.atlas_for!r}: one of {', '.join(ATLAS_FOR)}")
         if self.labels is None:
             labels = resolve_labels(self.model.name, self.model.labels)
             object.__setattr__(self, "labels", labels)
@@ -144,11 +153,19 @@ class Pipeline:
         ]
         if not self.model_labels.is_binary:
             parts.append(self.model_labels.fingerprint())
+        if self.atlas_for != "none":
+            parts.append(f"atlas:{self.atlas_for}:{self.atlas.fingerprint()}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
+    def uses_atlas(self, scan: Scan) -> bool:
+        """Whether this scan's regions come from the atlas rather than its parcellation."""
+        return self.atlas_for == "all" or (self.atlas_for == "missing" and not scan.parcellation)
+
     def region_source(self, scan: Scan) -> str:
-        """Where this scan's regions come from: the parcellation's table, the model's
-        region-specific labels ("model"), or "none"."""
+        """Where this scan's regions come from: the parcellation's table, the atlas
+        ("atlas"), the model's region-specific labels ("model"), or "none"."""
+        if self.uses_atlas(scan):
+            return ATLAS_REGION_SOURCE
         source = region_source(scan, self.regions.name)
         if source == NO_REGION_SOURCE and self.model_labels.region_table() is not None:
             return MODEL_REGION_SOURCE
@@ -224,9 +241,14 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
     """
     started = time.perf_counter()
     model = pipeline.model
-    checked = check_inputs(scan, model.channels, pipeline.checks, pipeline.strict)
+    atlas = pipeline.uses_atlas(scan)
+    checked = check_inputs(
+        scan, model.channels, pipeline.checks, pipeline.strict, parcellation=not atlas
+    )
     stored, voxels, labels, findings = (checked.stored, checked.voxels, checked.labels,
                                         checked.findings)  # fmt: skip
+    if atlas:
+        labels = atlas_labels(scan, checked, pipeline)
     regions = None
     if labels is not None:
         regions = regions_from_labels(labels, pipeline.regions, pipeline.pvs_rules)
@@ -280,14 +302,19 @@ class CheckedInputs:
 
 
 def check_inputs(
-    scan: Scan, channels: tuple[str, ...], checks: CheckThresholds, strict: bool
+    scan: Scan,
+    channels: tuple[str, ...],
+    checks: CheckThresholds,
+    strict: bool,
+    parcellation: bool = True,
 ) -> CheckedInputs:
     """Read every channel in full and run the pre-flight checks (run's and train's).
 
     Every channel is read whole (check_image_data): nnU-Net would accept a truncated
     file, NaN voxels or an empty image without a word. The parcellation comes onto the
-    image grid, so that an unusable one fails the scan here. Raises the scan's input
-    error (never retried); flags are returned (with `strict`, they fail it too).
+    image grid, so that an unusable one fails the scan here (`parcellation` False:
+    it is not used, e.g. regions come from the atlas). Raises the scan's input error
+    (never retried); flags are returned (with `strict`, they fail it too).
     """
     first = scan.channel(channels[0])
     infos: dict[Path, ImageInfo] = {}
@@ -298,7 +325,7 @@ def check_inputs(
         raise InputError(mismatch)
     stored = infos[first]
     labels = None
-    if scan.parcellation is not None:
+    if scan.parcellation is not None and parcellation:
         labels = parcellation_on_grid(scan.parcellation, stored.shape, stored.affine)
     findings = CheckOutcome.combine(
         [
@@ -318,6 +345,23 @@ def check_inputs(
         findings = findings.strict()
     findings.raise_failures(f"scan {scan.scan_id!r}")
     return CheckedInputs(stored, voxels, labels, findings)
+
+
+ATLAS_CHANNEL = "t1w"
+
+
+def atlas_labels(scan: Scan, checked: CheckedInputs, pipeline: Pipeline) -> np.ndarray:
+    """The atlas's aseg-numbered labels on the scan's stored grid, registered to its
+    T1w on this CPU worker (no inference slot is held). RegionError (an input error:
+    the scan fails with the reason, never retried) when registration clearly failed."""
+    if ATLAS_CHANNEL not in pipeline.model.channels:
+        raise InputError(
+            f"scan {scan.scan_id!r}: atlas regions need a T1w channel; the model's "
+            f"channels are {', '.join(pipeline.model.channels)}"
+        )
+    t1 = checked.voxels[scan.channel(ATLAS_CHANNEL)]
+    threads = _torch_threads(pipeline.inference)
+    return atlas_parcellation(t1, checked.stored.affine, pipeline.atlas, threads=threads)
 
 
 def reoriented_regions(regions: Regions | None, turn: Reorientation) -> Regions | None:
