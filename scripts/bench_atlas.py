@@ -159,8 +159,9 @@ def colin_section(work: Path, configs: list[tuple[str, dict]], threads: int) -> 
         "",
     ]
     rows = []
+    grid = default_grid(configs)
     for name, settings in configs:
-        if settings["resolution_mm"] != 2.0:
+        if settings["resolution_mm"] != grid:
             continue
         tag = name.replace(" ", "_").replace("+", "")
         figures = place(better, work, f"colin05_{tag}", settings, threads)
@@ -171,6 +172,13 @@ def colin_section(work: Path, configs: list[tuple[str, dict]], threads: int) -> 
                      f"{figures['peak_rss_mib']:.0f}"])  # fmt: skip
     lines.append(table(["setting", "wall s", "CPU s", "peak RSS MiB"], rows))
     return lines
+
+
+def default_grid(configs: list[tuple[str, dict]]) -> float:
+    """The working grid the 0.5 mm and phantom parts use: the default (2 mm) when it
+    was asked for, else the coarsest asked for (a quick run)."""
+    grids = {settings["resolution_mm"] for _, settings in configs}
+    return 2.0 if 2.0 in grids else max(grids)
 
 
 def phantom_section(
@@ -185,8 +193,9 @@ def phantom_section(
     rules = PvsClusterRules()
     names = region_names(ASEG)
     dice_rows, count_rows = [], []
+    grid = default_grid(configs)
     for name, settings in configs:
-        if settings["resolution_mm"] != 2.0:
+        if settings["resolution_mm"] != grid:
             continue  # the phantoms are for the default working grid
         tag = name.replace(" ", "_").replace("+", "")
         wm, bg, brain, seconds, failed = [], [], [], [], []

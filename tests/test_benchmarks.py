@@ -112,6 +112,16 @@ CASES = [
         ],
     ),
     (
+        "bench_atlas.py",
+        ["--methods", "dipy", "--resolutions", "3", "--phantoms", "1"],
+        "bench_atlas",
+        [
+            r"\| dipy 3 mm affine \| [0-9.]+ \| [0-9.]+ \| \d+ \| 0\.\d\d",
+            r"\| no registration \(both MNI\) \|",
+            r"\| dipy 3 mm affine\+SyN \| 1/1 \|",
+        ],
+    ),
+    (
         "bench_train.py",
         # tiny: 3 scans, one run each; the replica (hours) is not run here
         [
