@@ -286,3 +286,27 @@ def test_a_multi_class_model_runs_and_keeps_its_labels_apart(
     assert set(both.region) <= {*ASEG.names, "other"}
     by_label = both.label.map(expected)
     assert (both.region != by_label).any()  # the parcellation decides, not the label
+
+
+def test_the_structures_get_their_own_nifti_beside_the_pvs_mask(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from pingu_dask.output.derivatives import write_nifti_outputs
+
+    label_map, _ = _label_map()
+    labels = resolve_labels("regional", REGIONAL)
+    analysis = analyse_mask(label_map, np.eye(4), SCAN, None, RULES, ASEG, labels, "model")
+    assert analysis.structures is not None
+    written = write_nifti_outputs(
+        tmp_path, "s1_desc-pvs_mask.nii.gz", analysis.mask, analysis.labels, np.eye(4),
+        {"Labels": labels.record()}, structures=analysis.structures,
+        structure_labels=dict(labels.others),
+    )  # fmt: skip
+    image = np.asarray(nib.load(written["structures"]).dataobj)
+    assert np.array_equal(image, np.where(label_map == 3, 3, 0))
+    assert set(np.unique(np.asarray(nib.load(written["mask"]).dataobj))) == {0, 1, 2}
+    sidecar = json.loads(Path(written["structures"].replace(".nii.gz", ".json")).read_text())
+    assert sidecar["Labels"] == {"3": "WMH"}
+    mask_sidecar = json.loads(Path(written["sidecar"]).read_text())
+    assert mask_sidecar["StructuresImage"] == "s1_desc-structures_dseg.nii.gz"
+    assert mask_sidecar["Labels"]["pvs"] == ["WM-PVS", "BG-PVS"]

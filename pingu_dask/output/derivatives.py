@@ -35,7 +35,15 @@ from pingu_dask.output.layout import NIFTI
 
 MASK_SUFFIX = "_desc-pvs_mask.nii.gz"
 CLUSTERS_SUFFIX = "_desc-pvsclusters_dseg.nii.gz"
-MASK_DESCRIPTION = "Perivascular space mask: 1 = PVS, 0 = not, on the input image's grid."
+STRUCTURES_SUFFIX = "_desc-structures_dseg.nii.gz"
+MASK_DESCRIPTION = (
+    "Perivascular space mask on the input image's grid: the model's PVS label value "
+    "(1 for a model that labels PVS only; see Labels) where PVS was kept, 0 = not."
+)
+STRUCTURES_DESCRIPTION = (
+    "The model's labels that are not PVS (e.g. white-matter hyperintensities), as it "
+    "labelled them; never counted as PVS. Values: see Labels."
+)
 CLUSTERS_DESCRIPTION = (
     "Perivascular space clusters: each voxel's value is its cluster's number, the "
     "`cluster` column of pingu-dask's clusters table (tables/clusters) for this scan "
@@ -67,8 +75,12 @@ def write_nifti_outputs(
     affine: np.ndarray,
     sidecar: Mapping[str, object],
     sources: Sequence[str] = (),
+    structures: np.ndarray | None = None,
+    structure_labels: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
-    """Write one scan's mask, cluster image and their sidecars under OUT/nifti.
+    """Write one scan's mask, cluster image and their sidecars under OUT/nifti, and
+    for a model with non-PVS labels their image (`structures`, values named by
+    `structure_labels`) as ..._desc-structures_dseg.nii.gz.
 
     `nifti_name` is the mask's path relative to OUT/nifti (layout.nifti_names, ending
     in _desc-pvs_mask.nii.gz). `cluster_labels` are the clusters table's labels 1..n
@@ -130,6 +142,21 @@ def write_nifti_outputs(
             "Sources": [f"bids::{relative}"],
         },
     )
+    written = {}
+    if structures is not None:
+        structures_path = mask_path.with_name(
+            mask_path.name.removesuffix(MASK_SUFFIX) + STRUCTURES_SUFFIX
+        )
+        save_nifti(structures_path, np.asarray(structures, np.uint8), affine, intent="label")
+        _write_json(
+            structures_path.with_name(sidecar_name(structures_path.name)),
+            {
+                "Description": STRUCTURES_DESCRIPTION,
+                "Labels": {str(v): k for k, v in (structure_labels or {}).items()},
+                "Sources": [f"bids::{relative}"],
+            },
+        )
+        written["structures"] = str(structures_path)
     save_nifti(mask_path, mask.astype(np.uint8) if mask.dtype == bool else mask, affine)
     mask_sidecar = mask_path.with_name(sidecar_name(mask_path.name))
     given = sidecar.get("Sources") or []
@@ -140,12 +167,15 @@ def write_nifti_outputs(
         "Sources": [str(source) for source in (*named, *sources)],
         "ClusterImage": cluster_path.name,
     }
+    if "structures" in written:
+        document["StructuresImage"] = Path(written["structures"]).name
     _write_json(mask_sidecar, document)
     return {
         "mask": str(mask_path),
         "clusters": str(cluster_path),
         "sidecar": str(mask_sidecar),
         "clusters_sidecar": str(clusters_sidecar),
+        **written,
     }
 
 

@@ -453,6 +453,8 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
             source.stored_affine,
             mask_sidecar(pipeline, source),
             sources=[str(path) for path in scan.channel_paths],
+            structures=structures,
+            structure_labels=dict(pipeline.model_labels.others),
         )
         result.nifti = written["mask"]
     if source.picture is not None:
