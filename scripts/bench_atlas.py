@@ -14,7 +14,7 @@ own; the peak includes building the template labels, ~5 s, once per process):
 
     .venv/bin/python scripts/bench_atlas.py --work /tmp/bench_atlas
         [--methods dipy,ants] [--resolutions 1,2,3] [--phantoms 6] [--threads 2]
-        [--skip-colin] [--skip-phantoms] [--no-doc]
+        [--skip-colin] [--skip-colin05] [--skip-phantoms] [--no-doc]
 
 The default run takes about 15 minutes on 2 cores. It writes its section of
 docs/benchmarks.md (PINGU_BENCHMARKS_DOC names another file).
@@ -118,7 +118,9 @@ def configurations(methods: list[str], resolutions: list[float]) -> list[tuple[s
     return out
 
 
-def colin_section(work: Path, configs: list[tuple[str, dict]], threads: int) -> list[str]:
+def colin_section(
+    work: Path, configs: list[tuple[str, dict]], threads: int, half_mm: bool = True
+) -> list[str]:
     ch2, better, aal_path = (
         TEMPLATES / n for n in ("ch2.nii.gz", "ch2better.nii.gz", "aal.nii.gz")
     )
@@ -154,10 +156,10 @@ def colin_section(work: Path, configs: list[tuple[str, dict]], threads: int) -> 
         "### Colin27 1 mm (ch2.nii.gz, whole head): time, memory, Dice against AAL",
         "",
         table(head, rows),
-        "",
-        "### Colin27 0.5 mm (ch2better.nii.gz, brain only, 301x370x316)",
-        "",
     ]
+    if not half_mm:
+        return lines
+    lines += ["", "### Colin27 0.5 mm (ch2better.nii.gz, brain only, 301x370x316)", ""]
     rows = []
     grid = default_grid(configs)
     for name, settings in configs:
@@ -291,6 +293,7 @@ def main() -> None:
     parser.add_argument("--phantoms", type=int, default=6, help="synthetic scans")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-colin", action="store_true")
+    parser.add_argument("--skip-colin05", action="store_true", help="Colin27 at 1 mm only")
     parser.add_argument("--skip-phantoms", action="store_true")
     parser.add_argument("--no-doc", action="store_true", help="print, do not write the doc")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
@@ -323,7 +326,7 @@ def main() -> None:
         "",
     ]
     if not args.skip_colin:
-        body += [*colin_section(args.work, configs, args.threads), ""]
+        body += [*colin_section(args.work, configs, args.threads, not args.skip_colin05), ""]
     if not args.skip_phantoms:
         body += [*phantom_section(args.work, configs, args.threads, args.phantoms), ""]
     body.append(f"Whole benchmark: {(time.perf_counter() - started) / 60:.1f} min.")

@@ -69,6 +69,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=250, help="training iterations")
     parser.add_argument("--val-iterations", type=int, default=50)
     parser.add_argument("--wait-iterations", type=int, default=60, help="data-wait runs")
+    parser.add_argument(
+        "--wait-processes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[0, 1, 2],
+        help="augmentation processes of the data-wait runs, comma-separated",
+    )
     parser.add_argument("--replica-scans", type=int, default=4, help="scans per site")
     parser.add_argument("--replica-epochs", type=int, default=12)
     parser.add_argument("--replica-iterations", type=int, default=40)
@@ -258,7 +264,7 @@ def data_wait(args, model_dir: Path, manifest: Path, split: list[str], log: Path
     found = {}
     fold = folders_in(model_dir).results_dataset / "PinguTrainer__nnUNetPlans_tiny__3d_fullres"
     schedule = ["--iterations-per-epoch", str(args.wait_iterations), "--val-iterations", "5"]
-    for processes in (0, 1, 2):
+    for processes in args.wait_processes:
         run([*PINGU, "train", str(manifest), "--out", str(model_dir), *split, *schedule,
              *QUIET, "--force", "--augmentation-processes", str(processes), "--no-evaluate",
              "--workers", "1"], log=log)  # fmt: skip

@@ -9,7 +9,8 @@ neck; Debian mricron-data) and on a synthetic scan without a parcellation: both
 get white-matter and basal-ganglia rows with region_source = atlas and tissue
 volumes of a brain (the accuracy of those regions is measured by
 scripts/bench_atlas.py, not asserted here). The registration runs at 3 mm in this
-test (pingu.atlas-resolution-mm) to keep the suite short.
+test (pingu.atlas-resolution-mm) and the PVS masks come from the tiny random-weight
+model (conftest), to keep the suite short: the regions, not the masks, are tested.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def test_run_json_counts_atlas_scans_and_the_brain_rule_for_them() -> None:
 
 
 @pytest.mark.slow
-def test_regions_atlas_on_colin27_and_a_synthetic_scan(cohort: Path, tmp_path: Path) -> None:
+def test_regions_atlas_on_colin27_and_a_synthetic_scan(
+    cohort: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     import dask.config
     from click.testing import CliRunner
 
@@ -98,7 +101,7 @@ def test_regions_atlas_on_colin27_and_a_synthetic_scan(cohort: Path, tmp_path: P
         }
     ).to_csv(manifest, index=False)
     out = tmp_path / "out"
-    arguments = ["run", str(manifest), "--out", str(out), "--model", "demo", "-w", "1",
+    arguments = ["run", str(manifest), "--out", str(out), "--model", str(tiny_model), "-w", "1",
                  "--device", "cpu", "--no-tta", "--no-nifti", "--regions", "atlas"]  # fmt: skip
     with dask.config.set({"pingu.atlas-resolution-mm": 3.0}):
         result = CliRunner().invoke(main, arguments)
