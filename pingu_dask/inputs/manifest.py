@@ -457,6 +457,12 @@ def channel_grid_mismatch(scan: Scan, infos: Mapping[Path, ImageInfo]) -> str | 
     return None
 
 
+def column_name(text: str) -> str:
+    """A name as a table column: 'T1w' -> 't1w', 'T2 FLAIR' -> 't2_flair', 'WMH' -> 'wmh'
+    (a model's channel names become manifest columns, its label names export columns)."""
+    return re.sub(r"[^0-9a-z]+", "_", text.strip().lower()).strip("_")
+
+
 def scan_columns(scan: Scan) -> dict[str, str | None]:
     """The identifying columns every per-scan table row starts with."""
     return {

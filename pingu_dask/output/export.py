@@ -42,6 +42,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pingu_dask.errors import PinguError
+from pingu_dask.inputs.manifest import column_name
 from pingu_dask.inputs.manifest import read_table as read_manifest
 from pingu_dask.output import layout, ledger, parts, tables
 from pingu_dask.output.files import atomic_path
@@ -121,17 +122,12 @@ def structure_volumes(out: Path) -> pd.DataFrame:
     if structures.empty:
         return pd.DataFrame(index=pd.Index([], name="scan_id"))
     structures = structures.drop_duplicates(["scan_id", "label"], keep="last")
-    column = structures.label.map(lambda name: f"{column_word(name)}_volume_mm3")
+    column = structures.label.map(lambda name: f"{column_name(name) or 'label'}_volume_mm3")
     spread = structures.assign(column=column).pivot(
         index="scan_id", columns="column", values="volume_mm3"
     )
     spread.columns = list(spread.columns)
     return spread
-
-
-def column_word(name: str) -> str:
-    """A label name as a column word: 'WMH' -> 'wmh', 'Lesion (T2)' -> 'lesion_t2'."""
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "label"
 
 
 def long_table(out: Path) -> pd.DataFrame:

@@ -58,16 +58,24 @@ def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -
         "clusters": asdict(pipeline.pvs_rules),
         "regions": {"table": pipeline.regions.name, "regions": dict(pipeline.regions.regions)},
         "labels": pipeline.model_labels.record(),
-        "atlas": {
-            "for": pipeline.atlas_for,
-            **asdict(pipeline.atlas),
-            "fingerprint": pipeline.atlas.fingerprint(),
-        },
+        "atlas": atlas_record(pipeline),
         "pipeline_fingerprint": pipeline.fingerprint(),
         "manifest": manifest_info(manifest),
         "n_scans": n_scans,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "finished": None,
+    }
+
+
+def atlas_record(pipeline: stages.Pipeline) -> dict:
+    """The atlas settings where the run uses the atlas; otherwise only that it does not
+    (no template files are read for a run that never registers one)."""
+    if pipeline.atlas_for == "none":
+        return {"for": "none"}
+    return {
+        "for": pipeline.atlas_for,
+        **asdict(pipeline.atlas),
+        "fingerprint": pipeline.atlas.fingerprint(),
     }
 
 
