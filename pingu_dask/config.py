@@ -3,7 +3,10 @@
 Values come from the command line (or a caller), falling back to Dask's own config
 system under a `pingu` section (e.g. `~/.config/dask/pingu.yaml`, or the environment
 variable DASK_PINGU__CACHE_DIR): one file format that a lab already uses for
-dask-jobqueue. No other module reads environment variables or config files.
+dask-jobqueue. The defaults, each with what it does, ship as pingu.yaml beside this
+module and are copied, commented out, to the user's Dask config folder on first use
+(as dask-jobqueue ships jobqueue.yaml). No other module reads environment variables
+or config files.
 """
 
 from __future__ import annotations
@@ -17,98 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import dask.config
+import yaml
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "pingu": {
-        "cache-dir": None,  # None: ~/.cache/pingu-dask
-        "tta": True,
-        "step-size": 0.5,
-        "device": "auto",
-        "checkpoint": "checkpoint_final.pth",
-        # The orientation scans are brought to before the network (exact axis
-        # permutations and flips; the prediction goes back the same way): the one the
-        # model was trained in. RAS: nibabel's canonical, nnU-Net's reorienting reader's,
-        # and the bundled demo model's (trained on RAS/LAS/LPS-stored scans). "stored":
-        # off, the array as stored (nnUNetv2_predict's behaviour).
-        "orientation": "RAS",
-        # Pre-flight checks: turn flags into failures (the scan is then not run).
-        "strict": False,
-        # Pre-flight checks' bounds (inputs/checks.py; None turns one off), calibrated on
-        # Colin27, MNI152 and every synthetic site (docs/benchmarks.md). label_map: an
-        # all-integer image with fewer distinct values, or this share of equal neighbours.
-        "check-label-map-min-values": 16,
-        "check-label-map-equal-neighbours": 0.5,
-        "check-same-value-share": 0.99,  # intensity_spread failure: this share at one value
-        "check-min-contrast": 0.2,  # intensity_spread flag: head's p5-p95 span / median
-        "check-voxel-mm-flag": [0.3, 4.0],  # voxel_size (each axis): flag outside...
-        "check-voxel-mm-fail": [0.1, 8.0],  # ...failure outside
-        "check-fov-mm-flag": [90.0, 320.0],  # field_of_view (each axis): flag outside...
-        "check-fov-mm-fail": [40.0, 500.0],  # ...failure outside
-        "check-brain-in-head-flag": 0.9,  # alignment: parcellation's brain in the head
-        "check-brain-in-head-fail": 0.75,
-        "check-orientation-flag": 1.1,  # orientation: fit as stored / best 90-degree turn
-        "check-orientation-fail": 1.05,
-        "connectivity": 26,
-        "min-cluster-voxels": 6,
-        "min-cluster-mm3": 0.0,
-        "exclude-labels": [],
-        # With a parcellation, drop clusters with more than this share of their voxels
-        # outside the brain (label 0), as SHiVAi does; None or 1.0: off.
-        "max-outside-brain": 0.25,
-        # Regions from an atlas (analysis/atlas.py: the MNI152 template with WM and deep
-        # grey matter labels, registered to each T1w): for scans without a
-        # parcellation when atlas-fallback is on (`--regions atlas` uses it for every
-        # scan). Its working grid and registration library.
-        "atlas-fallback": False,
-        "atlas-resolution-mm": 2.0,
-        "atlas-method": "dipy",
-        # Evaluation: put the reference mask through the size filter and exclusions too
-        # (inflates Dice; papers compare with the reference as given: False).
-        "filter-reference": False,
-        "regions": "synthseg",
-        "flush-every-scans": 50,  # the driver writes table parts this often...
-        "flush-every-seconds": 10.0,  # ...or after this long, whichever comes first
-        "compact-above-parts": 8,  # merge table parts at run start/end above this many; None: off
-        "retries": 2,
-        "allowed-failures": 0,  # Dask's own reruns off: every retry is the driver's
-        # An attempt that takes longer than this (from when a worker starts on it) is
-        # cancelled, recorded as a transient TimeoutError and retried; None: no limit.
-        "scan-timeout": 1800.0,
-        # Stop a run when the first attempts of this many scans in a row fail with the
-        # same error type (on 2+ workers where there are 2+); 0: never stop.
-        "circuit-breaker-scans": 10,
-        # Most scans in flight per inference slot (the window follows the stage times up
-        # to the threads a slot has, and to this: each scan in flight holds its arrays).
-        "max-scans-per-slot": 16,
-        "scale-interval": "2s",  # how often batch jobs are resized to the work left
-        "worker-threads": None,  # batch jobs: cores per worker process (set by the job)
-        # The scheduler's web server (Dask dashboard, /pingu, /metrics): localhost only
-        # unless asked; a taken port falls back to a free one (the run prints the link).
-        "dashboard-address": "127.0.0.1:8787",
-        "throughput-window-seconds": 300.0,  # the dashboard's sliding window
-        "lock-heartbeat-seconds": 30.0,  # OUT/.lock: how often its holder says it is alive
-        "lock-stale-seconds": 300.0,  # ...and how long after its last heartbeat it is stale
-        "stop-grace-seconds": 120.0,  # SIGTERM/SIGHUP/Ctrl-C: clean-up time before a hard exit
-        # Batch jobs, where neither the command line nor Dask's jobqueue config says:
-        "job-walltime": "01:00:00",
-        "job-memory": "16GB",
-        "job-cores": 3,  # one predict + one preprocess + one finish in flight
-        "min-jobs": 0,  # batch jobs asked for: at least...
-        "max-jobs": 4,  # ...and at most (fewer when fewer scans are left)
-        # `train`: how folds are split (kfold | site | train-site:SITE), into how many
-        # (kfold), from which seed (the same seed gives the same splits)...
-        "train-split": "kfold",
-        "train-folds": 5,
-        "train-seed": 12345,
-        # ...how often a fold checkpoints, in epochs (nnU-Net: 50; and always on
-        # SIGTERM or when its worker is gone)...
-        "train-checkpoint-every": 5,
-        # ...and nnU-Net's data-augmentation processes per fold (None: the worker's
-        # cores - 1, at least 1; nnU-Net asks ~12 per GPU so that the GPU never waits)
-        "train-augmentation-processes": None,
-    }
-}
-dask.config.update_defaults(DEFAULTS)
+#: The shipped defaults: pingu.yaml beside this module, commented, as dask-jobqueue
+#: ships jobqueue.yaml (the one list of every setting, with what each does).
+DEFAULTS_FILE = os.path.join(os.path.dirname(__file__), "pingu.yaml")
+
+
+def _load_defaults() -> dict[str, dict[str, Any]]:
+    """Register pingu.yaml as defaults of Dask's config and copy it, commented out, to
+    the user's Dask config folder (if it is not there yet, and where that folder can be
+    written), where its lines are there to be uncommented."""
+    with open(DEFAULTS_FILE) as file:
+        defaults = yaml.safe_load(file)
+    dask.config.update_defaults(defaults)
+    dask.config.ensure_file(source=DEFAULTS_FILE, comment=True)
+    return defaults
+
+
+DEFAULTS: dict[str, dict[str, Any]] = _load_defaults()
 _DEFAULT = DEFAULTS["pingu"]  # the dataclasses' defaults are these values, not copies
 
 #: The Dask worker resource that stands for an inference slot (a GPU, or on a CPU-only
@@ -119,6 +49,22 @@ INFERENCE_RESOURCE = "GPU"
 def setting(key: str):
     """A value of the `pingu` section of Dask's config, e.g. setting('step-size')."""
     return dask.config.get(f"pingu.{key}")
+
+
+def setting_flag(key: str) -> bool:
+    """A yes/no setting, e.g. setting_flag('batch-tls'). Dask reads an environment
+    variable's value as a Python literal (DASK_PINGU__BATCH_TLS=False), and keeps what
+    is not one as text: 'false', 'no', 'off' and '0' are taken as no, not as a
+    non-empty (true) string."""
+    value = setting(key)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("false", "no", "off", "0", ""):
+            return False
+        if text in ("true", "yes", "on", "1"):
+            return True
+        raise ValueError(f"pingu.{key} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def cache_dir() -> Path:
