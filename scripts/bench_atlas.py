@@ -34,9 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import nibabel.processing
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
+from benchkit.benchdoc import git_revision, machine, write_section
 
 from pingu_dask.analysis.clusters import label_clusters
 from pingu_dask.analysis.regions import ASEG, assign_clusters, region_names

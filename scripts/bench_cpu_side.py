@@ -42,9 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
+from benchkit.anatomy import KINDS, real_scans
+from benchkit.benchdoc import git_revision, machine, write_section
 
 from pingu_dask.analysis.clusters import clean_mask
 from pingu_dask.config import InferenceSettings, PvsClusterRules, available_cores
@@ -52,7 +51,6 @@ from pingu_dask.inputs.imaging import voxel_volume
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.run.stages import Pipeline
-from pingu_dask.synth.anatomy import KINDS, real_scans
 
 SCRIPTS = Path(__file__).resolve().parent
 VARIANTS = ("nnunet", "before", "after_cpu", "after_gpu")

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import NOOP_STAGES
-from benchdoc import git_revision, machine, write_section
+from benchkit.benchdoc import git_revision, machine, write_section
 from distributed import Client
 from prometheus_client import CollectorRegistry, generate_latest
 

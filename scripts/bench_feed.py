@@ -4,7 +4,7 @@ No GPU here, so predict is replaced by a **GPU stand-in (a sleep, not a model)**
 holds the inference slot for `--predict-seconds` and hands finish a fixed label map
 (2x2x2 blobs on a 16-voxel lattice of the head, ~1,000 clusters). Preprocess and
 finish are the real stages on real heads (Colin27 and MNI152 on the grids of
-pingu_dask.synth.anatomy, in turn), with a real model's plans (default: the PINGU-sized
+benchkit.anatomy, in turn), with a real model's plans (default: the PINGU-sized
 model, 0.8 mm, so every scan is resampled; on a GPU machine preprocess would leave that
 to the device, so the CPU side here is heavier than there). Real LocalClusters, laid
 out for a GPU machine (cluster.LocalLayout): the CPU stages on threads of the slot's
@@ -31,15 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
+from benchkit.anatomy import KINDS, real_scans
+from benchkit.benchdoc import git_revision, machine, write_section
 
 from pingu_dask.config import InferenceSettings, available_cores
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.run.stages import Pipeline, Predicted, Preprocessed, stage
-from pingu_dask.synth.anatomy import KINDS, real_scans
 
 SCRIPTS = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ slots and the GPU (nvidia-smi) were, which side limits, and the mask agreement b
 Models: `demo` (the bundled one), `pingu` / `tiny` (scripts/make_bench_model.py:
 PINGU-sized or tiny, RANDOM weights: speed figures only), or a model folder. Inputs:
 `synthetic` (the demo sites' phantoms) or `real` (Colin27 and MNI152 on the grids of
-pingu_dask.synth.anatomy, repeated to --scans). scripts/gpu_bench.sh runs this on a GPU
+benchkit.anatomy, repeated to --scans). scripts/gpu_bench.sh runs this on a GPU
 machine. Run:
 
     .venv/bin/python scripts/bench_inference.py [--scans 20] [--tta off|on|both]
@@ -31,9 +31,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
+from benchkit.anatomy import KINDS, real_scans
+from benchkit.benchdoc import git_revision, machine, write_section
 
 from pingu_dask.analysis.clusters import clean_mask
 from pingu_dask.config import InferenceSettings, PvsClusterRules, available_cores
@@ -43,7 +42,6 @@ from pingu_dask.nnunet.model import Model, resolve_model
 from pingu_dask.run.local import LocalLayout, local_cluster
 from pingu_dask.run.loop import segment_cohort
 from pingu_dask.run.stages import Pipeline
-from pingu_dask.synth.anatomy import KINDS, real_scans
 from pingu_dask.synth.cohort import generate_cohort
 
 SCRIPTS = Path(__file__).resolve().parent

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
+from benchkit.anatomy import KINDS, real_scans
+from benchkit.benchdoc import git_revision, machine, write_section
 
 from pingu_dask.config import AS_STORED
 from pingu_dask.inputs.checks import CheckThresholds, preflight
@@ -43,7 +42,6 @@ from pingu_dask.inputs.orientation import Reorientation, orientation_code
 from pingu_dask.nnunet.case import prepare_case
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.nnunet.plans import model_plan
-from pingu_dask.synth.anatomy import KINDS, real_scans
 
 STEPS = ("read", "checks", "reorient in", "reorient out", "preprocess 1 mm", "preprocess 0.8 mm")
 SCRIPTS = Path(__file__).resolve().parent

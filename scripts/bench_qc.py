@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from benchkit.benchdoc import git_revision, machine, write_section
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
 
 from pingu_dask.analysis.regions import ASEG
 from pingu_dask.analysis.scan import analyse_mask, scan_regions

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -35,9 +34,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
+from benchkit.benchdoc import git_revision, machine, write_section
 from distributed import Client
 
 from pingu_dask.config import InferenceSettings

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
+from benchkit.benchdoc import git_revision, machine, write_section
 
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.synth.cohort import generate_cohort

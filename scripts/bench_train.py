@@ -48,9 +48,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchdoc import git_revision, machine, write_section
+from benchkit.benchdoc import git_revision, machine, write_section
 
 from pingu_dask.nnunet.planning import folders_in
 from pingu_dask.nnunet.trainer_process import read_progress

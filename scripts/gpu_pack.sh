@@ -37,9 +37,11 @@ for package in $PACKAGES; do
 done
 cp /usr/share/mricron/templates/ch2.nii.gz /usr/share/mricron/templates/ch2better.nii.gz \
     "$CARRY/templates/"
-.venv/bin/python - <<'PY'
+# the benchmarks' helpers (scripts/benchkit) find MNI152; a script read from stdin has the
+# current folder, not scripts/, on its path
+PYTHONPATH=scripts .venv/bin/python - <<'PY'
 import shutil
-from pingu_dask.synth.anatomy import MNI152_FILE, template_files
+from benchkit.anatomy import MNI152_FILE, template_files
 shutil.copy(template_files()["mni152_1mm"], ".gpu_carry/templates/" + MNI152_FILE)
 PY
 du -sh "$CARRY/wheels" "$CARRY/templates"

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -279,7 +278,6 @@ A checkpoint is a torch pickle, i.e. code: only load models from a source you tr
 
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, str(REPO))
     set_nnunet_environment(args.work)
     make_raw_dataset(args.work, args.train_scans, args.seed)
     plan_and_preprocess(tuple(args.patch), args.batch_size, args.features)

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pingu_dask.analysis import atlas
 from pingu_dask.analysis.regions import label_map_on_grid, parcellation_on_grid
 from pingu_dask.errors import InputError, Verdict, verdict_of
 from pingu_dask.inputs.checks import (
@@ -27,10 +28,12 @@ from pingu_dask.inputs.checks import (
     preflight,
 )
 from pingu_dask.inputs.imaging import check_image_data
-from pingu_dask.synth import anatomy
 from pingu_dask.synth.cohort import generate_cohort
 
 DEFAULTS = CheckThresholds()
+#: Colin27 (the Debian package mricron-data) at 1 mm (full head) and 0.5 mm (brain only)
+COLIN27 = Path("/usr/share/mricron/templates")
+COLIN27_HEADS = {"colin27_1mm": "ch2.nii.gz", "colin27_05mm": "ch2better.nii.gz"}
 #: Voxel-axis swaps with one flip (new axes, signs) applied to a stored affine: the
 #: same voxels, the header turned 90 degrees about the grid's centre. LSP: the
 #: review's case, a RAS-stored scan whose header says L, S, P.
@@ -61,6 +64,20 @@ def scan_files(root: Path, scan_id: str) -> dict[str, Path]:
         "parcellation": root / "derivatives/synthseg" / scan_id / "anat" / f"{scan_id}_dseg.nii.gz",
     }
     return {name: path for name, path in files.items() if path.exists()}
+
+
+def real_heads() -> dict[str, Path]:
+    """Colin27 at 1 and 0.5 mm and MNI152 (nilearn's, the atlas template), by name; a
+    failure saying what to install when Colin27 is missing (never a skip)."""
+    heads = {name: COLIN27 / file for name, file in COLIN27_HEADS.items()}
+    missing = sorted(str(path) for path in heads.values() if not path.is_file())
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} missing: install the Debian package mricron-data "
+            "(`sudo scripts/install_test_data.sh`)",
+            pytrace=False,
+        )
+    return {**heads, "mni152_1mm": atlas._template_path(*atlas.TEMPLATE_T1)}
 
 
 def check_file(image: Path, parcellation: Path | None, affine: np.ndarray | None = None, **kw):
@@ -132,22 +149,16 @@ def test_real_heads_pass_with_no_flag(tmp_path: Path) -> None:
     """Colin27 at 1 mm (full head, uint8) and 0.5 mm (brain only, 76 grey levels), and
     MNI152: what the suite runs has no parcellation; Colin27 1 mm also with a brain
     mask (ch2bet) and with MNI152's tissue classes (a real head with tissue labels)."""
-    found = anatomy.template_files()
-    missing = {"colin27_1mm", "colin27_05mm", "mni152_1mm"} - set(found)
-    if missing:
-        pytest.fail(f"{', '.join(sorted(missing))} missing: {anatomy.INSTALL}", pytrace=False)
+    found = real_heads()
     for name in ("colin27_1mm", "colin27_05mm", "mni152_1mm"):
         outcome = check_file(found[name], None)
         assert outcome.failures == () and outcome.flags == (), (name, outcome)
         assert outcome.measures["equal_neighbours"] < 0.3, name  # 0.5 mm: 0.23, 8-bit
     # MNI152's grey and white matter (nilearn) as a two-label parcellation of Colin27
     mni = nib.load(found["mni152_1mm"])
-    data_dir = found["mni152_1mm"].parent
     grey, white = (
-        np.asarray(
-            nib.load(data_dir / f"mni_icbm152_{t}_tal_nlin_sym_09a_converted.nii.gz").dataobj
-        )
-        for t in ("gm", "wm")
+        np.asarray(nib.load(atlas._template_path(*template)).dataobj)
+        for template in (atlas.TEMPLATE_GM, atlas.TEMPLATE_WM)
     )
     tissue = np.where(grey + white > 0.5, np.where(white >= grey, 2, 3), 0).astype(np.int16)
     tissue_path = tmp_path / "mni_tissue.nii.gz"

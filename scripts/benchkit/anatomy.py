@@ -1,4 +1,4 @@
-"""Real T1w heads for benchmarks and tests: Colin27 and MNI152, and copies on other grids.
+"""Real T1w heads for the benchmarks: Colin27 and MNI152, and copies on other grids.
 
 Synthetic phantoms cannot show what real heads cost: skull and neck in the field of
 view, 0.5 mm grids, real intensities. The real anatomy reachable here:

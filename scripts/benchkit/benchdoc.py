@@ -14,7 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
 
 Figures written by the scripts in `scripts/`; each section names the machine and the
