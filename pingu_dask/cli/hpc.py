@@ -32,7 +32,8 @@ jobqueue_options = option_group(
     click.option(
         "--walltime",
         default=None,
-        help=f"Job walltime, HH:MM:SS (default {setting('job-walltime')}).",
+        help="Job walltime, HH:MM:SS (default: jobqueue.yaml's walltime, which "
+        f"dask-jobqueue ships as 00:30:00; without one, {setting('job-walltime')}).",
     ),
     click.option("--queue", default=None, help="Partition (SLURM) or queue (PBS)."),
     click.option("--account", default=None, help="Account / project to charge."),
@@ -64,6 +65,14 @@ jobqueue_options = option_group(
         help="At most this many worker jobs (fewer when fewer scans are left).",
     ),
     click.option(
+        "--tls/--no-tls",
+        default=None,
+        help="TLS between the scheduler and the worker jobs, with a certificate made for "
+        "the run: nobody else who can reach the scheduler's port can connect "
+        "(default: config pingu.batch-tls, on). --no-tls: plain TCP, only on a network "
+        "that only you can reach.",
+    ),
+    click.option(
         "--dry-run",
         is_flag=True,
         help="Print the worker job script and stop; nothing is queued.",
@@ -88,4 +97,5 @@ def job_options(values: dict) -> JobOptions:
         job_extra=tuple(values.pop("job_extra")),
         min_jobs=values.pop("min_jobs"),
         max_jobs=values.pop("max_jobs"),
+        tls=values.pop("tls"),
     )

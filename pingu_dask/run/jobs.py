@@ -1,28 +1,49 @@
 """Batch-system workers: SLURM or PBS jobs through dask-jobqueue, asked for from the work left.
 
-Every jobqueue setting falls back to Dask's own `jobqueue.<system>` config (jobqueue.yaml),
-so a lab's existing file keeps working; our options only override it. Jobs start their
-workers through `python -m pingu_dask.run.worker` (the tuned environment local workers
-get, see clusters.tuned_environment), each with one inference slot, and leave before
-the walltime (--lifetime) so their scans are handed back. JobCapacity and ScaleFromWork
-size the jobs from the scans left, not from Dask's task counts.
+dask-jobqueue's own extension points: GpuSLURMJob and GpuPBSJob subclass its SLURMJob
+and PBSJob, and are the `job_cls` of GpuSLURMCluster / GpuPBSCluster (its SLURMCluster
+and PBSCluster otherwise).
+A job adds what a pingu-dask worker needs: the GPU request (`--gres=gpu:N`, or PBS's
+`ngpus=N`), the worker command `python -m pingu_dask.run.worker` (the tuned
+environment local workers get, see local.tuned_config), one inference slot per worker
+process, a --lifetime below the walltime (so that its scans are handed back before
+the batch system kills it) and the threads of one worker process. Every setting falls
+back to Dask's own `jobqueue.<system>` config (jobqueue.yaml), so a lab's existing file
+keeps working; our options only override it. Nothing here changes Dask's config.
+
+Batch clusters use TLS unless told not to (pingu.batch-tls, --no-tls): the scheduler
+listens on the cluster network, where anyone who can reach its port could otherwise
+submit code that runs as the user and reads their data. The run makes its own
+certificate (Dask's Security.temporary()); dask-jobqueue writes the worker's copy
+(files only the user can read) to a folder the jobs see (pingu.batch-tls-directory)
+and names it in the job script. The driver's Client(cluster) takes the same security.
+
+JobCapacity and ScaleFromWork size the jobs from the scans left, not from Dask's task
+counts.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask.config
+from dask_jobqueue import PBSCluster, SLURMCluster
+from dask_jobqueue.pbs import PBSJob
+from dask_jobqueue.slurm import SLURMJob
 from distributed import Adaptive
+from distributed.security import Security
 
-from pingu_dask.config import DEFAULTS, INFERENCE_RESOURCE, setting
+from pingu_dask.config import DEFAULTS, INFERENCE_RESOURCE, cache_dir, setting, setting_flag
 from pingu_dask.run.capacity import Capacity, PresentWorkers
-from pingu_dask.run.local import scheduler_settings
+from pingu_dask.run.local import scheduler_options
 
 BATCH_SYSTEMS = ("slurm", "pbs")
+WORKER_MODULE = "pingu_dask.run.worker"  # the jobs' worker command: python -m WORKER_MODULE
 
 
 @dataclass
@@ -43,6 +64,7 @@ class JobOptions:
     min_jobs: int = DEFAULTS["pingu"]["min-jobs"]
     max_jobs: int = DEFAULTS["pingu"]["max-jobs"]
     python: str | None = None  # default: this interpreter
+    tls: bool | None = None  # None: config pingu.batch-tls (on)
 
 
 def parse_walltime(text: str) -> int:
@@ -72,72 +94,246 @@ def lifetime_arguments(walltime: str) -> list[str]:
     return ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{stagger}s"]
 
 
-def _option(kind: str, options: JobOptions, key: str):
-    section = options.config_name or kind
-    return dask.config.get(f"jobqueue.{section}.{key}", default=None)
+def jobqueue_section(kind: str, config_name: str | None = None) -> dict[str, Any]:
+    """Dask's jobqueue.<kind> config, with a named section (e.g. slurm-a100) over it.
+
+    A named section states only what differs from `kind`'s; dask-jobqueue reads a
+    section whole, so the named one's keys are passed as arguments (section_arguments)
+    and the rest comes from `kind`'s. Read only: Dask's config is left as it is.
+    """
+    base = dict(dask.config.get(f"jobqueue.{kind}", default=None) or {})
+    if not config_name or config_name == kind:
+        return base
+    named = dask.config.get(f"jobqueue.{config_name}", default=None)
+    if named is None:
+        raise ValueError(f"no section jobqueue.{config_name} in Dask's config")
+    return {**base, **named}
+
+
+def section_arguments(kind: str, config_name: str | None) -> dict[str, Any]:
+    """A named section's own settings as keyword arguments of a `kind` cluster and job
+    (`name` is the job's `job_name`; keys that jobqueue.<kind> does not have are left
+    out, as dask-jobqueue leaves them)."""
+    if not config_name or config_name == kind:
+        return {}
+    base = jobqueue_section(kind)
+    named = dask.config.get(f"jobqueue.{config_name}", default=None)
+    if named is None:
+        raise ValueError(f"no section jobqueue.{config_name} in Dask's config")
+    return {
+        "job_name" if key == "name" else key.replace("-", "_"): value
+        for key, value in named.items()
+        if key in base
+    }
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What one worker job asks for and how it is shared among its worker processes."""
+
+    cores: int
+    memory: str
+    processes: int  # worker processes: one inference slot each
+    gpus: int
+    walltime: str
+
+    @property
+    def threads(self) -> int:
+        """Threads (and torch's cores) of one worker process."""
+        return max(1, self.cores // self.processes)
+
+    @classmethod
+    def resolve(
+        cls,
+        section: Mapping[str, Any],
+        cores: int | None = None,
+        memory: str | None = None,
+        processes: int | None = None,
+        gpus: int | None = None,
+        walltime: str | None = None,
+    ) -> JobShape:
+        """Given values, else the jobqueue section's, else pingu's job-* settings."""
+        processes = int(processes or section.get("processes") or 1)
+        return cls(
+            cores=int(cores or section.get("cores") or setting("job-cores")),
+            memory=str(memory or section.get("memory") or setting("job-memory")),
+            processes=processes,
+            gpus=processes if gpus is None else int(gpus),
+            walltime=str(walltime or section.get("walltime") or setting("job-walltime")),
+        )
+
+
+def job_shape(kind: str, options: JobOptions) -> JobShape:
+    """The shape of the jobs `options` ask for on batch system `kind`."""
+    return JobShape.resolve(
+        jobqueue_section(kind, options.config_name),
+        options.cores,
+        options.memory,
+        options.processes,
+        options.gpus_per_job,
+        options.walltime,
+    )
+
+
+def worker_job_arguments(
+    section_name: str, gpus: int | None, arguments: dict[str, Any]
+) -> tuple[JobShape, dict[str, Any]]:
+    """A dask-jobqueue job's keyword arguments with what a pingu-dask worker job adds:
+    its resolved shape, the worker command, one inference slot per worker process, the
+    --lifetime, --nworkers (dask-jobqueue adds it only for its own worker command) and
+    the export of the threads per worker process after the prologue. Lists given are
+    copied, not changed: every job of a cluster gets the same arguments."""
+    section = jobqueue_section(section_name)
+    shape = JobShape.resolve(
+        section,
+        arguments.pop("cores", None),
+        arguments.pop("memory", None),
+        arguments.pop("processes", None),
+        gpus,
+        arguments.pop("walltime", None),
+    )
+
+    def given(key: str, config_key: str) -> list:
+        value = arguments.pop(key, None)
+        return list((section.get(config_key) if value is None else value) or [])
+
+    worker_arguments = ["--resources", f"{INFERENCE_RESOURCE}=1"]
+    worker_arguments += lifetime_arguments(shape.walltime)
+    if shape.processes > 1:
+        worker_arguments += ["--nworkers", str(shape.processes)]
+    threads = f"export DASK_PINGU__WORKER_THREADS={shape.threads}"
+    return shape, {
+        **arguments,
+        "cores": shape.cores,
+        "memory": shape.memory,
+        "processes": shape.processes,
+        "walltime": shape.walltime,
+        "worker_command": WORKER_MODULE,
+        "worker_extra_args": [*given("worker_extra_args", "worker-extra-args"), *worker_arguments],
+        "job_script_prologue": [*given("job_script_prologue", "job-script-prologue"), threads],
+        "job_extra_directives": given("job_extra_directives", "job-extra-directives"),
+    }
+
+
+class GpuSLURMJob(SLURMJob):
+    """A SLURM job of pingu-dask workers: `#SBATCH --gres=gpu:N` (N: `gpus`, by default
+    one per worker process; 0 for CPU jobs) and a pingu-dask worker (worker_job_arguments)."""
+
+    def __init__(self, *args: Any, gpus: int | None = None, **kwargs: Any) -> None:
+        section = kwargs.get("config_name") or self.default_config_name()
+        shape, arguments = worker_job_arguments(section, gpus, kwargs)
+        if shape.gpus:
+            arguments["job_extra_directives"].append(f"--gres=gpu:{shape.gpus}")
+        super().__init__(*args, **arguments)
+        self.shape = shape
+
+
+class GpuPBSJob(PBSJob):
+    """A PBS job of pingu-dask workers: `#PBS -l select=1:ncpus=C:mem=M:ngpus=N` (N:
+    `gpus`, by default one per worker process), unless a resource_spec is given or
+    configured (a site that wants another form), and a pingu-dask worker."""
+
+    def __init__(self, *args: Any, gpus: int | None = None, **kwargs: Any) -> None:
+        section = kwargs.get("config_name") or self.default_config_name()
+        shape, arguments = worker_job_arguments(section, gpus, kwargs)
+        configured = jobqueue_section(section).get("resource-spec")
+        if shape.gpus and arguments.get("resource_spec") is None and configured is None:
+            memory = re.sub(r"\s+", "", shape.memory)
+            arguments["resource_spec"] = (
+                f"select=1:ncpus={shape.cores}:mem={memory}:ngpus={shape.gpus}"
+            )
+        super().__init__(*args, **arguments)
+        self.shape = shape
+
+
+class GpuSLURMCluster(SLURMCluster):
+    """dask-jobqueue's SLURMCluster, its jobs GpuSLURMJobs (its `job_cls`)."""
+
+    job_cls = GpuSLURMJob
+
+
+class GpuPBSCluster(PBSCluster):
+    """dask-jobqueue's PBSCluster, its jobs GpuPBSJobs (its `job_cls`)."""
+
+    job_cls = GpuPBSJob
+
+
+CLUSTER_CLASSES: dict[str, type[SLURMCluster] | type[PBSCluster]] = {
+    "slurm": GpuSLURMCluster,
+    "pbs": GpuPBSCluster,
+}
+
+
+def tls_directory(section: Mapping[str, Any]) -> Path:
+    """Where a TLS run's worker key and certificate go for the jobs to read: config
+    pingu.batch-tls-directory, else the jobqueue section's shared-temp-directory, else
+    <cache dir>/tls. Created readable by the user only."""
+    configured = setting("batch-tls-directory") or section.get("shared-temp-directory")
+    directory = Path(configured).expanduser() if configured else cache_dir() / "tls"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return directory.resolve()
+
+
+def batch_security(options: JobOptions) -> Security | None:
+    """A certificate made for this run (Dask's Security.temporary(): every role, the
+    scheduler included, must show it), or None for plain TCP (--no-tls)."""
+    tls = setting_flag("batch-tls") if options.tls is None else options.tls
+    if not tls:
+        return None
+    try:
+        return Security.temporary()
+    except ImportError as error:
+        raise RuntimeError(
+            "TLS for batch workers needs the `cryptography` package (pip install "
+            "cryptography); or run with --no-tls (pingu.batch-tls: false) on a network "
+            "that only you can reach"
+        ) from error
 
 
 def jobqueue_cluster(kind: str, options: JobOptions, dashboard_address: str | None = None):
-    """A SLURMCluster or PBSCluster whose workers each hold one inference slot.
+    """A GpuSLURMCluster or GpuPBSCluster (dask-jobqueue's, with our jobs), each worker
+    process holding one inference slot; with TLS unless options.tls or pingu.batch-tls
+    says otherwise.
 
     No job is asked for yet: scale_from_work does that. The scheduler runs here, in
-    the driver, with scheduler_settings(); its web server binds as local_cluster's does.
+    the driver, with scheduler_options(); its web server binds as local_cluster's does.
     """
-    import sys
-
     if kind not in BATCH_SYSTEMS:
         raise ValueError(f"unknown batch system {kind!r}; choose one of {BATCH_SYSTEMS}")
-    from dask_jobqueue import PBSCluster, SLURMCluster
-
-    if options.config_name and options.config_name != kind:
-        # A named section (e.g. slurm-a100) states only what differs from `slurm`;
-        # dask-jobqueue wants every key, so fill in the rest from the base section.
-        base = dask.config.get(f"jobqueue.{kind}")
-        named = dask.config.get(f"jobqueue.{options.config_name}", default=None)
-        if named is None:
-            raise ValueError(f"no section jobqueue.{options.config_name} in Dask's config")
-        dask.config.set({f"jobqueue.{options.config_name}": {**base, **named}})
-    processes = options.processes or _option(kind, options, "processes") or 1
-    gpus = processes if options.gpus_per_job is None else options.gpus_per_job
-    walltime = options.walltime or _option(kind, options, "walltime") or setting("job-walltime")
-    cores = options.cores or _option(kind, options, "cores") or int(setting("job-cores"))
-    memory = options.memory or _option(kind, options, "memory") or setting("job-memory")
-    threads = max(1, cores // processes)
-    worker_arguments = ["--resources", f"{INFERENCE_RESOURCE}=1", *lifetime_arguments(walltime)]
-    if processes > 1:
-        # dask-jobqueue adds --nworkers only for its own worker command, not for ours.
-        worker_arguments += ["--nworkers", str(processes)]
-    configured = _option(kind, options, "worker-extra-args") or []
-    directives = list(options.job_extra or _option(kind, options, "job-extra-directives") or [])
-    arguments: dict[str, Any] = dict(
-        cores=cores,
-        memory=memory,
-        processes=processes,
-        walltime=walltime,
-        worker_command="pingu_dask.run.worker",
-        worker_extra_args=[*configured, *worker_arguments],
-        job_script_prologue=[
-            *(_option(kind, options, "job-script-prologue") or []),
-            *options.prologue,
-            f"export DASK_PINGU__WORKER_THREADS={threads}",
-        ],
-        python=options.python or _option(kind, options, "python") or sys.executable,
-        scheduler_options={"dashboard_address": dashboard_address or setting("dashboard-address")},
-        # None: dask-jobqueue takes the value from its config section.
-        config_name=options.config_name,
-        queue=options.queue,
-        account=options.account,
-        log_directory=options.log_directory,
+    cluster_cls = CLUSTER_CLASSES[kind]
+    section = jobqueue_section(kind, options.config_name)
+    shape = job_shape(kind, options)
+    arguments: dict[str, Any] = section_arguments(kind, options.config_name)
+    arguments.update(
+        cores=shape.cores,
+        memory=shape.memory,
+        processes=shape.processes,
+        gpus=shape.gpus,
+        walltime=shape.walltime,
+        # A named section's scheduler options, with ours over them.
+        scheduler_options={
+            **(section.get("scheduler-options") or {}),
+            "dashboard_address": dashboard_address or setting("dashboard-address"),
+            **scheduler_options(),
+        },
+        config_name=kind,  # jobqueue.<kind> gives what neither the options nor `arguments` say
     )
-    with dask.config.set(scheduler_settings()):  # read when the scheduler starts
-        if kind == "slurm":
-            if gpus:
-                directives.append(f"--gres=gpu:{gpus}")
-            return SLURMCluster(job_extra_directives=directives, **arguments)
-        if gpus:
-            mem = re.sub(r"\s+", "", str(memory))
-            arguments["resource_spec"] = f"select=1:ncpus={cores}:mem={mem}:ngpus={gpus}"
-        return PBSCluster(job_extra_directives=directives, **arguments)
+    if options.prologue:
+        configured = section.get("job-script-prologue") or []
+        arguments["job_script_prologue"] = [*configured, *options.prologue]
+    if options.job_extra:
+        arguments["job_extra_directives"] = list(options.job_extra)
+    given = {
+        "queue": options.queue,
+        "account": options.account,
+        "log_directory": options.log_directory,
+        "python": options.python,
+    }
+    arguments.update({key: value for key, value in given.items() if value is not None})
+    security = batch_security(options)
+    if security is not None:
+        arguments.update(security=security, shared_temp_directory=str(tls_directory(section)))
+    return cluster_cls(**arguments)
 
 
 class JobCapacity(Capacity):
@@ -191,14 +387,15 @@ class ScaleFromWork(Adaptive):
 
 
 def scale_from_work(cluster, client, options: JobOptions, scans_left: int) -> JobCapacity:
-    """Start asking for jobs for `scans_left` scans, between min_jobs and max_jobs."""
-    job = cluster._dummy_job
-    processes = job.worker_processes  # worker processes per job
+    """Start asking for jobs for `scans_left` scans, between min_jobs and max_jobs.
+
+    `cluster` is a jobqueue_cluster(kind, options): its jobs' shape is options'."""
+    shape = job_shape(cluster.job_cls.config_name, options)
     capacity = JobCapacity(
-        options.min_jobs * processes,
-        options.max_jobs * processes,
+        options.min_jobs * shape.processes,
+        options.max_jobs * shape.processes,
         present=PresentWorkers(client, every=1.0),
-        threads_per_slot=job.worker_process_threads,
+        threads_per_slot=shape.threads,
     )
     capacity.workers(scans_left)
     cluster.adapt(

@@ -1,14 +1,13 @@
-"""Dask clusters to run on: local worker processes, SLURM or PBS jobs (dask-jobqueue).
+"""Local worker processes, and what every pingu-dask worker and scheduler gets.
 
 Every worker offers one `GPU` resource: the inference slot. `predict` tasks ask for it,
 so each worker runs one prediction at a time (also on CPU-only machines, where the
 slot stands for "the cores torch is using"), while its other threads preprocess the
 next scan and finish the last one.
 
-Batch-system workers start through `python -m pingu_dask.run.worker`, which gives them
-the same tuned environment as local workers (see tuned_environment). Every jobqueue
-setting falls back to Dask's own `jobqueue.<system>` config (jobqueue.yaml), so a
-lab's existing file keeps working; our options only override it.
+Batch-system workers (run/jobs.py) start through `python -m pingu_dask.run.worker`,
+which gives them the same tuned environment as local workers (tuned_config), and
+their scheduler the same scheduler_options().
 """
 
 from __future__ import annotations
@@ -25,39 +24,44 @@ DEFAULT_THREADS_PER_WORKER = 3  # one predict + one preprocess + one finish in f
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def tuned_environment(threads: int) -> None:
-    """Set this process's Dask config so that the workers its nannies spawn suit torch.
+def tuned_config(threads: int) -> dict:
+    """Dask config under which nannies spawn workers that suit torch.
 
     - OMP/MKL/OpenBLAS threads = `threads` instead of the nanny's 1;
     - no MALLOC_TRIM_THRESHOLD_: Dask sets it to 64 KiB to return memory to the OS, but
       setting any glibc malloc tunable turns off the dynamic mmap threshold, so every
       large torch buffer is mmapped and page-faulted afresh. Measured on the demo model
       (one 1 mm scan, 2 threads): 18.9 s per prediction with it, 8.7 s without;
-    - DASK_PINGU__WORKER_THREADS = `threads`, so that the worker sizes torch from its
-      own share of its machine or job (config.worker_threads), not from the driver's;
-    - distributed.scheduler.allowed-failures from our config, for a scheduler started in
-      this process (see scheduler_settings).
+    - pingu.worker-threads = `threads` (and DASK_PINGU__WORKER_THREADS in the
+      environment), so that the worker sizes torch from its own share of its machine
+      or job (config.worker_threads), not from the driver's.
 
-    Nannies read the environment when they are created; it is set in this process's
-    config (not in a context) because LocalCluster and `dask worker` create them later.
+    A nanny reads this when it is created and keeps it for every restart of its worker,
+    so it is set in a context around the creation only (local_cluster, run/worker.py),
+    never in the process's global config.
     """
     environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     environment.pop("MALLOC_TRIM_THRESHOLD_", None)
     environment.update({name: str(threads) for name in THREAD_VARIABLES})
     environment["DASK_PINGU__WORKER_THREADS"] = str(threads)
-    dask.config.set({"distributed.nanny.pre-spawn-environ": environment, **scheduler_settings()})
+    return {"distributed.nanny.pre-spawn-environ": environment, "pingu.worker-threads": threads}
+
+
+def scheduler_options() -> dict:
+    """Scheduler keyword arguments for every scheduler pingu-dask starts (local or batch).
+
+    allowed_failures 0 (config pingu.allowed-failures): a worker lost while running a
+    scan's task (killed, pre-empted, `scancel`) fails that task at once, so the driver
+    sees it, writes it in the ledger and retries it itself; Dask would otherwise rerun
+    it up to 3 times behind the ledger's back. Workers that leave gracefully (their
+    --lifetime) hand their tasks back without a failure.
+    """
+    return {"allowed_failures": int(setting("allowed-failures"))}
 
 
 def scheduler_settings() -> dict:
-    """Dask config for every scheduler pingu-dask starts (local or batch).
-
-    allowed-failures 0 (our config): a worker lost while running a scan's task (killed,
-    pre-empted, `scancel`) fails that task at once, so the driver sees it, writes it in
-    the ledger and retries it itself; Dask would otherwise rerun it up to 3 times behind
-    the ledger's back. Workers that leave gracefully (their --lifetime) hand their
-    tasks back without a failure.
-    """
-    return {"distributed.scheduler.allowed-failures": int(setting("allowed-failures"))}
+    """scheduler_options() as Dask config, for a scheduler started elsewhere (tests)."""
+    return {"distributed.scheduler.allowed-failures": scheduler_options()["allowed_failures"]}
 
 
 @dataclass(frozen=True)
@@ -120,37 +124,43 @@ def local_cluster(
     """Worker processes on this machine, each with one inference slot (and, in a
     `layout` with CPU workers, worker processes without one beside them).
 
-    Nannies read the tuned environment while they start (after LocalCluster() returns),
-    so it is set in the driver's config, not in a context that would end too early.
-    The scheduler's web server (Dask dashboard, /pingu, /metrics) binds to
-    `dashboard_address`, by default config pingu.dashboard-address (localhost: reach it
-    from elsewhere through an SSH tunnel); port 0 picks a free port.
+    Every worker has started when this returns: its nanny was created under
+    tuned_config(), which it keeps. The scheduler's web server (Dask dashboard, /pingu,
+    /metrics) binds to `dashboard_address`, by default config pingu.dashboard-address
+    (localhost: reach it from elsewhere through an SSH tunnel); port 0 picks a free port.
     """
     if layout is None:
         threads = torch_threads or max(1, available_cores() // n_workers)
         layout = LocalLayout(n_workers, threads_per_worker, threads)
-    tuned_environment(layout.torch_threads)
-    cluster = LocalCluster(
-        n_workers=layout.inference_workers,
-        threads_per_worker=layout.threads_per_inference_worker,
-        processes=True,
-        resources={INFERENCE_RESOURCE: 1},
-        memory_limit=memory_limit,
-        dashboard_address=dashboard_address or setting("dashboard-address"),
-        # Scan errors are recorded in the ledger with their reasons; the workers'
-        # tracebacks would only bury the progress bar.
-        silence_logs=logging.CRITICAL,
-    )
-    if layout.cpu_workers:
-        _add_cpu_workers(cluster, layout)
+    with dask.config.set(tuned_config(layout.torch_threads)):
+        cluster = LocalCluster(
+            n_workers=layout.inference_workers,
+            threads_per_worker=layout.threads_per_inference_worker,
+            processes=True,
+            resources={INFERENCE_RESOURCE: 1},
+            memory_limit=memory_limit,
+            dashboard_address=dashboard_address or setting("dashboard-address"),
+            scheduler_kwargs=scheduler_options(),
+            # Scan errors are recorded in the ledger with their reasons; the workers'
+            # tracebacks would only bury the progress bar.
+            silence_logs=logging.CRITICAL,
+        )
+        if layout.cpu_workers:
+            _add_cpu_workers(cluster, layout)
     return cluster
+
+
+CPU_WORKERS_START_TIMEOUT = 120.0  # seconds
 
 
 def _add_cpu_workers(cluster: LocalCluster, layout: LocalLayout) -> None:
     """Worker processes without an inference slot: they take preprocess and finish only.
 
-    LocalCluster makes alike workers; these are added to its spec (SpecCluster's way
-    of describing workers) with their own threads and one torch thread each.
+    LocalCluster makes alike workers; these are added to its spec (SpecCluster's way of
+    describing workers, its public `worker_spec`) with their own threads and one torch
+    thread each. `scale` to the spec's own size starts what the spec has and the
+    cluster has not, and this waits until they have all arrived (the nannies must be
+    created while the caller's tuned_config() context holds).
     """
     import copy
 
@@ -163,8 +173,7 @@ def _add_cpu_workers(cluster: LocalCluster, layout: LocalLayout) -> None:
         threads = str(layout.threads_per_cpu_worker)
         options["env"] = {name: threads for name in THREAD_VARIABLES}
         options["env"]["DASK_PINGU__WORKER_THREADS"] = threads
+        options["config"] = {"pingu": {"worker-threads": layout.threads_per_cpu_worker}}
         cluster.worker_spec[f"cpu-{index}"] = spec
-    cluster.sync(cluster._correct_state)  # start the workers now in the spec
-
-
-# --- how many workers to plan for --------------------------------------------------
+    cluster.scale(len(cluster.worker_spec))
+    cluster.wait_for_workers(len(cluster.worker_spec), timeout=CPU_WORKERS_START_TIMEOUT)
