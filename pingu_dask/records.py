@@ -1,4 +1,5 @@
-"""The records that cross layers: what one scan came to, and the statuses of attempts.
+"""The records that cross layers: what one scan came to, the statuses of attempts, and
+the model seam (SegmentationModel: what the stages ask of a model).
 
 A worker's `finish` makes a ScanResult; the driver's loop records it (ledger row,
 table rows), keeps it for the caller, and the command line prints it. Failed
@@ -8,9 +9,32 @@ keyword-only, so that a field is always named where a record is made.
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pingu_dask.config import InferenceSettings
+
+
+def column_name(text: str) -> str:
+    """A name as a table column: 'T1w' -> 't1w', 'T2 FLAIR' -> 't2_flair', 'WMH' -> 'wmh'
+    (a model's channel names become manifest columns, its label names export columns)."""
+    return re.sub(r"[^0-9a-z]+", "_", text.strip().lower()).strip("_")
+
+
+TIMESTAMP = "%Y-%m-%dT%H:%M:%S%z"  # local time with its UTC offset, in every record
+
+
+def timestamp() -> str:
+    """Now, as the records (ledger, run.json, training.json, mask attributes) write it."""
+    return time.strftime(TIMESTAMP)
 
 
 class Status(StrEnum):
@@ -121,3 +145,59 @@ class ScanResult:
         return ScanResult(
             scan_id=self.scan_id, status=self.status, attempt=self.attempt, facts=self.facts
         )
+
+
+class PreparedScan(Protocol):
+    """A scan made ready for a network by SegmentationModel.prepare (on a CPU worker)."""
+
+    @property
+    def geometry(self) -> Any:
+        """Where the network's grid lies in the scan: what `restore` needs (small)."""
+
+
+class SegmentationModel(Protocol):
+    """The model seam: the three things the stages (run/stages.py) ask of a model.
+
+    `prepare` runs on a CPU worker, `predict` on a worker holding an inference slot,
+    `restore` on a CPU worker again; the stages around them do everything else (read
+    and check the inputs, orientation, regions, clusters, writes), for every model
+    alike. nnU-Net is one implementation (nnunet/engine.py). Implementations are small
+    and picklable: they travel with every task.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def folder(self) -> Path: ...
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Manifest column names of the input channels, in input order."""
+
+    @property
+    def labels(self) -> tuple[tuple[str, int], ...]:
+        """The label map's (name, value) pairs, as dataset.json names them."""
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the model's outputs could (weights, plans, folds)."""
+
+    def facts(self) -> dict[str, object]:
+        """What names the model in outputs (run.json, sidecars): plain values."""
+
+    def check(self) -> None:
+        """Raise ModelError now, before any scan is sent, when the model cannot load."""
+
+    def prepare(
+        self,
+        images: Sequence[np.ndarray],
+        spacing: Sequence[float],
+        paths: Sequence[Path],
+        inference: InferenceSettings,
+    ) -> PreparedScan:
+        """The channels (on the model's orientation, as read) made ready for the network."""
+
+    def predict(self, prepared: Any, inference: InferenceSettings, slot: int) -> np.ndarray:
+        """The label map of `prepared` (uint8/uint16), on this worker's slot `slot`."""
+
+    def restore(self, labels: np.ndarray, geometry: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """The label map onto the whole image grid `shape` that `prepare` was given."""

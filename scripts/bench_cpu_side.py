@@ -49,6 +49,7 @@ from pingu_dask.analysis.clusters import clean_mask
 from pingu_dask.config import InferenceSettings, PvsClusterRules, available_cores
 from pingu_dask.inputs.imaging import voxel_volume
 from pingu_dask.inputs.manifest import Scan
+from pingu_dask.nnunet.engine import NnUNetModel
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.run.stages import Pipeline
 
@@ -108,7 +109,7 @@ def run_variant(variant: str, model_folder: Path, scan_path: Path, out: Path) ->
     settings = InferenceSettings(
         tta=False, device="cpu", torch_threads=available_cores(), orientation="stored"
     )
-    pipeline = Pipeline(model, settings, out)
+    pipeline = Pipeline(NnUNetModel(model), settings, out)
     layout.prepare_output(out)
     clock = Clock()
     mask_file = out / "nifti" / f"{scan.scan_id}_desc-pvs_mask.nii.gz"
@@ -238,7 +239,7 @@ def demo_agreement(scans: dict[str, Path], work: Path) -> list[tuple[str, float,
     from distributed import Client
 
     from pingu_dask.run.local import local_cluster
-    from pingu_dask.run.loop import segment_cohort
+    from pingu_dask.run.loop import Segmentation, segment_scans
 
     model = resolve_model("demo")
     settings = InferenceSettings(tta=False, device="cpu")
@@ -264,7 +265,12 @@ def demo_agreement(scans: dict[str, Path], work: Path) -> list[tuple[str, float,
             client.restart()  # a fresh worker per kind: its peak memory is that scan's
             scan = Scan(kind, (("t1w", path),))
             out = work / f"demo_run_{kind}"
-            records = segment_cohort(client, [scan], Pipeline(model, settings, out), watch=False)
+            records = segment_scans(
+                client,
+                Segmentation(
+                    scans=[scan], pipeline=Pipeline(NnUNetModel(model), settings, out), watch=False
+                ),
+            )
             assert records[0].ok, records
             ours = cleaned(records[0].nifti)
             theirs = cleaned(str(work / "nnunet_out" / f"{kind}.nii.gz"))

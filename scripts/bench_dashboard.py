@@ -26,9 +26,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.monitor import plugin, prometheus
-from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import segment_cohort
+from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.run.stages import Pipeline
 
 
@@ -86,8 +86,11 @@ def snapshot_cost(scans: int, workers: int) -> tuple[float, float, int]:
 
 def runner_rate(client: Client, scans: list[Scan], pipeline: Pipeline, watch: bool) -> float:
     started = time.perf_counter()
-    records = segment_cohort(
-        client, scans, pipeline, keep_details=False, stage_functions=NOOP_STAGES, watch=watch
+    records = segment_scans(
+        client,
+        Segmentation(
+            scans=scans, pipeline=pipeline, keep_details=False, stages=NOOP_STAGES, watch=watch
+        ),
     )
     seconds = time.perf_counter() - started
     assert sum(r.status == "ok" for r in records) == len(scans)
@@ -119,7 +122,7 @@ def main() -> None:
                         for i in range(args.scans)
                     ]
                     out = scratch / f"out-{round_}-{watch:d}"
-                    pipeline = Pipeline(resolve_model("demo"), settings, out)
+                    pipeline = Pipeline(nnunet_model("demo"), settings, out)
                     rates[watch].append(runner_rate(client, scans, pipeline, watch))
                     print(f"round {round_} watch={watch}: {rates[watch][-1]:.1f} scans/s")
 

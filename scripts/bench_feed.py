@@ -36,6 +36,7 @@ from benchkit.benchdoc import git_revision, machine, write_section
 
 from pingu_dask.config import InferenceSettings, available_cores
 from pingu_dask.inputs.manifest import Scan
+from pingu_dask.nnunet.engine import NnUNetModel
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.run.stages import Pipeline, Predicted, Preprocessed, stage
 
@@ -77,7 +78,7 @@ def run_once(scans: list[Scan], model, workers: int, mode: str, seconds: float, 
 
     from pingu_dask.run.capacity import FixedCapacity
     from pingu_dask.run.local import LocalLayout, local_cluster
-    from pingu_dask.run.loop import StageFunctions, segment_cohort
+    from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
     from pingu_dask.run.stages import finish, preprocess
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -87,7 +88,7 @@ def run_once(scans: list[Scan], model, workers: int, mode: str, seconds: float, 
         preprocess, functools.partial(sleeping_predict, seconds=seconds), finish
     )
     settings = InferenceSettings(tta=False, device="cpu")
-    pipeline = Pipeline(model, settings, out, write_nifti=False)
+    pipeline = Pipeline(NnUNetModel(model), settings, out, write_nifti=False)
     capacity = FixedCapacity(workers, layout.threads_per_slot)
     with (
         local_cluster(layout=layout, dashboard_address="127.0.0.1:0") as cluster,
@@ -95,8 +96,12 @@ def run_once(scans: list[Scan], model, workers: int, mode: str, seconds: float, 
     ):
         client.wait_for_workers(workers + cpu_workers)
         cpu_before, started = worker_cpu_seconds(client), time.perf_counter()
-        records = segment_cohort(client, scans, pipeline, stage_functions=functions,
-                                 watch=False, capacity=capacity)  # fmt: skip
+        records = segment_scans(
+            client,
+            Segmentation(
+                scans=scans, pipeline=pipeline, stages=functions, watch=False, capacity=capacity
+            ),
+        )
         wall = time.perf_counter() - started
         cpu = worker_cpu_seconds(client) - cpu_before
     assert all(r.status == "ok" for r in records), records

@@ -38,9 +38,10 @@ from pingu_dask.analysis.clusters import clean_mask
 from pingu_dask.config import InferenceSettings, PvsClusterRules, available_cores
 from pingu_dask.inputs.imaging import voxel_volume
 from pingu_dask.inputs.manifest import Scan, load_manifest
+from pingu_dask.nnunet.engine import NnUNetModel
 from pingu_dask.nnunet.model import Model, resolve_model
 from pingu_dask.run.local import LocalLayout, local_cluster
-from pingu_dask.run.loop import segment_cohort
+from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.run.stages import Pipeline
 from pingu_dask.synth.cohort import generate_cohort
 
@@ -103,7 +104,12 @@ def run_dask(
         client.run(lambda: None)  # workers up before the clock starts, as for a long run
         with GpuSampler(gpu) as sampler:
             started = time.perf_counter()
-            records = segment_cohort(client, scans, Pipeline(model, settings, out), watch=False)
+            records = segment_scans(
+                client,
+                Segmentation(
+                    scans=scans, pipeline=Pipeline(NnUNetModel(model), settings, out), watch=False
+                ),
+            )
             seconds = time.perf_counter() - started
     assert all(r.status == "ok" for r in records), records
     return seconds, records, sampler

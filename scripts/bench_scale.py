@@ -39,11 +39,11 @@ from distributed import Client
 
 from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan, input_fingerprint, load_manifest
-from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
 from pingu_dask.records import ScanCounts, ScanResult, Status
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import StageFunctions, segment_cohort
+from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
 from pingu_dask.run.stages import Pipeline
 
 
@@ -207,7 +207,7 @@ def main() -> None:
         results.append((f"validate {args.rows:,} rows (file checks on)", f"{seconds:.1f} s"))
 
         out = scratch / "out"
-        pipeline = Pipeline(resolve_model("demo"), InferenceSettings(tta=False, device="cpu"), out)
+        pipeline = Pipeline(nnunet_model("demo"), InferenceSettings(tta=False, device="cpu"), out)
         layout.prepare_output(out)
         seconds, plan = timed(ledger.plan_resume, out, report.scans, pipeline.fingerprint())
         assert len(plan.todo) == args.rows
@@ -223,15 +223,12 @@ def main() -> None:
         sampler = MemorySampler()
         cluster = local_cluster(n_workers=args.workers, threads_per_worker=3)
         flushing = {"pingu.flush-every-scans": FLUSH_EVERY_SCANS}
-        with cluster, Client(cluster) as client, dask.config.set(flushing), sampled(sampler):
-            seconds, records = timed(
-                segment_cohort,
-                client,
-                run_scans,
-                pipeline,
-                keep_details=False,
-                stage_functions=NOOP_STAGES,
+        with dask.config.set(flushing):
+            job = Segmentation(
+                scans=run_scans, pipeline=pipeline, keep_details=False, stages=NOOP_STAGES
             )
+        with cluster, Client(cluster) as client, sampled(sampler):
+            seconds, records = timed(segment_scans, client, job)
         assert sum(r.status == "ok" for r in records) == len(run_scans)
         rss = np.array([m for _, m in sampler.samples]) / 2**20
         tenth = max(1, len(rss) // 10)

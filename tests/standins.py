@@ -24,8 +24,8 @@ from distributed import Client
 
 from pingu_dask.config import InferenceSettings
 from pingu_dask.errors import ModelError
-from pingu_dask.inputs.manifest import Scan, input_fingerprint
-from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.inputs.manifest import Scan, input_fingerprint, scan_columns
+from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.output import masks, tables
 from pingu_dask.records import ScanCounts, ScanResult
 from pingu_dask.run.local import local_cluster
@@ -110,7 +110,7 @@ def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         masks.write_mask(
             pipeline.out, scan.scan_id, np.zeros((4, 4, 4), np.uint8), np.eye(4), attrs
         )
-    row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0, "n_voxels": 0}
+    row = {**scan_columns(scan), "region": "whole_brain", "n_clusters": 0, "n_voxels": 0}
     return ScanResult.counted(
         scan.scan_id,
         ScanCounts(n_clusters=0, n_voxels=0, volume_mm3=0.0),
@@ -130,7 +130,7 @@ def make_scans(n: int, folder: Path) -> list[Scan]:
 def pipeline_in(folder: Path) -> Pipeline:
     """A pipeline writing to folder/out (the stand-ins' control files go in folder)."""
     settings = InferenceSettings(tta=False, device="cpu")
-    return Pipeline(resolve_model("demo"), settings, folder / "out", write_nifti=False)
+    return Pipeline(nnunet_model("demo"), settings, folder / "out", write_nifti=False)
 
 
 @contextmanager

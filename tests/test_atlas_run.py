@@ -26,7 +26,7 @@ import pytest
 from pingu_dask.analysis.atlas import AtlasSettings
 from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan, region_sources_note
-from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.run.provenance import region_sources
 from pingu_dask.run.stages import Pipeline
 
@@ -36,7 +36,7 @@ WITHOUT = Scan("without", (("t1w", Path("b.nii.gz")),))
 
 
 def _pipeline(atlas_for: str) -> Pipeline:
-    return Pipeline(resolve_model("demo"), InferenceSettings(), Path("out"), atlas_for=atlas_for)
+    return Pipeline(nnunet_model("demo"), InferenceSettings(), Path("out"), atlas_for=atlas_for)
 
 
 def test_each_scan_says_where_its_regions_come_from() -> None:
@@ -52,7 +52,7 @@ def test_atlas_settings_are_part_of_the_fingerprint() -> None:
     fingerprints = {_pipeline(choice).fingerprint() for choice in ("none", "missing", "all")}
     assert len(fingerprints) == 3
     coarse = Pipeline(
-        resolve_model("demo"),
+        nnunet_model("demo"),
         InferenceSettings(),
         Path("out"),
         atlas_for="missing",

@@ -10,12 +10,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import dask.config
 import pandas as pd
 import pytest
 
-from pingu_dask.inputs.manifest import Scan
+from pingu_dask.inputs.manifest import Scan, scan_columns
 from pingu_dask.output import compaction, ledger, parts, tables
+from pingu_dask.run.settings import RunSettings
 
 SCANS = 200
 # parts per table after SCANS scans flushed one by one: clusters for every 3rd scan,
@@ -29,7 +29,7 @@ def scan(i: int) -> Scan:
 
 def scan_tables(i: int) -> dict:
     """One scan's rows: 2 regions, 2 clusters (every 3rd scan), 1 evaluation (every 10th)."""
-    identity = tables.scan_columns(scan(i))
+    identity = scan_columns(scan(i))
     regions = [
         {**identity, "region": region, "n_clusters": i % 5, "n_voxels": i, "total_volume_mm3": i}
         for region in ("whole_brain", "white_matter")
@@ -49,7 +49,7 @@ def scan_tables(i: int) -> dict:
 
 def write_scans(out: Path, ids: range) -> None:
     """Each scan of `ids` through a TableWriter that flushes after every scan."""
-    with tables.TableWriter(out, every_scans=1, every_seconds=3600) as writer:
+    with tables.TableWriter(out, tables.FlushEvery(scans=1, seconds=3600)) as writer:
         for i in ids:
             row = ledger.attempt_row(scan(i).scan_id, scan(i).site, ledger.OK, 1, "r", ledger.now())
             writer.add(scan_tables(i), ledger_rows=[row])
@@ -228,10 +228,10 @@ def test_nothing_happens_below_the_threshold(out: Path) -> None:
     assert compaction.compact_tables(out, above_parts=500) == {
         name: (count, count) for name, count in PARTS.items()
     }
-    with dask.config.set({"pingu.compact-above-parts": None}):
-        assert compaction.compact_if_fragmented(out) == {}
+    assert compaction.compact_if_fragmented(out, None) == {}  # the setting off
     assert {name: files(out, name) for name in parts.FLUSHED_TABLES} == on_disk
-    assert compaction.compact_if_fragmented(out)["regions"] == (200, 1)  # default: above 8
+    default = RunSettings.from_config().compact_above_parts
+    assert compaction.compact_if_fragmented(out, default)["regions"] == (200, 1)  # above 8
 
 
 def test_a_failed_compaction_does_not_fail_the_run(
@@ -243,7 +243,7 @@ def test_a_failed_compaction_does_not_fail_the_run(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(compaction, "write_commit", disk_full)
-    assert compaction.compact_if_fragmented(out) == {}
+    assert compaction.compact_if_fragmented(out, 8) == {}
     assert "left for the next run" in caplog.text
     assert_same(out, before)
 

@@ -29,12 +29,13 @@ from pingu_dask.analysis.regions import ASEG
 from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.monitor import http, plugin, prometheus
+from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import tables
 from pingu_dask.run import stages
 from pingu_dask.run.jobs import JobOptions, jobqueue_cluster
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import StageFunctions, segment_cohort
+from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
 from pingu_dask.synth.cohort import generate_cohort
 
 FAST = InferenceSettings(tta=False, step_size=1.0, device="cpu", torch_threads=1)
@@ -249,7 +250,7 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
     scans = load_manifest(root / "manifest.csv", ("t1w",)).scans
     (root / "flaky").write_text(scans[0].scan_id)
     pipeline = stages.Pipeline(
-        resolve_model("demo"), FAST, root / "out", PvsClusterRules(), ASEG, write_nifti=False
+        nnunet_model("demo"), FAST, root / "out", PvsClusterRules(), ASEG, write_nifti=False
     )
     functions = StageFunctions(preprocess_failing_once, stages.predict, stages.finish)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -263,8 +264,17 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
         poller = PagePoller(page, screenshot)
         poller.start()
         try:
-            records = segment_cohort(client, scans, pipeline, stage_functions=functions,
-                                     run_id="watched", done_before=0, window=3)  # fmt: skip
+            records = segment_scans(
+                client,
+                Segmentation(
+                    scans=scans,
+                    pipeline=pipeline,
+                    stages=functions,
+                    run_id="watched",
+                    done_before=0,
+                    window=3,
+                ),
+            )
         finally:
             poller.stop.set()
             poller.join()

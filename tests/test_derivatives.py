@@ -7,7 +7,7 @@
   plus Sources and the cluster image's name, and inputs that do not fit are refused.
 - dataset_description.json: GeneratedBy names the tool and the model; the same
   model again leaves the file alone; another version is added, not swapped in; and a
-  real segment_cohort (stand-in stages on a LocalCluster) writes the model's facts.
+  real segment_scans (stand-in stages on a LocalCluster) writes the model's facts.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def test_generated_by_names_the_tool_and_the_model(tmp_path: Path, monkeypatch) 
 
 
 def test_a_run_names_its_model_in_the_dataset_description(tmp_path: Path) -> None:
-    """segment_cohort with stand-in stages (test-only, no imaging) on a real
+    """segment_scans with stand-in stages (test-only, no imaging) on a real
     LocalCluster: the description carries the pipeline's own model facts, and the
     same run resumed leaves it untouched."""
     import cloudpickle
@@ -246,7 +246,7 @@ def test_a_run_names_its_model_in_the_dataset_description(tmp_path: Path) -> Non
     from distributed import Client
 
     from pingu_dask.run.local import local_cluster
-    from pingu_dask.run.loop import StageFunctions, segment_cohort
+    from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
 
     cloudpickle.register_pickle_by_value(sys.modules["standins"])
     functions = StageFunctions(standins.preprocess, standins.predict, standins.finish)
@@ -258,12 +258,16 @@ def test_a_run_names_its_model_in_the_dataset_description(tmp_path: Path) -> Non
                       dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
     ):  # fmt: skip
-        records = segment_cohort(client, scans, pipeline, stage_functions=functions, watch=False)
+        records = segment_scans(
+            client, Segmentation(scans=scans, pipeline=pipeline, stages=functions, watch=False)
+        )
         assert [r.status for r in records] == ["ok", "ok"]
         before = path.stat()
-        segment_cohort(client, scans, pipeline, stage_functions=functions, watch=False)
+        segment_scans(
+            client, Segmentation(scans=scans, pipeline=pipeline, stages=functions, watch=False)
+        )
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    model = pipeline.model
+    model = pipeline.model.model  # the nnU-Net model behind the seam
     [entry] = json.loads(path.read_text())["GeneratedBy"]
     assert entry["Model"] == {
         "Name": model.name,

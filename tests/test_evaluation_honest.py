@@ -127,10 +127,10 @@ def test_the_choice_comes_from_the_config_and_the_options() -> None:
 
 def test_the_choice_is_part_of_the_pipeline_fingerprint(tmp_path: Path) -> None:
     from pingu_dask.config import InferenceSettings
-    from pingu_dask.nnunet.model import resolve_model
+    from pingu_dask.nnunet.engine import nnunet_model
     from pingu_dask.run.stages import Pipeline
 
-    model, inference = resolve_model("demo"), InferenceSettings(tta=False)
+    model, inference = nnunet_model("demo"), InferenceSettings(tta=False)
     as_given = Pipeline(model, inference, tmp_path, pvs_rules=AS_GIVEN)
     filtered = Pipeline(model, inference, tmp_path, pvs_rules=FILTERED)
     assert as_given.fingerprint() != filtered.fingerprint()

@@ -1,6 +1,6 @@
 """`pingu-dask export`: wide and long tables in CSV, TSV and Parquet that pandas and DuckDB read.
 
-The OUT is made by a real run (segment_cohort on a real LocalCluster) on stand-in
+The OUT is made by a real run (segment_scans on a real LocalCluster) on stand-in
 stages (tests/standins.py, test-only: no imaging, no model). Its finish stage here
 writes regions rows with float noise in the volumes (as real float32 sums have), one
 scan fails in predict, one manifest scan is never attempted, one manifest row is
@@ -32,12 +32,12 @@ from distributed import Client
 
 from pingu_dask.cli import main
 from pingu_dask.errors import ErrorReport, Verdict
-from pingu_dask.inputs.manifest import Problem, Scan
+from pingu_dask.inputs.manifest import Problem, Scan, scan_columns
 from pingu_dask.output import export, layout, ledger, tables
 from pingu_dask.output import scans as scans_table
 from pingu_dask.records import ScanCounts, ScanResult, Status
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import StageFunctions, segment_cohort
+from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
 from pingu_dask.run.stages import Pipeline, stage
 
 REGIONS = ("white_matter", "basal_ganglia")  # the run's region table
@@ -61,7 +61,7 @@ def finish_with_regions(
         volumes = rng.uniform(1.0, 40.0, size=int(rng.integers(1, 6))) * 0.7310000002
         rows.append(
             {
-                **tables.scan_columns(scan),
+                **scan_columns(scan),
                 "region": region,
                 "n_clusters": len(volumes),
                 "n_voxels": len(volumes) * 9,
@@ -104,7 +104,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     scans, pipeline = manifest_scans(root), standins.pipeline_in(root)
     (root / "type-error").write_text(FAILING)
     manifest = root / "manifest.csv"
-    rows = [{**tables.scan_columns(s), "t1w": str(s.channels[0][1])} for s in scans]
+    rows = [{**scan_columns(s), "t1w": str(s.channels[0][1])} for s in scans]
     rows.append({"scan_id": INVALID_ID, "subject": "bad", "session": "", "site": "", "t1w": ""})
     pd.DataFrame(rows).to_csv(manifest, index=False)
     problem = Problem("no image path for channel 't1w'", 6, INVALID_ID, "t1w")
@@ -117,10 +117,17 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
     ):  # fmt: skip
-        results = segment_cohort(
-            client, [s for s in scans if s.scan_id != NOT_RUN], pipeline,
-            stage_functions=stages, watch=False, run_id=RUN_ID, extra_ledger_rows=invalid,
-        )  # fmt: skip
+        results = segment_scans(
+            client,
+            Segmentation(
+                scans=[s for s in scans if s.scan_id != NOT_RUN],
+                pipeline=pipeline,
+                stages=stages,
+                watch=False,
+                run_id=RUN_ID,
+                extra_ledger_rows=invalid,
+            ),
+        )
     assert {r.scan_id: r.status for r in results}[FAILING] == "failed"
     # What run_cohort records beside the tables: the manifest's scan ids, run.json.
     ledger.write_manifest_scans(pipeline.out, [s.scan_id for s in scans])

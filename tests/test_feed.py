@@ -24,7 +24,7 @@ from pingu_dask.config import INFERENCE_RESOURCE
 from pingu_dask.output import tables
 from pingu_dask.run.capacity import FixedCapacity
 from pingu_dask.run.local import LocalLayout, local_cluster
-from pingu_dask.run.loop import Progress, StageFunctions, segment_cohort
+from pingu_dask.run.loop import Progress, Segmentation, StageFunctions, segment_scans
 from pingu_dask.run.policies import FeedWindow
 
 STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
@@ -99,9 +99,17 @@ def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
         local_cluster(layout=layout, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
     ):
-        records = segment_cohort(client, make_scans(20, tmp_path), pipeline_in(tmp_path),
-                                 stage_functions=STANDINS, watch=False, on_progress=seen,
-                                 capacity=FixedCapacity(1, layout.threads_per_slot))  # fmt: skip
+        records = segment_scans(
+            client,
+            Segmentation(
+                scans=make_scans(20, tmp_path),
+                pipeline=pipeline_in(tmp_path),
+                stages=STANDINS,
+                watch=False,
+                on_progress=seen,
+                capacity=FixedCapacity(1, layout.threads_per_slot),
+            ),
+        )
     assert len(records) == 20 and all(r.status == "ok" for r in records)
     # Sleeps measure a little longer than they are (0.5 / 0.1 may read 5.x): 7 or 8.
     assert 7 <= max(in_flight) <= layout.threads_per_slot
@@ -121,9 +129,16 @@ def test_cpu_workers_beside_a_gpu_worker_take_only_cpu_stages(tmp_path: Path) ->
         slotted = {a for a, w in info.items() if w["resources"].get(INFERENCE_RESOURCE)}
         assert len(info) == 3 and len(slotted) == 1
         pipeline = pipeline_in(tmp_path)
-        records = segment_cohort(client, make_scans(12, tmp_path), pipeline,
-                                 stage_functions=STANDINS, watch=False,
-                                 capacity=FixedCapacity(1, layout.threads_per_slot))  # fmt: skip
+        records = segment_scans(
+            client,
+            Segmentation(
+                scans=make_scans(12, tmp_path),
+                pipeline=pipeline,
+                stages=STANDINS,
+                watch=False,
+                capacity=FixedCapacity(1, layout.threads_per_slot),
+            ),
+        )
     assert len(records) == 12
     assert {r.workers["predict"] for r in records} == slotted
     cpu_stage_workers = {r.workers[s] for r in records for s in ("preprocess", "finish")}

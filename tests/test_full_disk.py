@@ -44,7 +44,7 @@ from pingu_dask.errors import ErrorReport, OutOfSpace, StageFailure, Verdict, is
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import layout, ledger, masks, tables
 from pingu_dask.records import ScanResult, Status
-from pingu_dask.run.loop import Progress, StageFunctions, segment_cohort
+from pingu_dask.run.loop import Progress, Segmentation, StageFunctions, segment_scans
 from pingu_dask.run.stages import Pipeline, stage
 
 PAGE = 4096
@@ -310,7 +310,7 @@ def test_a_flush_on_a_full_disk_writes_nothing_and_a_later_one_everything(
 ) -> None:
     out = small_disk(512) / "out"
     layout.prepare_output(out)
-    writer = tables.TableWriter(out, every_scans=1000, every_seconds=1e6)
+    writer = tables.TableWriter(out, tables.FlushEvery(scans=1000, seconds=1e6))
     started = ledger.now()
     regions = tables.to_table("regions", [regions_row(f"sub-{i}") for i in range(3)])
     for i in range(3):
@@ -365,6 +365,14 @@ def stages_counting(attempts: Path) -> StageFunctions:
     return StageFunctions(standins.preprocess, standins.predict, finish)
 
 
+def counted_run(client: Client, scans: list[Scan], pipeline, attempts: Path, **given) -> list:
+    """The scans through the loop on the counting stand-ins (unwatched)."""
+    job = Segmentation(
+        scans=scans, pipeline=pipeline, stages=stages_counting(attempts), watch=False, **given
+    )
+    return segment_scans(client, job)
+
+
 def assert_every_scan_once(out: Path, scans: list[Scan]) -> None:
     regions = tables.read_table(out, "regions")
     counts = regions[regions.region == "whole_brain"].scan_id.value_counts()
@@ -386,8 +394,7 @@ def test_a_full_disk_on_the_workers_stops_the_run_and_the_rerun_does_the_rest(
     filler = fill(disk)
     no_flush_until_the_end = {"pingu.flush-every-scans": 1000, "pingu.flush-every-seconds": 1e6}
     with dask.config.set(no_flush_until_the_end), pytest.raises(OutOfSpace) as stopped:
-        segment_cohort(client, scans, pipeline, stage_functions=stages_counting(attempts),
-                       watch=False, window=4)  # fmt: skip
+        counted_run(client, scans, pipeline, attempts, window=4)
     message = str(stopped.value)  # the first scan that found the disk full, and why
     assert re.match(r"sub-\d{3}, finish: \[Errno 28\] No space left on device", message)
     tried = [p.name.split(".")[0] for p in attempts.iterdir()]
@@ -397,8 +404,7 @@ def test_a_full_disk_on_the_workers_stops_the_run_and_the_rerun_does_the_rest(
 
     filler.unlink()
     masks.remove_partial_masks(pipeline.out)  # what a run does at its start
-    records = segment_cohort(client, scans, pipeline, stage_functions=stages_counting(attempts),
-                             watch=False)  # fmt: skip
+    records = counted_run(client, scans, pipeline, attempts)
     assert [r.status for r in records] == ["ok"] * len(scans)
     assert_every_scan_once(pipeline.out, scans)
     assert sorted(masks.stored_scan_ids(pipeline.out)) == sorted(s.scan_id for s in scans)
@@ -413,15 +419,13 @@ def test_a_full_disk_on_the_driver_stops_the_run_and_the_rerun_does_the_rest(
     filler = fill(disk)
     with dask.config.set({"pingu.flush-every-scans": 1}):
         with pytest.raises(OutOfSpace, match="the driver's table write") as stopped:
-            segment_cohort(client, scans, pipeline, stage_functions=stages_counting(attempts),
-                           watch=False, window=2)  # fmt: skip
+            counted_run(client, scans, pipeline, attempts, window=2)
         assert isinstance(stopped.value.__cause__, OSError)
         assert stopped.value.__cause__.errno == errno.ENOSPC
         assert tables.read_table(pipeline.out, "ledger").empty
         assert not [p for p in (pipeline.out / "tables").rglob("*") if p.is_file()]
         filler.unlink()
-        segment_cohort(client, scans, pipeline, stage_functions=stages_counting(attempts),
-                       watch=False)  # fmt: skip
+        counted_run(client, scans, pipeline, attempts)
     assert_every_scan_once(pipeline.out, scans)
 
 

@@ -28,12 +28,13 @@ from pingu_dask.analysis.clusters import clean_mask
 from pingu_dask.analysis.regions import ASEG
 from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.inputs.manifest import load_manifest
+from pingu_dask.nnunet.engine import NnUNetModel
 from pingu_dask.nnunet.model import ModelError, demo_model_folder, resolve_model
 from pingu_dask.nnunet.predictor import load_counts, load_predictor
 from pingu_dask.output import masks, tables
 from pingu_dask.run import stages
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import segment_cohort
+from pingu_dask.run.loop import Segmentation, segment_scans
 
 CPU = InferenceSettings(tta=False, device="cpu", torch_threads=2)
 
@@ -143,10 +144,10 @@ def dask_run(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     model = resolve_model("demo")
     scans = load_manifest(cohort / "manifest.csv").scans
     settings = InferenceSettings(tta=False, device="cpu", torch_threads=1)
-    pipeline = stages.Pipeline(model, settings, out)
+    pipeline = stages.Pipeline(NnUNetModel(model), settings, out)
     cluster = local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1)
     with cluster, Client(cluster) as client:
-        records = segment_cohort(client, scans, pipeline, window=4)
+        records = segment_scans(client, Segmentation(scans=scans, pipeline=pipeline, window=4))
         loads = client.run(load_counts)
     return out, model, records, loads
 

@@ -20,14 +20,13 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import dask.config
 import pytest
 from click.testing import CliRunner
 from helpers import absolute_manifest
 
 from pingu_dask.cli import main
 from pingu_dask.output import layout, parts
-from pingu_dask.output.lock import LOCK_NAME, LockedError, OutputLock, read_lock
+from pingu_dask.output.lock import LOCK_NAME, LockedError, LockTimes, OutputLock, read_lock
 from pingu_dask.run.signals import Stopped, stop_on_signals
 
 CONTENDERS = 8
@@ -146,8 +145,7 @@ def test_exactly_one_of_many_processes_takes_over_a_stale_lock(tmp_path: Path) -
         write_lock(tmp_path, content, age)
         assert read_lock(tmp_path)["stale"]
 
-    with dask.config.set({"pingu.lock-stale-seconds": 300}):
-        rounds = race(tmp_path, prepare)
+    rounds = race(tmp_path, prepare)  # the default stale time: 300 s
     reported = 0
     for (content, _), tried in zip(stale_locks, rounds, strict=True):
         winners = [took_over for _, _, won, took_over in tried if won]
@@ -200,28 +198,27 @@ def test_a_reader_never_sees_a_lock_half_made(tmp_path: Path) -> None:
 
 
 def test_another_hosts_lock_is_refused_while_its_heartbeat_is_fresh(tmp_path: Path) -> None:
-    with dask.config.set({"pingu.lock-stale-seconds": 300}):
-        write_lock(tmp_path, holder(heartbeat=iso(40)))
-        assert not read_lock(tmp_path)["stale"]
-        with pytest.raises(LockedError) as refused:
-            OutputLock(tmp_path).acquire()
-        text = str(refused.value)
-        assert "in use by another run: pid 4242 on gpu-node-17" in text
-        assert "last heartbeat 40 s ago; it becomes stale 300 s after its last heartbeat" in text
+    write_lock(tmp_path, holder(heartbeat=iso(40)))
+    assert not read_lock(tmp_path)["stale"]
+    with pytest.raises(LockedError) as refused:
+        OutputLock(tmp_path).acquire()
+    text = str(refused.value)
+    assert "in use by another run: pid 4242 on gpu-node-17" in text
+    assert "last heartbeat 40 s ago; it becomes stale 300 s after its last heartbeat" in text
 
-        write_lock(tmp_path, holder(heartbeat=iso(301)))
-        assert read_lock(tmp_path)["stale"]
-        with OutputLock(tmp_path) as lock:
-            assert lock.took_over["host"] == "gpu-node-17"
-            assert read_lock(tmp_path)["pid"] == os.getpid()
+    write_lock(tmp_path, holder(heartbeat=iso(301)))
+    assert read_lock(tmp_path)["stale"]
+    with OutputLock(tmp_path) as lock:
+        assert lock.took_over["host"] == "gpu-node-17"
+        assert read_lock(tmp_path)["pid"] == os.getpid()
 
-        # A lock from an older version has no heartbeat: its file's age counts instead.
-        write_lock(tmp_path, holder(), age=200)
-        with pytest.raises(LockedError, match="no heartbeat"):
-            OutputLock(tmp_path).acquire()
-        write_lock(tmp_path, holder(), age=400)
-        with OutputLock(tmp_path) as lock:
-            assert lock.took_over["pid"] == 4242
+    # A lock from an older version has no heartbeat: its file's age counts instead.
+    write_lock(tmp_path, holder(), age=200)
+    with pytest.raises(LockedError, match="no heartbeat"):
+        OutputLock(tmp_path).acquire()
+    write_lock(tmp_path, holder(), age=400)
+    with OutputLock(tmp_path) as lock:
+        assert lock.took_over["pid"] == 4242
     assert leftovers(tmp_path) == [] and not (tmp_path / LOCK_NAME).exists()
 
 
@@ -240,23 +237,22 @@ def test_a_lock_without_a_process_is_stale_only_once_it_is_a_few_seconds_old(
 
 
 def test_the_heartbeat_advances_while_held_and_only_on_its_own_lock(tmp_path: Path) -> None:
-    with dask.config.set({"pingu.lock-heartbeat-seconds": 0.1}):
-        lock = OutputLock(tmp_path)
-        lock.acquire()
-        first = read_lock(tmp_path)
-        time.sleep(0.6)
-        later = read_lock(tmp_path)
-        assert later["heartbeat"] > first["heartbeat"] and later["heartbeat_age"] < 0.5
-        assert later["started"] == first["started"] and later["pid"] == os.getpid()
+    lock = OutputLock(tmp_path, LockTimes(heartbeat_seconds=0.1))
+    lock.acquire()
+    first = read_lock(tmp_path)
+    time.sleep(0.6)
+    later = read_lock(tmp_path)
+    assert later["heartbeat"] > first["heartbeat"] and later["heartbeat_age"] < 0.5
+    assert later["started"] == first["started"] and later["pid"] == os.getpid()
 
-        # Someone else's lock in its place (say, it was judged stale and taken over):
-        # the heartbeat does not write over it, and release leaves it.
-        other = holder(heartbeat=iso(0))
-        write_lock(tmp_path, other)
-        time.sleep(0.4)
-        assert json.loads((tmp_path / LOCK_NAME).read_text()) == other
-        assert lock.lost == other
-        lock.release()
+    # Someone else's lock in its place (say, it was judged stale and taken over):
+    # the heartbeat does not write over it, and release leaves it.
+    other = holder(heartbeat=iso(0))
+    write_lock(tmp_path, other)
+    time.sleep(0.4)
+    assert json.loads((tmp_path / LOCK_NAME).read_text()) == other
+    assert lock.lost == other
+    lock.release()
     assert json.loads((tmp_path / LOCK_NAME).read_text()) == other
     assert leftovers(tmp_path) == []
 
@@ -264,8 +260,8 @@ def test_the_heartbeat_advances_while_held_and_only_on_its_own_lock(tmp_path: Pa
 HOLDER_ON_ANOTHER_HOST = """
 import socket, sys, time
 socket.gethostname = lambda: "gpu-node-17"  # as if this process ran on another node
-from pingu_dask.output.lock import OutputLock
-OutputLock(sys.argv[1]).acquire()
+from pingu_dask.output.lock import LockTimes, OutputLock
+OutputLock(sys.argv[1], LockTimes(heartbeat_seconds=0.2)).acquire()
 print("held", flush=True)
 time.sleep(600)
 """
@@ -274,7 +270,8 @@ time.sleep(600)
 def test_a_killed_holder_on_another_host_becomes_stale_after_the_stale_time(
     tmp_path: Path,
 ) -> None:
-    environment = dict(os.environ, DASK_PINGU__LOCK_HEARTBEAT_SECONDS="0.2")
+    environment = dict(os.environ)
+    quick = LockTimes(stale_seconds=1.5)
     process = subprocess.Popen(
         [sys.executable, "-c", HOLDER_ON_ANOTHER_HOST, str(tmp_path)],
         env=environment,
@@ -283,27 +280,26 @@ def test_a_killed_holder_on_another_host_becomes_stale_after_the_stale_time(
     )
     try:
         assert process.stdout.readline().strip() == "held"
-        with dask.config.set({"pingu.lock-stale-seconds": 1.5}):
-            # Alive (its heartbeat goes on) though its pid cannot be checked from here.
-            time.sleep(2.5)
-            assert read_lock(tmp_path)["host"] == "gpu-node-17"
-            with pytest.raises(LockedError, match="on gpu-node-17"):
-                OutputLock(tmp_path).acquire()
-            process.kill()
-            process.wait(timeout=30)
-            killed = time.monotonic()
-            with pytest.raises(LockedError):  # its last heartbeat is still recent
-                OutputLock(tmp_path).acquire()
-            lock = OutputLock(tmp_path)
-            while True:
-                try:
-                    lock.acquire()
-                    break
-                except LockedError:
-                    assert time.monotonic() - killed < 10
-                    time.sleep(0.1)
-            waited = time.monotonic() - killed
-            lock.release()
+        # Alive (its heartbeat goes on) though its pid cannot be checked from here.
+        time.sleep(2.5)
+        assert read_lock(tmp_path, quick)["host"] == "gpu-node-17"
+        with pytest.raises(LockedError, match="on gpu-node-17"):
+            OutputLock(tmp_path, quick).acquire()
+        process.kill()
+        process.wait(timeout=30)
+        killed = time.monotonic()
+        with pytest.raises(LockedError):  # its last heartbeat is still recent
+            OutputLock(tmp_path, quick).acquire()
+        lock = OutputLock(tmp_path, quick)
+        while True:
+            try:
+                lock.acquire()
+                break
+            except LockedError:
+                assert time.monotonic() - killed < 10
+                time.sleep(0.1)
+        waited = time.monotonic() - killed
+        lock.release()
         assert 1.0 < waited < 10
         assert lock.took_over["host"] == "gpu-node-17" and lock.took_over["pid"] == process.pid
     finally:

@@ -22,11 +22,11 @@ from distributed import Client
 from pingu_dask.config import InferenceSettings, check_orientation
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.inputs.orientation import Reorientation, orientation_code
-from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.output import tables
 from pingu_dask.output.scans import read_scans
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import segment_cohort
+from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.run.orchestrate import _write_scans_table
 from pingu_dask.run.stages import Pipeline
 
@@ -132,9 +132,11 @@ def test_one_scan_stored_in_eight_orientations_gives_the_same_figures(
     assert report.ok, report.problems
     out = tmp_path / "out"
     settings = InferenceSettings(tta=False, step_size=1.0, device="cpu", torch_threads=1)
-    pipeline = Pipeline(resolve_model(tiny_model), settings, out)
+    pipeline = Pipeline(nnunet_model(tiny_model), settings, out)
     with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
-        results = segment_cohort(client, report.scans, pipeline, watch=False)
+        results = segment_scans(
+            client, Segmentation(scans=report.scans, pipeline=pipeline, watch=False)
+        )
     assert [r.status.value for r in results] == ["ok"] * len(STORED)
     _write_scans_table(out, report)
 

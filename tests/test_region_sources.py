@@ -11,7 +11,6 @@ run.json; and a small hand-made BIDS tree for the `manifest` command.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,14 +33,14 @@ from pingu_dask.inputs.manifest import (
     region_sources_note,
     whole_brain_only_note,
 )
-from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.output import layout, tables
 from pingu_dask.output.files import save_nifti
 from pingu_dask.output.scans import read_scans
 from pingu_dask.report.build import build_report
 from pingu_dask.run import orchestrate
 from pingu_dask.run.capacity import FixedCapacity
-from pingu_dask.run.loop import StageFunctions, segment_cohort
+from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
 from pingu_dask.run.orchestrate import RunRequest, run_cohort
 from pingu_dask.run.provenance import region_sources
 from pingu_dask.run.stages import Pipeline
@@ -64,8 +63,11 @@ def stand_in_runs(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
         yield client, FixedCapacity(1, 1)
 
     monkeypatch.setattr(orchestrate, "_client", given_cluster)
-    stand_ins = functools.partial(segment_cohort, stage_functions=STANDINS, watch=False)
-    monkeypatch.setattr(orchestrate, "segment_cohort", stand_ins)
+
+    def on_stand_ins(client: Client, job: Segmentation) -> list:
+        return segment_scans(client, dataclasses.replace(job, stages=STANDINS, watch=False))
+
+    monkeypatch.setattr(orchestrate, "segment_scans", on_stand_ins)
 
 
 def scans_in(folder: Path, n: int, parcellated: Sequence[int]) -> list[Scan]:
@@ -80,7 +82,7 @@ def scans_in(folder: Path, n: int, parcellated: Sequence[int]) -> list[Scan]:
 def pipeline_in(folder: Path, rules: PvsClusterRules | None = None) -> Pipeline:
     settings = InferenceSettings(tta=False, device="cpu")
     rules = rules or PvsClusterRules.from_config()
-    return Pipeline(resolve_model("demo"), settings, folder / "out", rules, write_nifti=False)
+    return Pipeline(nnunet_model("demo"), settings, folder / "out", rules, write_nifti=False)
 
 
 def run_scans(folder: Path, scans: list[Scan], pipeline: Pipeline) -> dict:

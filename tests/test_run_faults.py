@@ -13,6 +13,7 @@ import functools
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cloudpickle
@@ -26,7 +27,8 @@ from pingu_dask.output import ledger, tables
 from pingu_dask.run.capacity import PresentWorkers
 from pingu_dask.run.jobs import JobCapacity, ScaleFromWork
 from pingu_dask.run.local import scheduler_settings
-from pingu_dask.run.loop import RunStopped, StageFunctions, segment_cohort
+from pingu_dask.run.loop import RunStopped, Segmentation, StageFunctions, segment_scans
+from pingu_dask.run.settings import RunSettings
 from pingu_dask.run.stages import Pipeline
 
 STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
@@ -43,13 +45,24 @@ def ledger_of(pipeline: Pipeline):
     return tables.read_table(pipeline.out, "ledger").sort_values(["scan_id", "attempt"])
 
 
+def on_stand_ins(client: Client, scans: list, pipeline, **given) -> list:
+    """The scans through the loop on the stand-in stages (unwatched)."""
+    job = Segmentation(scans=scans, pipeline=pipeline, stages=STANDINS, watch=False, **given)
+    return segment_scans(client, job)
+
+
+def breaker_after(scans: int) -> RunSettings:
+    """The run's settings with a circuit breaker that trips after `scans` alike."""
+    return replace(RunSettings.from_config(), breaker_scans=scans)
+
+
 def test_transient_errors_are_retried_and_repeating_ones_fail_at_once(
     client: Client, tmp_path: Path
 ) -> None:
     scans, pipeline = make_scans(6, tmp_path), pipeline_in(tmp_path)
     (tmp_path / "io-once").write_text("sub-001 sub-004")
     (tmp_path / "type-error").write_text("sub-002")
-    records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False)
+    records = on_stand_ins(client, scans, pipeline)
     status = {r.scan_id: r.status for r in records}
     assert status == {s.scan_id: "failed" if s.scan_id == "sub-002" else "ok" for s in scans}
     ledger = ledger_of(pipeline)
@@ -71,8 +84,7 @@ def test_the_circuit_breaker_stops_a_run_whose_every_scan_fails_alike(
     scans, pipeline = make_scans(40, tmp_path), pipeline_in(tmp_path)
     (tmp_path / "broken-model").write_text("")
     with pytest.raises(RunStopped) as stopped:
-        segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
-                       window=4, breaker_scans=10)  # fmt: skip
+        on_stand_ins(client, scans, pipeline, settings=breaker_after(10), window=4)
     message = str(stopped.value)
     assert "first attempts of 10 scans in a row failed with ModelError on 2 worker(s)" in message
     assert "cannot load the checkpoint" in message
@@ -88,8 +100,7 @@ def test_the_circuit_breaker_stops_a_run_whose_every_scan_fails_alike(
 def test_the_breaker_does_not_trip_on_scattered_failures(client: Client, tmp_path: Path) -> None:
     scans, pipeline = make_scans(24, tmp_path), pipeline_in(tmp_path)
     (tmp_path / "type-error").write_text(" ".join(s.scan_id for s in scans[::2]))
-    records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
-                             window=2, breaker_scans=3)  # fmt: skip
+    records = on_stand_ins(client, scans, pipeline, settings=breaker_after(3), window=2)
     assert len(records) == 24  # every second scan fails: never 3 first attempts in a row
     assert sum(r.status == "failed" for r in records) == 12
 
@@ -98,8 +109,9 @@ def test_a_hanging_stage_is_timed_out_and_retried(client: Client, tmp_path: Path
     scans, pipeline = make_scans(4, tmp_path), pipeline_in(tmp_path)
     (tmp_path / "hang-once").write_text("sub-002")  # its first predict sleeps 300 s
     started = time.monotonic()
-    records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False,
-                             scan_timeout=5)  # fmt: skip
+    records = on_stand_ins(
+        client, scans, pipeline, settings=RunSettings.from_config(scan_timeout=5)
+    )
     assert time.monotonic() - started < 240  # not the 300 s of the hang (slack: a loaded CI)
     assert all(r.status == "ok" for r in records) and len(records) == 4
     ledger = ledger_of(pipeline)
@@ -126,7 +138,7 @@ def test_a_rerun_does_only_what_is_not_done(client: Client, tmp_path: Path) -> N
              for s in scans]  # fmt: skip
     (tmp_path / "masks").write_text("")
     (tmp_path / "type-error").write_text("sub-001 sub-004")
-    first = segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False)
+    first = on_stand_ins(client, scans, pipeline)
     assert sorted(r.scan_id for r in first if not r.ok) == ["sub-001", "sub-004"]
     (tmp_path / "type-error").unlink()
     (tmp_path / "sub-002_T1w.nii.gz").write_bytes(b"a new version of the file")
@@ -134,7 +146,7 @@ def test_a_rerun_does_only_what_is_not_done(client: Client, tmp_path: Path) -> N
     assert sorted(s.scan_id for s in plan.todo) == ["sub-001", "sub-002", "sub-004"]
     assert plan.redo == ["sub-002"] and len(plan.done) == 3
     tables.drop_scans(pipeline.out, plan.redo)  # as run_cohort does
-    again = segment_cohort(client, plan.todo, pipeline, stage_functions=STANDINS, watch=False)
+    again = on_stand_ins(client, plan.todo, pipeline)
     assert sorted(r.scan_id for r in again if r.ok) == ["sub-001", "sub-002", "sub-004"]
     regions = tables.read_table(pipeline.out, "regions")
     assert sorted(regions.scan_id) == [s.scan_id for s in scans]  # each exactly once
@@ -151,11 +163,7 @@ def test_finished_scans_are_flushed_while_the_driver_waits(
     scans, pipeline = make_scans(3, tmp_path), pipeline_in(tmp_path)
     (tmp_path / "hold").write_text("sub-002")
     done: list = []
-    runner = threading.Thread(
-        target=lambda: done.append(
-            segment_cohort(client, scans, pipeline, stage_functions=STANDINS, watch=False)
-        )
-    )
+    runner = threading.Thread(target=lambda: done.append(on_stand_ins(client, scans, pipeline)))
     runner.start()
     try:
         deadline = time.monotonic() + 30
@@ -207,8 +215,7 @@ def test_scaling_from_the_work_grows_to_the_maximum_and_releases_workers(tmp_pat
         capacity.present = PresentWorkers(client, every=0.2)  # as scale_from_work does
         cluster.adapt(Adaptive=functools.partial(ScaleFromWork, capacity=capacity),
                       minimum=0, maximum=3, interval="200ms", wait_count=2)  # fmt: skip
-        records = segment_cohort(client, scans, pipeline, stage_functions=STANDINS,
-                                 watch=False, capacity=capacity)  # fmt: skip
+        records = on_stand_ins(client, scans, pipeline, capacity=capacity)
         assert all(r.status == "ok" for r in records) and len(records) == 9
         workers = set(tables.read_table(pipeline.out, "ledger").worker)
         assert len(workers) == 3  # every worker asked for got work

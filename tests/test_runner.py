@@ -34,12 +34,13 @@ from helpers import absolute_manifest
 from pingu_dask.cli import main
 from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.inputs.manifest import load_manifest
+from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.nnunet.predictor import load_counts
 from pingu_dask.output import tables
 from pingu_dask.output.lock import read_lock
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import segment_cohort
+from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.run.orchestrate import RunRefused, check_settings
 from pingu_dask.run.stages import Pipeline
 from pingu_dask.synth.cohort import generate_cohort
@@ -72,7 +73,7 @@ def test_a_worker_killed_mid_run_is_survived(
 ) -> None:
     scans = load_manifest(cohort12 / "manifest.csv").scans
     out = tmp_path / "out"
-    pipeline = Pipeline(resolve_model(tiny_model), FAST, out)
+    pipeline = Pipeline(nnunet_model(tiny_model), FAST, out)
     killed: list[str] = []
     cluster = local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1)
     with cluster, Client(cluster) as client:
@@ -84,7 +85,9 @@ def test_a_worker_killed_mid_run_is_survived(
                 os.kill(pid, signal.SIGKILL)
                 killed.append(address)
 
-        records = segment_cohort(client, scans, pipeline, on_progress=kill_one_worker)
+        records = segment_scans(
+            client, Segmentation(scans=scans, pipeline=pipeline, on_progress=kill_one_worker)
+        )
     assert killed
     assert sorted(r.scan_id for r in records) == sorted(s.scan_id for s in scans)
     assert all(r.status == "ok" for r in records)
@@ -312,7 +315,7 @@ def test_other_settings_are_refused_unless_forced(tmp_path: Path) -> None:
     from pingu_dask.output import layout
     from pingu_dask.run.provenance import provenance
 
-    model = resolve_model("demo")
+    model = nnunet_model("demo")
     first = Pipeline(model, FAST, tmp_path)
     layout.prepare_output(tmp_path)
     layout.write_json(tmp_path / layout.RUN_JSON, provenance(first, None, 1))
@@ -329,7 +332,7 @@ def test_other_versions_are_refused_on_resume_unless_allowed(cohort: Path, tmp_p
     from pingu_dask.run.orchestrate import current_versions
     from pingu_dask.run.provenance import provenance
 
-    pipeline = Pipeline(resolve_model("demo"), FAST, tmp_path)
+    pipeline = Pipeline(nnunet_model("demo"), FAST, tmp_path)
     layout.prepare_output(tmp_path)
     run_info = provenance(pipeline, None, 1)
     run_info["runs"] = [{"run_id": "earlier", "versions": current_versions()}]

@@ -44,7 +44,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("out")
     layout.prepare_output(out)
     scans = [make_scan("s1", "A", "01"), make_scan("s2", "A", "02"), make_scan("s3", "B")]
-    with tables.TableWriter(out, every_scans=2) as writer:
+    with tables.TableWriter(out, tables.FlushEvery(scans=2)) as writer:
         for seed, scan in enumerate(scans):
             mask, parcellation = fake_mask(seed)
             regions = Regions(ASEG.index_map(parcellation), None)

@@ -366,3 +366,31 @@ def test_a_preset_shrinks_the_planned_3d_fullres_network(name: str) -> None:
     downsampling = int(np.prod([s[0] for s in arch["strides"]]))
     assert all(side % downsampling == 0 for side in preset.patch)
     assert preset.schedule.epochs >= 1 and preset.schedule.checkpoint_every >= 1
+
+
+def test_dataset_json_lists_the_cases_so_the_planner_needs_no_process_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nnU-Net's planner lists imagesTr through a forked multiprocessing Pool unless
+    dataset.json lists the files; forked from the threaded driver, that pool hung a
+    `train` (CI stop 31). With the list, nnU-Net reads it and starts no pool."""
+    from nnunetv2.utilities import utils as nnunet_utils
+
+    folders = planning.folders_in(tmp_path / "model")
+    document = planning.write_dataset_json(folders, ("T1w", "FLAIR"), 2, cases=["a", "b"])
+    assert document["dataset"]["b"] == {
+        "images": ["imagesTr/b_0000.nii.gz", "imagesTr/b_0001.nii.gz"],
+        "label": "labelsTr/b.nii.gz",
+    }
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nnU-Net listed imagesTr through its process pool")
+
+    monkeypatch.setattr(nnunet_utils, "create_lists_from_splitted_dataset_folder", no_pool)
+    raw = folders.raw_dataset
+    found = nnunet_utils.get_filenames_of_train_images_and_targets(str(raw))
+    assert found["a"]["images"] == [
+        str(raw / "imagesTr/a_0000.nii.gz"),
+        str(raw / "imagesTr/a_0001.nii.gz"),
+    ]
+    assert found["a"]["label"] == str(raw / "labelsTr/a.nii.gz")

@@ -24,11 +24,11 @@ from helpers import headless, shown
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pingu_dask.monitor import http, plugin, prometheus
+from pingu_dask.monitor.feed import TrainFeed
 from pingu_dask.monitor.training import (
     HISTORY_POINTS,
     TRAIN_PLUGIN_NAME,
     TRAIN_TOPIC,
-    TrainFeed,
     TrainMonitor,
 )
 
@@ -235,18 +235,23 @@ def test_metrics_text_has_the_train_families() -> None:
     assert "pingu_train_" not in metrics_text(run)  # no training: no such families
 
 
-def test_a_training_monitor_does_not_replace_the_run_monitor_in_the_collector() -> None:
-    scheduler = object()
+def test_the_collector_shows_the_monitors_registered_on_the_scheduler() -> None:
+    class Scheduler:  # what the collector reads of a scheduler: its plugins by name
+        def __init__(self) -> None:
+            self.plugins: dict = {}
+
+    scheduler = Scheduler()
     collector = prometheus.MetricsCollector()
     collector.registered = True  # not into the default registry
+    collector.watch(scheduler)
     run = plugin.RunMonitor("scan", "runA", total=1, window_seconds=60.0)
     first, second = (TrainMonitor(t, t, "/m", FOLDS) for t in ("one", "two"))
-    for monitor in (run, first, second):
-        monitor.scheduler = scheduler
-        collector.attach(monitor)
-    assert collector.monitors == [run, second]  # a new training replaces the last one only
-    collector.detach(second)
-    assert collector.monitors == [run]
+    scheduler.plugins = {plugin.PLUGIN_NAME: run, TRAIN_PLUGIN_NAME: first, "other": object()}
+    assert collector.current() == [run, first]
+    scheduler.plugins[TRAIN_PLUGIN_NAME] = second  # a new training replaces the last only
+    assert collector.current() == [run, second]
+    del scheduler.plugins[TRAIN_PLUGIN_NAME]  # unregistered (or the scheduler closed)
+    assert collector.current() == [run]
 
 
 def test_status_json_holds_the_run_the_training_or_both() -> None:

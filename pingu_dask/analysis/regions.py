@@ -31,6 +31,9 @@ RESERVED = (OTHER, WHOLE_BRAIN)
 REGION_NAME = re.compile(r"[a-z][a-z0-9_]*")
 AFFINE_TOLERANCE_MM = 1e-3
 
+#: The regions every summary shows first (PINGU reports WM and BG), when present.
+HEADLINE_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
+
 
 class RegionError(InputError):
     """A region table or parcellation that cannot be used; the message says why."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import click
 
-from pingu_dask import __version__
+from pingu_dask.version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

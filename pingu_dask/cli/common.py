@@ -14,6 +14,7 @@ from rich.table import Table
 
 from pingu_dask.analysis.evaluate import count_agreement, reference_handling, summarise
 from pingu_dask.analysis.regions import (
+    HEADLINE_REGIONS,
     LABEL_GROUPS,
     RegionError,
     RegionTable,
@@ -24,7 +25,6 @@ from pingu_dask.config import PvsClusterRules, setting
 from pingu_dask.inputs.manifest import ManifestReport, region_sources_note, whole_brain_only_note
 
 console = Console(highlight=False)
-SUMMARY_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
 SHORT_REGION_NAMES = {"white_matter": "WM", "basal_ganglia": "BG", "whole_brain": "whole brain"}
 
 
@@ -219,7 +219,7 @@ def print_evaluation(evaluation: pd.DataFrame, title: str, agreement: bool = Fal
     """The per-site summary of an evaluation table, for WM, BG and the whole brain;
     with `agreement`, also how well PVS counts and volumes agree (count_agreement)."""
     present = set(evaluation["region"])
-    regions = tuple(r for r in SUMMARY_REGIONS if r in present)
+    regions = tuple(r for r in HEADLINE_REGIONS if r in present)
     handling = reference_handling(evaluation)
     print_evaluation_summary(summarise(evaluation, regions), title, handling)
     if agreement:

@@ -21,6 +21,7 @@ from pingu_dask.cli.common import (
 from pingu_dask.inputs.manifest import Scan, load_manifest
 from pingu_dask.output import layout, masks, parts, tables
 from pingu_dask.output.lock import LockedError, OutputLock
+from pingu_dask.run.settings import lock_times
 from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 
 
@@ -132,7 +133,7 @@ def _writing_into(source: Path, is_run: bool) -> Iterator[None]:
     with ExitStack() as held:
         if is_run:
             try:
-                held.enter_context(OutputLock(source))
+                held.enter_context(OutputLock(source, lock_times()))
             except LockedError as error:
                 console.print(f"[red]cannot evaluate now: {error}[/red]", soft_wrap=True)
                 raise SystemExit(1) from error

@@ -25,6 +25,7 @@ from pingu_dask.output.lock import LOCK_NAME, read_lock
 from pingu_dask.output.scans import SCANS, read_scans
 from pingu_dask.records import ScanResult, Status
 from pingu_dask.run.loop import Progress as RunProgress
+from pingu_dask.run.settings import lock_times
 
 PER_SCAN_LINES_UP_TO = 30  # print a line per finished scan in runs up to this size
 LIVE_FAILURE_LINES = 20  # failed attempts printed one by one while a run goes
@@ -302,7 +303,7 @@ def print_status(out: Path, evaluation: bool = True, every_failure: bool = False
     """
     run = layout.read_run_json(out) or {}
     summary = ledger.summarise_ledger(out)
-    holder = read_lock(out)
+    holder = read_lock(out, lock_times())
     expected = run.get("n_scans")
     ok = summary.counts.get(ledger.OK, 0)
     failed = summary.counts.get(ledger.FAILED, 0)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from pingu_dask.analysis.atlas import AtlasSettings
 from pingu_dask.analysis.labels import LabelError, ModelLabels, resolve_labels
-from pingu_dask.analysis.regions import RegionTable
 from pingu_dask.cli.common import (
     allow_unknown_columns_option,
     cluster_option,
@@ -35,17 +33,20 @@ from pingu_dask.cli.progress import (
     print_scan_table,
     print_status,
 )
-from pingu_dask.config import InferenceSettings, PvsClusterRules, check_orientation, setting
+from pingu_dask.config import InferenceSettings, check_orientation, setting
 from pingu_dask.errors import ModelError, is_out_of_space
 from pingu_dask.inputs.checks import CheckThresholds
-from pingu_dask.inputs.manifest import load_manifest
-from pingu_dask.nnunet.model import resolve_model
+from pingu_dask.inputs.manifest import ManifestReport, load_manifest
+from pingu_dask.nnunet.engine import NnUNetModel
+from pingu_dask.nnunet.model import Model, resolve_model
 from pingu_dask.output import ledger
 from pingu_dask.output.ledger import ResumePlan
 from pingu_dask.output.lock import LockedError
 from pingu_dask.run import orchestrate
+from pingu_dask.run.clusters import ClusterRequest
 from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions, jobqueue_cluster
 from pingu_dask.run.orchestrate import RunOutcome, RunRefused, RunRequest
+from pingu_dask.run.settings import RunSettings
 from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 from pingu_dask.run.stages import ATLAS_CHANNEL, Pipeline
 
@@ -241,7 +242,7 @@ def run(
         return
     if model_spec is None:
         raise click.UsageError(MODEL_CHOICES)
-    settings = InferenceSettings.from_config(
+    inference = InferenceSettings.from_config(
         folds=split(folds) if folds else None,
         checkpoint=checkpoint,
         tta=tta,
@@ -250,150 +251,110 @@ def run(
         torch_threads=torch_threads,
         orientation=orientation,
     )
-    options = RunOptions(
-        pvs_rules=pvs_cluster_rules(
-            connectivity,
-            min_cluster_voxels,
-            min_cluster_mm3,
-            exclude,
-            max_outside_brain=max_outside_brain,
-            filter_reference=filter_reference,
+    model = located_model(model_spec, inference)
+    labels = model_labels(model, pvs_labels, label_regions)
+    atlas = atlas_for(regions_spec, atlas_fallback)
+    if atlas != "none" and ATLAS_CHANNEL not in model.channels:
+        raise click.UsageError(
+            f"atlas regions are registered to a T1w; model {model.name} takes "
+            f"{', '.join(model.channels)}"
+        )
+    report = checked_manifest(manifest, out, model, atlas, skip_invalid, allow_unknown_columns)
+    request = RunRequest(
+        report=report,
+        pipeline=Pipeline(
+            NnUNetModel(model),
+            inference,
+            Path(out),
+            pvs_cluster_rules(
+                connectivity,
+                min_cluster_voxels,
+                min_cluster_mm3,
+                exclude,
+                max_outside_brain=max_outside_brain,
+                filter_reference=filter_reference,
+            ),
+            region_table(None if regions_spec == ATLAS else regions_spec),
+            write_nifti=nifti,
+            qc=qc,
+            checks=CheckThresholds.from_config(),
+            strict=bool(setting("strict")) if strict is None else strict,
+            labels=labels,
+            atlas_for=atlas,
+            atlas=AtlasSettings(
+                method=str(setting("atlas-method")),
+                resolution_mm=float(setting("atlas-resolution-mm")),
+            ),
         ),
-        regions=region_table(None if regions_spec == ATLAS else regions_spec),
-        atlas_for=atlas_for(regions_spec, atlas_fallback),
-        pvs_labels=pvs_labels,
-        label_regions=label_regions,
-        nifti=nifti,
-        qc=qc,
-        strict=bool(setting("strict")) if strict is None else strict,
-        cluster=cluster,
-        workers=workers,
-        cpu_workers=cpu_workers,
-        retries=retries,
-        scan_timeout=scan_timeout,
+        cluster=ClusterRequest(cluster, workers, cpu_workers, jobs, dashboard_address),
+        settings=RunSettings.from_config(retries=retries, scan_timeout=scan_timeout),
         force=force,
         allow_version_change=allow_version_change,
-        skip_invalid=skip_invalid,
-        allow_unknown_columns=allow_unknown_columns,
-        jobs=jobs,
-        dashboard_address=dashboard_address,
     )
-    outcome = run_manifest(manifest, out, model_spec, settings, options)
+    outcome = run_request(request)
     raise SystemExit(0 if outcome.ok else 1)
 
 
-@dataclass
-class RunOptions:
-    """The `run` options beyond the model and inference settings."""
-
-    pvs_rules: PvsClusterRules | None = None
-    regions: RegionTable | None = None
-    atlas_for: str = "none"  # regions from the atlas for: none, missing (parcellation), all
-    pvs_labels: str | None = None  # --pvs-labels: which model labels are PVS
-    label_regions: str | None = None  # --label-regions: PVS label -> region
-    nifti: bool = True
-    qc: bool = False
-    strict: bool = False  # pre-flight flags fail the scan
-    cluster: str = "local"
-    workers: int = 1
-    cpu_workers: int = 0
-    retries: int | None = None
-    scan_timeout: float | None = None
-    force: bool = False
-    allow_version_change: bool = False
-    skip_invalid: bool = False
-    allow_unknown_columns: bool = False  # a misspelt-looking column: a note, not a problem
-    jobs: JobOptions | None = None
-    dashboard_address: str | None = None
-
-
-def run_manifest(
-    manifest: Path,
-    out: Path,
-    model_spec: str,
-    settings: InferenceSettings,
-    options: RunOptions | None = None,
-) -> RunOutcome:
-    """Resolve the model, validate the manifest, run or resume, print progress and a summary."""
-    options = options or RunOptions()
+def located_model(model_spec: str, inference: InferenceSettings) -> Model:
+    """--model found and fingerprinted (a usage error names what is wrong), and said."""
     try:
-        model = resolve_model(model_spec, settings.folds, settings.checkpoint)
+        model = resolve_model(model_spec, inference.folds, inference.checkpoint)
     except ModelError as error:
         raise click.UsageError(str(error)) from error
     console.print(
         f"model {model.folder} (folds {', '.join(model.folds)}, "
         f"channels {', '.join(model.channels)}, fingerprint {model.fingerprint[:12]})"
     )
+    return model
+
+
+def model_labels(model: Model, pvs_labels: str | None, label_regions: str | None) -> ModelLabels:
+    """Which of the model's labels are PVS, and their regions; said before any scan runs."""
     try:
-        labels = resolve_labels(model.name, model.labels, options.pvs_labels, options.label_regions)
+        labels = resolve_labels(model.name, model.labels, pvs_labels, label_regions)
     except LabelError as error:
         raise click.UsageError(str(error)) from error
     console.print(labels_line(labels))
-    if options.atlas_for != "none" and ATLAS_CHANNEL not in model.channels:
-        raise click.UsageError(
-            f"atlas regions are registered to a T1w; model {model.name} takes "
-            f"{', '.join(model.channels)}"
-        )
+    return labels
+
+
+def checked_manifest(
+    manifest: Path,
+    out: Path,
+    model: Model,
+    atlas: str,
+    skip_invalid: bool,
+    allow_unknown_columns: bool,
+) -> ManifestReport:
+    """MANIFEST (or a BIDS folder's manifest, written to OUT) validated for the model's
+    channels and reported; exits 1 when it cannot run as it is."""
     if Path(manifest).is_dir():
         found = discover_bids(Path(manifest), model.channels)
         Path(out).mkdir(parents=True, exist_ok=True)
         manifest = Path(out) / BIDS_MANIFEST
         found.manifest(model.channels).to_csv(manifest, index=False)
-    report = load_manifest(
-        manifest, model.channels, allow_unknown_columns=options.allow_unknown_columns
-    )
-    print_report(report, options.atlas_for)
+    report = load_manifest(manifest, model.channels, allow_unknown_columns=allow_unknown_columns)
+    print_report(report, atlas)
     if report.table_problems:  # its columns: every row is concerned, --skip-invalid cannot help
         console.print(
             "[red]fix the manifest's columns (--skip-invalid skips bad rows only; "
             "--allow-unknown-columns goes on without a column that looks misspelt)[/red]"
         )
         raise SystemExit(1)
-    if not report.ok and not options.skip_invalid:
+    if not report.ok and not skip_invalid:
         console.print("[red]fix the manifest, or pass --skip-invalid to run the valid rows[/red]")
         raise SystemExit(1)
-    pipeline = Pipeline(
-        model,
-        settings,
-        Path(out),
-        options.pvs_rules or PvsClusterRules.from_config(),
-        options.regions or region_table(None),
-        write_nifti=options.nifti,
-        qc=options.qc,
-        checks=CheckThresholds.from_config(),
-        strict=options.strict,
-        labels=labels,
-        atlas_for=options.atlas_for,
-        atlas=AtlasSettings(
-            method=str(setting("atlas-method")),
-            resolution_mm=float(setting("atlas-resolution-mm")),
-        ),
-    )
-    request = RunRequest(
-        report=report,
-        pipeline=pipeline,
-        cluster=options.cluster,
-        workers=options.workers,
-        cpu_workers=options.cpu_workers,
-        retries=options.retries,
-        force=options.force,
-        jobs=options.jobs or JobOptions(),
-        dashboard_address=options.dashboard_address,
-        scan_timeout=options.scan_timeout,
-        allow_version_change=options.allow_version_change,
-    )
+    return report
+
+
+def run_request(request: RunRequest) -> RunOutcome:
+    """Run (or resume) the request, with progress, signals and the summary printed."""
+    out = request.pipeline.out
+    where = request.cluster
     bar = ProgressBar(Path(out))
 
     def on_start(outcome: RunOutcome, plan: ResumePlan) -> None:
-        if options.cluster == "local":
-            where = f"{options.workers} local worker(s)"
-            if options.cpu_workers:
-                where += f" and {options.cpu_workers} CPU-only worker(s)"
-        elif options.cluster in BATCH_SYSTEMS:
-            where = f"{options.cluster} worker jobs (adaptive)"
-        else:
-            where = f"scheduler {options.cluster}"
-        console.print(f"{where}; Dask dashboard: {outcome.dashboard}")
+        console.print(f"{cluster_line(where)}; Dask dashboard: {outcome.dashboard}")
         if outcome.page:
             console.print(f"this run's page: {outcome.page} (metrics: /metrics)")
         if outcome.took_over_lock:
@@ -428,7 +389,7 @@ def run_manifest(
         if not is_out_of_space(error):
             raise
         bar.stop()
-        line = out_of_space_line(Path(out), len(report.scans), str(error))
+        line = out_of_space_line(Path(out), len(request.report.scans), str(error))
         console.print(f"[red]{line}[/red]", soft_wrap=True)
         raise SystemExit(OUT_OF_SPACE_EXIT_CODE) from None
     finally:
@@ -458,6 +419,18 @@ def atlas_for(regions_spec: str | None, fallback: bool | None) -> str:
         return "all"
     on = bool(setting("atlas-fallback")) if fallback is None else fallback
     return "missing" if on else "none"
+
+
+def cluster_line(where: ClusterRequest) -> str:
+    """Where the run's workers are, in words."""
+    if where.cluster == "local":
+        line = f"{where.workers} local worker(s)"
+        if where.cpu_workers:
+            line += f" and {where.cpu_workers} CPU-only worker(s)"
+        return line
+    if where.is_batch:
+        return f"{where.cluster} worker jobs (adaptive)"
+    return f"scheduler {where.cluster}"
 
 
 def labels_line(labels: ModelLabels) -> str:

@@ -43,6 +43,7 @@ from pingu_dask.nnunet.planning import NNUNET_SCHEDULE, PRESETS
 from pingu_dask.output.lock import LockedError
 from pingu_dask.run.clusters import ClusterRequest
 from pingu_dask.run.loop import Progress
+from pingu_dask.run.settings import RunSettings
 from pingu_dask.run.signals import Stopped, exit_code, stop_on_signals
 from pingu_dask.train import evaluation
 from pingu_dask.train.orchestrate import TrainOutcome, Watch, train_model
@@ -281,7 +282,7 @@ def train(
             ),
             regions=region_table(regions_spec),
             checks=CheckThresholds.from_config(),
-            retries=retries,
+            settings=RunSettings.from_config(retries=retries),
         ),
         preset=chosen,
         target_spacing=_spacing(target_spacing),
@@ -290,7 +291,6 @@ def train(
         device=inference.device,
         checks=CheckThresholds.from_config(),
         strict=bool(setting("strict")) if strict is None else strict,
-        retries=int(setting("retries")) if retries is None else retries,
         augmentation_processes=augmentation_processes
         if augmentation_processes is not None
         else setting("train-augmentation-processes"),

@@ -149,7 +149,7 @@ def unsafe_id_reason(scan_id: str) -> str | None:
     return None
 
 
-def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+def read_manifest_file(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a manifest table as strings (empty cells become ''), column names lower-cased."""
     path = Path(path)
     name = path.name.lower().removesuffix(".gz")
@@ -192,7 +192,7 @@ def load_manifest(
     """
     path = Path(path).absolute()
     channels = tuple(c.strip().lower() for c in channels)
-    table = read_table(path)
+    table = read_manifest_file(path)
     base = path.parent
     columns = list(table.columns)
     problems: list[Problem] = []
@@ -406,17 +406,17 @@ def _check_files(scans: list[Scan], jobs: int) -> tuple[list[Scan], list[Problem
     problems: list[Problem] = []
     for scan in scans:
         found = []
-        for column_name, path in _file_columns(scan).items():
+        for column, path in _file_columns(scan).items():
             info = infos[path]
             if isinstance(info, str):
-                found.append(Problem(info, scan.row, scan.scan_id, column_name))
+                found.append(Problem(info, scan.row, scan.scan_id, column))
             elif not info.is_3d:
                 found.append(
                     Problem(
                         f"not a 3D image (shape {info.shape}): {path}",
                         scan.row,
                         scan.scan_id,
-                        column_name,
+                        column,
                     )
                 )
         if not found:
@@ -455,12 +455,6 @@ def channel_grid_mismatch(scan: Scan, infos: Mapping[Path, ImageInfo]) -> str | 
         if not np.allclose(other.affine, first.affine, atol=1e-3):
             return f"channels {first_name} and {name} have different affines (not co-registered?)"
     return None
-
-
-def column_name(text: str) -> str:
-    """A name as a table column: 'T1w' -> 't1w', 'T2 FLAIR' -> 't2_flair', 'WMH' -> 'wmh'
-    (a model's channel names become manifest columns, its label names export columns)."""
-    return re.sub(r"[^0-9a-z]+", "_", text.strip().lower()).strip("_")
 
 
 def scan_columns(scan: Scan) -> dict[str, str | None]:

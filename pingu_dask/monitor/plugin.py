@@ -14,12 +14,12 @@ It counts from two sources, both cheap:
   or handed to one whose inference slot is busy (the scheduler gives resource-bound
   tasks to a worker at once and the worker holds them; we count per worker);
 - events the driver sends when a scan fails for good or is retried (the driver is the
-  one that decides which, from the error; see runner.py). These are rare.
+  one that decides which, from the error; see run/loop.py). These are rare.
 
 The page and the JSON are served by the scheduler's own web server (the one that
 serves the Dask dashboard), which binds to localhost unless told otherwise
 (config `pingu.dashboard-address`, `run --dashboard-address`); from a laptop, reach it
-through an SSH tunnel (README).
+through an SSH tunnel (docs/hpc.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from pingu_dask.config import INFERENCE_RESOURCE, setting
+from pingu_dask.config import DEFAULTS, INFERENCE_RESOURCE
 
 logger = logging.getLogger(__name__)
 
@@ -106,28 +106,17 @@ class WorkerFigures:
 
 
 class ServedMonitor(SchedulerPlugin):
-    """A monitor the scheduler's web server shows: its start adds /pingu (once) and its
-    figures to /metrics; its close takes them off /metrics. The scheduler's clock,
-    which the transitions and events use, starts the monitor's `started`."""
+    """A monitor the scheduler's web server shows (pages.Pages serves it: /pingu and
+    /metrics find it among the scheduler's plugins). The scheduler's clock, which the
+    transitions and events use, starts the monitor's `started`."""
 
     started: float
     clock: Callable[[], float]
     scheduler: Any
 
     async def start(self, scheduler) -> None:
-        # The page and the metrics import this module: imported here, when serving.
-        from pingu_dask.monitor.http import add_routes
-        from pingu_dask.monitor.prometheus import METRICS
-
         self.scheduler = scheduler
         self.started = self.clock()
-        add_routes(scheduler)
-        METRICS.attach(self)
-
-    async def close(self) -> None:  # the scheduler awaits it
-        from pingu_dask.monitor.prometheus import METRICS
-
-        METRICS.detach(self)
 
 
 class RunMonitor(ServedMonitor):
@@ -143,7 +132,7 @@ class RunMonitor(ServedMonitor):
         done_before: int = 0,
         out: str = "",
         model: str = "",
-        window_seconds: float | None = None,
+        window_seconds: float = DEFAULTS["pingu"]["throughput-window-seconds"],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.token = token
@@ -152,7 +141,7 @@ class RunMonitor(ServedMonitor):
         self.done_before = done_before
         self.out = out
         self.model = model
-        self.window = float(window_seconds or setting("throughput-window-seconds"))
+        self.window = float(window_seconds)
         self.clock = clock
         self.stage_of = {f"{stage}-{token}": i for i, stage in enumerate(STAGES)}
         self.states = bytearray(total)  # QUEUED == 0
@@ -340,12 +329,3 @@ def compute_time(startstops) -> tuple[float | None, float | None]:
         if entry.get("action") == "compute":
             return entry["stop"] - entry["start"], entry["stop"]
     return None, None
-
-
-# -- the driver's side -------------------------------------------------------------------
-
-
-# -- web routes on the scheduler ---------------------------------------------------------
-
-
-# -- Prometheus ---------------------------------------------------------------------------

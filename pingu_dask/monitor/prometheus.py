@@ -4,6 +4,7 @@ trainings (training.TrainMonitor)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 from pingu_dask.monitor.plugin import STAGES, STATES, RunMonitor, ServedMonitor
@@ -13,24 +14,20 @@ Monitor = ServedMonitor  # a RunMonitor or a TrainMonitor
 
 
 class MetricsCollector:
-    """pingu_* metrics of the monitors attached in this process, for the scheduler's
-    /metrics (which serves prometheus_client's default registry). Registered once per
-    process; one monitor of each kind per scheduler (a new run's replaces the last run's,
-    a new training's the last training's)."""
+    """pingu_* metrics for the scheduler's /metrics (which serves prometheus_client's
+    default registry): of the monitors registered on the schedulers it watches (one of
+    each kind per scheduler: a new run's monitor replaces the last run's under the same
+    plugin name), and of `monitors` given to it directly (tests, benchmarks).
+    Registered once per process."""
 
     def __init__(self) -> None:
         self.monitors: list[Monitor] = []
+        self.schedulers: weakref.WeakSet = weakref.WeakSet()
         self.registered = False
 
-    def attach(self, monitor: Monitor) -> None:
-        self.monitors = [
-            m
-            for m in self.monitors
-            if m.scheduler is None
-            or m.scheduler is not monitor.scheduler
-            or type(m) is not type(monitor)
-        ]
-        self.monitors.append(monitor)
+    def watch(self, scheduler) -> None:
+        """Show the monitors of `scheduler` (pages.Pages calls it when it starts)."""
+        self.schedulers.add(scheduler)
         if not self.registered:
             try:
                 import prometheus_client
@@ -39,15 +36,23 @@ class MetricsCollector:
             prometheus_client.REGISTRY.register(self)
             self.registered = True
 
-    def detach(self, monitor: Monitor) -> None:
-        self.monitors = [m for m in self.monitors if m is not monitor]
+    def current(self) -> list[Monitor]:
+        """The monitors shown now: the watched schedulers' and the ones given."""
+        found = [
+            plugin
+            for scheduler in list(self.schedulers)
+            for plugin in list(scheduler.plugins.values())
+            if isinstance(plugin, ServedMonitor)
+        ]
+        return [*self.monitors, *found]
 
     def describe(self) -> list:
         return []  # no fixed set: the registry then does not call collect() early
 
     def collect(self) -> Iterator:
-        runs = [m for m in self.monitors if isinstance(m, RunMonitor)]
-        trainings = [m for m in self.monitors if isinstance(m, TrainMonitor)]
+        monitors = self.current()
+        runs = [m for m in monitors if isinstance(m, RunMonitor)]
+        trainings = [m for m in monitors if isinstance(m, TrainMonitor)]
         families = metric_families(runs)
         if trainings:  # a scheduler that never trained shows no pingu_train_* families
             families += train_metric_families(trainings)

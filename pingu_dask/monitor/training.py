@@ -6,7 +6,7 @@ say little (a fold is "processing" for hours). `TrainMonitor` therefore counts o
 events on the topic TRAIN_TOPIC, all small msgpack-able dicts carrying the training's
 token (others are ignored):
 
-- the driver (`TrainFeed`, `client.log_event`) sends the stages around the folds
+- the driver (feed.TrainFeed, `client.log_event`) sends the stages around the folds
   (cases, plan, preprocess, train, evaluate: done / total), a fold's verdict after each
   attempt (ok, retry, failed; the driver decides, as for scans) and the end;
 - the worker training a fold sends "started" (attempt, worker, the checkpoint epoch it
@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pingu_dask.monitor.feed import Feed
 from pingu_dask.monitor.plugin import ServedMonitor
 
 logger = logging.getLogger(__name__)
@@ -297,26 +296,3 @@ class TrainMonitor(ServedMonitor):
         if None in running or None in waiting:
             return None
         return max(running, default=0.0) + sum(waiting) / max(1, len(running))
-
-
-# -- the driver's side -------------------------------------------------------------------
-
-
-class TrainFeed(Feed):
-    """The driver's link to a training's monitor: registers it under TRAIN_PLUGIN_NAME
-    (replacing an earlier training's), sends it stages, fold verdicts and the end.
-    Workers send their folds' "started" and "epoch" events themselves with the same
-    token (`get_worker().log_event(TRAIN_TOPIC, ...)`). As for RunFeed, errors are
-    logged and ignored: watching must never stop a training."""
-
-    def __init__(self, client, monitor: TrainMonitor) -> None:
-        super().__init__(client, monitor, monitor.token, TRAIN_PLUGIN_NAME, TRAIN_TOPIC, "training")
-
-    def send(self, **message) -> None:
-        """One event, e.g. send(event="stage", stage="plan", done=0, total=1); the token
-        is added. It goes through msgpack: plain ints, floats, strings, None."""
-        self._send(**message)
-
-    def ended(self, status: str) -> None:
-        """The whole training ended: finished, interrupted or failed."""
-        self._send(event="ended", status=status)

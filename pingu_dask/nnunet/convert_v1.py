@@ -36,11 +36,9 @@ import json
 import pickle
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pingu_dask import __version__
 from pingu_dask.errors import ModelError
 from pingu_dask.nnunet.checkpoints import load_checkpoint
 from pingu_dask.nnunet.model import sha256_of_files, unpack_zip
@@ -51,6 +49,8 @@ from pingu_dask.nnunet.v1_network import (
     read_architecture,
     v2_network,
 )
+from pingu_dask.records import timestamp
+from pingu_dask.version import __version__
 
 SUPPORTED_TRAINERS = ("nnUNetTrainerV2",)
 SUPPORTED_CONFIGURATIONS = ("3d_fullres", "3d_lowres")
@@ -321,7 +321,7 @@ def _provenance(source: Path, v1: V1Model) -> dict:
     checkpoints = [v1.folder / f"fold_{fold}" / V1_CHECKPOINT for fold in v1.folds]
     return {
         "imported_by": f"pingu-dask {__version__}",
-        "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "imported": timestamp(),
         "source": str(Path(source).resolve()),
         "v1_folder": str(v1.folder),
         "v1_trainer": v1.trainer,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import zipfile
 import zlib
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from pingu_dask.config import DEFAULTS, cache_dir
 from pingu_dask.errors import ModelError
+from pingu_dask.records import column_name
 
 DEMO_NAME = "demo"
 DEFAULT_CHECKPOINT = DEFAULTS["pingu"]["checkpoint"]
@@ -45,7 +45,7 @@ class Model:
     @property
     def channels(self) -> tuple[str, ...]:
         """Manifest column names for the input channels: dataset.json names, lower-cased."""
-        return tuple(manifest_column(name) for name in self.channel_names)
+        return tuple(column_name(name) for name in self.channel_names)
 
     @property
     def name(self) -> str:
@@ -61,11 +61,6 @@ class Model:
             "configuration": self.configuration,
             "fingerprint": self.fingerprint,
         }
-
-
-def manifest_column(channel_name: str) -> str:
-    """dataset.json channel name -> manifest column: 'T1w' -> 't1w', 'T2 FLAIR' -> 't2_flair'."""
-    return re.sub(r"[^0-9a-z]+", "_", channel_name.strip().lower()).strip("_")
 
 
 def demo_model_folder() -> Path:

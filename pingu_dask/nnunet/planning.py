@@ -142,9 +142,17 @@ def nnunet_environment(folders: NnunetFolders) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def write_dataset_json(folders: NnunetFolders, channel_names: Sequence[str], n_cases: int) -> dict:
-    """The raw dataset's dataset.json (binary PVS labels, NIfTI read by NibabelIO)."""
-    document = {
+def write_dataset_json(
+    folders: NnunetFolders, channel_names: Sequence[str], n_cases: int, cases: Sequence[str] = ()
+) -> dict:
+    """The raw dataset's dataset.json (binary PVS labels, NIfTI read by NibabelIO).
+
+    With `cases` (the cases written), it lists their files under "dataset", as nnU-Net
+    allows: its planner then reads that list instead of listing imagesTr through a
+    forked multiprocessing Pool, which can deadlock in a driver that runs threads (a
+    forked child stuck on a lock another thread held: seen as a hung `train`).
+    """
+    document: dict = {
         "channel_names": {str(i): name for i, name in enumerate(channel_names)},
         "labels": dict(LABELS),
         "numTraining": n_cases,
@@ -157,6 +165,15 @@ def write_dataset_json(folders: NnunetFolders, channel_names: Sequence[str], n_c
     folder = folders.raw_dataset
     for sub in ("imagesTr", "labelsTr"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+    if cases:
+        listed = {}
+        for case in cases:
+            images, label = case_files(folders, case, len(channel_names))
+            listed[case] = {
+                "images": [str(path.relative_to(folder)) for path in images],
+                "label": str(label.relative_to(folder)),
+            }
+        document["dataset"] = listed
     (folder / "dataset.json").write_text(json.dumps(document, indent=2))
     return document
 

@@ -5,15 +5,13 @@ A long run with slow scans flushes often, so a table grows to one small part per
 into parts of up to ~1,000,000 rows under a new token, then commits by writing one
 commit file that lists what it supersedes, then deletes those (parts.py: how a crash
 at any point neither loses nor doubles rows). run_cohort compacts at the start and the
-end of a run when a table has more parts than pingu.compact-above-parts.
+end of a run when a table has more parts than the run's compact-above-parts setting.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from pingu_dask.output.parts import (
     compaction_token,
     flush_key,
     fsync,
+    new_token,
     parts,
     settle_compactions,
     write_commit,
@@ -48,19 +47,17 @@ _ROW_GROUP_ROWS = 128 * 1024  # rows per Parquet row group in a compacted part
 _BATCHES_PER_CHUNK = 1024  # small batches copied into one while compacting (_row_groups)
 
 
-def compact_if_fragmented(out: Path) -> dict[str, tuple[int, int]]:
-    """compact_tables when a table has more parts than config pingu.compact-above-parts
-    (None: never). run_cohort calls it at the start and the end of a run; it costs a
-    listing of the table folders when there is nothing to do. Compaction is only
-    housekeeping and never loses rows, so an OSError (a full disk) is logged and the
-    next run tries again, rather than failing a run whose scans are all done."""
-    from pingu_dask.config import setting
-
-    above = setting("compact-above-parts")
-    if above is None:
+def compact_if_fragmented(out: Path, above_parts: int | None) -> dict[str, tuple[int, int]]:
+    """compact_tables when a table has more parts than `above_parts` (the run's
+    pingu.compact-above-parts; None: never). run_cohort calls it at the start and the
+    end of a run; it costs a listing of the table folders when there is nothing to do.
+    Compaction is only housekeeping and never loses rows, so an OSError (a full disk)
+    is logged and the next run tries again, rather than failing a run whose scans are
+    all done."""
+    if above_parts is None:
         return {}
     try:
-        return compact_tables(out, above_parts=int(above))
+        return compact_tables(out, above_parts=above_parts)
     except OSError as error:
         logger.warning("table compaction failed, left for the next run: %s", error)
         return {}
@@ -105,7 +102,7 @@ def compact_tables(
     runs = {name: _runs(files, name, vouched, max_rows) for name, files in before.items()}
     if not any(len(run) > 1 for table_runs in runs.values() for run in table_runs):
         return counts  # nothing to gain: every part is full, alone or not ours to merge
-    token = f"compact-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+    token = new_token("compact-")
     for name in (*DATA_TABLES, LEDGER):
         _merge_runs(out, name, runs[name], token, max_rows)
     supersedes = {name: [p.name for run in runs[name] for p in run] for name in FLUSHED_TABLES}

@@ -42,13 +42,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pingu_dask.errors import PinguError
-from pingu_dask.inputs.manifest import column_name
-from pingu_dask.inputs.manifest import read_table as read_manifest
+from pingu_dask.inputs.manifest import read_manifest_file
 from pingu_dask.output import layout, ledger, parts, tables
 from pingu_dask.output.files import atomic_path
 from pingu_dask.output.parts import LEDGER
 from pingu_dask.output.scans import NOT_RUN, SCANS
-from pingu_dask.records import Status
+from pingu_dask.records import Status, column_name
 
 VOLUME_DECIMALS = 3  # mm³: 0.001 mm³ is far below one voxel (0.5 mm voxels are 0.125 mm³)
 FRACTION_DIGITS = 6  # significant digits of a volume fraction (often ~1e-3)
@@ -312,7 +311,7 @@ def _manifest_identity(out: Path) -> pd.DataFrame | None:
     if hashlib.sha256(path.read_bytes()).hexdigest() != info.get("sha256"):
         return None  # the manifest changed since: its rows may not be that run's
     try:
-        manifest = read_manifest(path)
+        manifest = read_manifest_file(path)
     except (OSError, ValueError):
         return None
     if "scan_id" not in manifest:

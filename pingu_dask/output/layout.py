@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pingu_dask import __version__
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output.files import atomic_path
+from pingu_dask.output.masks import MASKS, remove_partial_masks
 from pingu_dask.output.parts import TABLES
 from pingu_dask.output.tables import SCHEMAS
+from pingu_dask.version import __version__
 
-MASKS = "masks.zarr"
 NIFTI = "nifti"
 RUN_JSON = "run.json"
 QC = "qc"  # <scan_id>.png per scan, with --qc (qc.py)
@@ -57,8 +57,6 @@ def reset_output(out: Path) -> None:
     out = Path(out)
     for name in (MASKS, TABLES, NIFTI, QC, REPORT, EXPORT):
         shutil.rmtree(out / name, ignore_errors=True)
-    from pingu_dask.output.masks import remove_partial_masks  # masks.py imports this module
-
     remove_partial_masks(out)
     (out / RUN_JSON).unlink(missing_ok=True)
 
@@ -72,9 +70,6 @@ def write_json(path: Path, document: dict) -> None:
 def read_run_json(out: Path) -> dict | None:
     path = Path(out) / RUN_JSON
     return json.loads(path.read_text()) if path.exists() else None
-
-
-# --- masks (workers) -----------------------------------------------------------------
 
 
 # --- NIfTI names ---------------------------------------------------------------------

@@ -10,12 +10,13 @@ there too, and says when it is stale without trusting any one node:
   fails when .lock exists, so exactly one contender wins, and .lock never exists
   empty or half-written: a reader cannot take a lock being created for a broken one.
 - **Heartbeat**: while the lock is held, a daemon thread rewrites it every
-  `pingu.lock-heartbeat-seconds` (temporary file, then os.replace) with a fresh UTC
-  `heartbeat`, but only while .lock still holds this holder's token.
+  LockTimes.heartbeat_seconds (pingu.lock-heartbeat-seconds; temporary file, then
+  os.replace) with a fresh UTC `heartbeat`, but only while .lock still holds this
+  holder's token.
 - **Stale**: on the same host, when the holder's pid is gone; on any host, when its
-  heartbeat is older than `pingu.lock-stale-seconds` (a driver killed outright, or
-  its node lost, stops beating; this is what lets a resubmitted driver on another node
-  in); when it is unreadable or names no pid, once its file is older than
+  heartbeat is older than LockTimes.stale_seconds (pingu.lock-stale-seconds; a driver
+  killed outright, or its node lost, stops beating; this is what lets a resubmitted
+  driver on another node in); when it is unreadable or names no pid, once its file is older than
   UNREADABLE_GRACE_SECONDS. A lock written by an older version (no heartbeat) counts
   by its file's age on other hosts; on the same host its pid decides, since such a
   holder never refreshes anything.
@@ -29,6 +30,16 @@ there too, and says when it is stale without trusting any one node:
 
 Times are compared across hosts, so the stale time (minutes) must be much longer than
 the clock differences between nodes (NTP keeps them well under a second).
+
+Why not flufl.lock (the maintained NFS-safe lock: link() of a claim file, lifetimes,
+refresh): its lock() breaks another holder's lock only once that lock's lifetime has
+run out (its `state` can tell that a pid on this host is gone, but acquiring does not
+act on it), so a driver killed here would keep OUT locked for a whole lifetime where
+this lock lets the next run in at once (the Ctrl-C, kill and resubmission tests rely
+on it); and its lock file holds only the claim file's name, so `pingu-dask status` and
+a refusal could not say which command holds OUT, since when, and when it last beat.
+tests/test_lock.py holds this module to those guarantees (checked against flufl.lock
+8.1, _lockfile.py).
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pingu_dask.config import setting
+from pingu_dask.config import DEFAULTS
 from pingu_dask.errors import RunError
 
 LOCK_NAME = ".lock"
@@ -63,17 +74,20 @@ class LockedError(RunError):
     """Another run holds the output directory."""
 
 
-def heartbeat_seconds() -> float:
-    """How often a holder refreshes its heartbeat: the setting, but never so rarely that
-    a live holder could look stale between two beats."""
-    every = float(setting("lock-heartbeat-seconds"))
-    third = stale_seconds() / 3
-    return min(every, third) if every > 0 else third
+@dataclass(frozen=True)
+class LockTimes:
+    """How often a holder beats, and how long after its last beat a lock is stale (the
+    run's settings give them: pingu.lock-heartbeat-seconds / lock-stale-seconds)."""
 
+    heartbeat_seconds: float = DEFAULTS["pingu"]["lock-heartbeat-seconds"]
+    stale_seconds: float = DEFAULTS["pingu"]["lock-stale-seconds"]
 
-def stale_seconds() -> float:
-    """How long after its last heartbeat a lock counts as stale."""
-    return float(setting("lock-stale-seconds"))
+    @property
+    def beat_every(self) -> float:
+        """The heartbeat interval, but never so long that a live holder could look stale
+        between two beats."""
+        third = self.stale_seconds / 3
+        return min(self.heartbeat_seconds, third) if self.heartbeat_seconds > 0 else third
 
 
 def _now() -> str:
@@ -165,9 +179,9 @@ class _Verdict:
         )
 
 
-def _judge(snapshot: _Snapshot, now: float | None = None) -> _Verdict:
+def _judge(snapshot: _Snapshot, times: LockTimes, now: float | None = None) -> _Verdict:
     now = time.time() if now is None else now
-    limit = stale_seconds()
+    limit = times.stale_seconds
     file_age = now - snapshot.mtime
     holder = snapshot.holder
     pid = _pid(holder)
@@ -202,7 +216,7 @@ def _judge(snapshot: _Snapshot, now: float | None = None) -> _Verdict:
     return _Verdict(holder, age > limit, reason, age)
 
 
-def read_lock(out: Path) -> dict | None:
+def read_lock(out: Path, times: LockTimes | None = None) -> dict | None:
     """The holder of OUT's lock, or None when there is none.
 
     The holder's fields (pid, host, started, command, heartbeat) plus `stale` (whether
@@ -212,7 +226,7 @@ def read_lock(out: Path) -> dict | None:
     snapshot = _read(Path(out) / LOCK_NAME)
     if snapshot is None:
         return None
-    verdict = _judge(snapshot)
+    verdict = _judge(snapshot, times or LockTimes())
     holder = {"pid": None, "host": None, "started": None, "command": ""}
     holder.update((k, v) for k, v in verdict.holder.items() if k != "token")
     return {
@@ -270,8 +284,9 @@ class OutputLock:
     when the heartbeat finds that the lock is no longer this holder's.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, times: LockTimes | None = None) -> None:
         self.path = Path(out) / LOCK_NAME
+        self.times = times or LockTimes()
         self.took_over: dict | None = None
         self.lost: dict | None = None
         self._holder: dict | None = None
@@ -302,7 +317,7 @@ class OutputLock:
             while not _link(temporary, self.path):
                 snapshot = _read(self.path)
                 if snapshot is not None:
-                    verdict = _judge(snapshot)
+                    verdict = _judge(snapshot, self.times)
                     if not verdict.stale:
                         raise LockedError(verdict.refusal(self.path))
                     if self._take_over(snapshot, temporary):
@@ -358,7 +373,7 @@ class OutputLock:
         aside.unlink(missing_ok=True)
 
     def _beat_until_stopped(self) -> None:
-        while not self._stop.wait(heartbeat_seconds()):
+        while not self._stop.wait(self.times.beat_every):
             try:
                 if not self._beat():
                     return

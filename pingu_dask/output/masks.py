@@ -20,8 +20,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pingu_dask.output.layout import MASKS
+from pingu_dask.records import timestamp
 
+MASKS = "masks.zarr"  # OUT/masks.zarr: one group per scan (layout.py lays out OUT)
 MASK_ARRAY = "pvs"  # the model's PVS label values where PVS was kept, 0 elsewhere
 STRUCTURES_ARRAY = "structures"  # its other labels (e.g. WMH), for models that have them
 
@@ -232,7 +233,7 @@ def _write_group(
             "affine": np.asarray(affine, dtype=float).tolist(),
             "spacing": nib.affines.voxel_sizes(affine).tolist(),
             "shape": list(mask.shape),
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "written": timestamp(),
         }
     )
     group.attrs.update({"complete": True})

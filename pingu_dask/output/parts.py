@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,12 @@ from pathlib import Path
 from pingu_dask.output.files import atomic_path
 
 TABLES = "tables"
+
+
+def new_token(prefix: str = "") -> str:
+    """A part file's token: when it was written (sortable) and a random tail, so two
+    writers never share a name."""
+    return f"{prefix}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
 
 
 LEDGER = "ledger"
@@ -102,6 +110,8 @@ def remove_orphan_parts(out: Path) -> int:
 
 
 # --- compaction ---------------------------------------------------------------------
+
+
 @dataclass
 class CompactionState:
     """The compactions recorded in the ledger folder: which committed, and which have

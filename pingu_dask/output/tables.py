@@ -25,6 +25,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -33,9 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pingu_dask.inputs.manifest import scan_columns  # noqa: F401 (re-exported)
+from pingu_dask.config import DEFAULTS
 from pingu_dask.output.files import atomic_path
-from pingu_dask.output.parts import DATA_TABLES, LEDGER, REPLACED_PART, TABLES, parts
+from pingu_dask.output.parts import DATA_TABLES, LEDGER, REPLACED_PART, TABLES, new_token, parts
 from pingu_dask.records import ScanRows
 
 _FILES_PER_SCAN = 256  # parts read by one pyarrow scan (see in_slices)
@@ -190,23 +191,26 @@ def to_table(name: str, rows: list[dict] | Mapping[str, object]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+@dataclass(frozen=True)
+class FlushEvery:
+    """How often TableWriter writes its rows: after this many scans or seconds."""
+
+    scans: int = DEFAULTS["pingu"]["flush-every-scans"]
+    seconds: float = DEFAULTS["pingu"]["flush-every-seconds"]
+
+
 class TableWriter:
     """Buffers table rows from finished scans and writes them as Parquet parts.
 
-    A flush happens every `every_scans` scans or `every_seconds` seconds (whichever
+    A flush happens every `flush.scans` scans or `flush.seconds` seconds (whichever
     comes first; the runner calls flush_if_due while it waits) and at close, so a
     crashed driver loses at most that tail, and those scans are simply redone on
-    resume. Defaults come from the `pingu` config (flush-every-scans / -seconds).
+    resume. The run's values come from its settings (run/settings.py).
     """
 
-    def __init__(
-        self, out: Path, every_scans: int | None = None, every_seconds: float | None = None
-    ) -> None:
-        from pingu_dask.config import setting
-
+    def __init__(self, out: Path, flush: FlushEvery | None = None) -> None:
         self.out = Path(out)
-        self.every_scans = every_scans or int(setting("flush-every-scans"))
-        self.every_seconds = every_seconds or float(setting("flush-every-seconds"))
+        self.flush_every = flush if flush is not None else FlushEvery()
         self._buffers: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
         self._ledger_rows: list[dict] = []
         self._scans = 0
@@ -224,13 +228,13 @@ class TableWriter:
                 self._buffers[name].append(table)
         self._ledger_rows.extend(ledger_rows)
         self._scans += 1
-        if self._scans >= self.every_scans:
+        if self._scans >= self.flush_every.scans:
             self.flush()
         else:
             self.flush_if_due()
 
     def flush_if_due(self) -> None:
-        if self._scans and time.monotonic() - self._last_flush >= self.every_seconds:
+        if self._scans and time.monotonic() - self._last_flush >= self.flush_every.seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -238,7 +242,7 @@ class TableWriter:
             self._buffers[LEDGER].append(to_table(LEDGER, self._ledger_rows))
             self._ledger_rows = []
         if any(self._buffers.values()):
-            flush_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+            flush_id = new_token()
             written: list[Path] = []
             try:
                 for name in (*DATA_TABLES, LEDGER):  # the ledger last: it vouches for the rest

@@ -18,15 +18,15 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from pingu_dask import __version__
 from pingu_dask.analysis.evaluate import count_agreement, reference_handling, summarise
+from pingu_dask.analysis.regions import HEADLINE_REGIONS
 from pingu_dask.errors import PinguError
 from pingu_dask.inputs.manifest import region_sources_note
 from pingu_dask.output import layout, ledger, tables
 from pingu_dask.output.files import atomic_path
 from pingu_dask.report import figures
+from pingu_dask.version import __version__
 
-REPORTED_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
 MEASURES = ("n_clusters", "total_volume_mm3")
 OUTLIER_MADS = 3.0  # robust z beyond which a scan is flagged, per site
 MIN_SCANS_FOR_OUTLIERS = 5  # per site: fewer make the median and MAD meaningless
@@ -146,7 +146,7 @@ def build_report(out: Path) -> Path:
     regions = tables.read_table(out, "regions")
     evaluation = tables.read_table(out, "evaluation")
     # Only scans whose latest attempt is ok count (a redone scan's old rows are gone).
-    region_names = [r for r in REPORTED_REGIONS if r in set(regions.get("region", []))]
+    region_names = [r for r in HEADLINE_REGIONS if r in set(regions.get("region", []))]
     outliers = robust_outliers(regions[regions["region"].isin(region_names)])
     items = gallery(out, regions, outliers)
     folder = out / layout.REPORT
@@ -156,7 +156,7 @@ def build_report(out: Path) -> Path:
     environment = templates()
     context = {
         "out": str(out.resolve()),
-        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "generated": generated(),
         "version": __version__,
         "run": run_info,
         "counts": summary.counts,
@@ -273,6 +273,11 @@ def stage_seconds(ledger_rows: pd.DataFrame) -> list[dict]:
                 }
             )
     return rows
+
+
+def generated() -> str:
+    """When a report page was made, as its footer says it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def write_page(path: Path, text: str) -> None:

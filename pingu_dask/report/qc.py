@@ -28,6 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pingu_dask.analysis.regions import HEADLINE_REGIONS
 from pingu_dask.output import layout
 from pingu_dask.output.files import atomic_path
 
@@ -45,7 +46,6 @@ REGION_COLOURS = {
     "other": (255, 64, 200),
     "whole_brain": (255, 80, 40),
 }
-ALWAYS_LISTED = ("white_matter", "basal_ganglia", "whole_brain")
 MORE_COLOURS = ((120, 255, 80), (255, 120, 60), (160, 120, 255), (255, 255, 140))
 
 
@@ -243,7 +243,7 @@ def _header(sheet, title: str, counts: dict[str, int], names) -> None:
     draw.text((6, 3), title, fill=GREYS - 1, font=font)
     x = 6
     for code, name in enumerate(names, start=1):
-        if not counts.get(name) and name not in ALWAYS_LISTED:
+        if not counts.get(name) and name not in HEADLINE_REGIONS:
             continue
         draw.rectangle((x, 25, x + 10, 35), fill=GREYS - 1 + code)
         label = f"{name.replace('_', ' ')} {counts.get(name, 0)}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pingu_dask import __version__
 from pingu_dask.analysis.evaluate import reference_handling
+from pingu_dask.analysis.regions import HEADLINE_REGIONS
 from pingu_dask.output import training as layout
 from pingu_dask.report import figures
-from pingu_dask.report.build import REPORTED_REGIONS, ReportError, templates, write_page
+from pingu_dask.report.build import (
+    ReportError,
+    generated,
+    templates,
+    write_page,
+)
+from pingu_dask.version import __version__
 
 REPORT_HTML = "report.html"  # in MODEL_DIR/evaluation
 PROGRESS_FILE = "progress.jsonl"  # nnunet/trainer_process.py: one JSON object per line
@@ -76,7 +81,7 @@ def build_training_report(model_dir: Path) -> Path:
     environment = templates()
     context = {
         "model_dir": str(model_dir.resolve()),
-        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "generated": generated(),
         "version": __version__,
         "trained": what_was_trained(record),
         "split_meaning": SPLIT_MEANINGS.get(split.get("kind", ""), ""),
@@ -417,7 +422,7 @@ def learning_curves(curves: pd.DataFrame, names: dict[int, str]) -> str | None:
 
 
 def evaluation_tables(summary: pd.DataFrame) -> list[dict]:
-    """One table per region (REPORTED_REGIONS first), one row per site (`all` last):
+    """One table per region (HEADLINE_REGIONS first), one row per site (`all` last):
     scans, voxel Dice and cluster F1 as mean (SD); with the initial model's rows, its
     values ("before") beside the trained model's ("after") and the change of the mean."""
     needed = {"model", "site", "region", "n_scans", "voxel_dice_mean", "cluster_f1_mean"}
@@ -428,8 +433,8 @@ def evaluation_tables(summary: pd.DataFrame) -> list[dict]:
         if column not in frame:
             frame[column] = np.nan
     present = list(dict.fromkeys(frame["region"]))
-    regions = [r for r in REPORTED_REGIONS if r in present] + [
-        r for r in present if r not in REPORTED_REGIONS
+    regions = [r for r in HEADLINE_REGIONS if r in present] + [
+        r for r in present if r not in HEADLINE_REGIONS
     ]
     sites = list(dict.fromkeys(s for s in frame["site"] if s != "all"))
     sites = sorted(sites) + (["all"] if "all" in set(frame["site"]) else [])

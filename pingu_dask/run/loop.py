@@ -1,7 +1,7 @@
 """Feed a cohort's scans through the three stages on a Dask client, dependably.
 
 - A bounded window of scans is in flight at once (a few per worker the run plans for,
-  see cluster.Capacity), never the whole manifest as one graph: the scheduler stays
+  see capacity.py), never the whole manifest as one graph: the scheduler stays
   small at 100,000 scans, and tasks that ask for a resource (predict) bypass the
   scheduler's own queuing, so the client throttles. With batch jobs the window follows
   the workers asked for, not those present, so that a job that starts finds work.
@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 from distributed import Client, Future
 
-from pingu_dask.config import INFERENCE_RESOURCE, setting
+from pingu_dask.config import INFERENCE_RESOURCE
 from pingu_dask.errors import (
     ErrorReport,
     OutOfSpace,
@@ -59,6 +59,7 @@ from pingu_dask.records import ScanResult, Status
 from pingu_dask.run import stages
 from pingu_dask.run.capacity import Capacity, PresentWorkers
 from pingu_dask.run.policies import CircuitBreaker, FeedWindow
+from pingu_dask.run.settings import RunSettings
 
 TICK_SECONDS = 1.0  #: the longest the loop waits without flushing or checking time limits
 
@@ -121,79 +122,76 @@ def _stage_of(key: object) -> str:
     return key[0].split("-")[0]
 
 
-def segment_cohort(
-    client: Client,
-    scans: Sequence[Scan],
-    pipeline: stages.Pipeline,
-    window: int | None = None,
-    retries: int | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-    run_id: str | None = None,
-    extra_ledger_rows: Sequence[dict] = (),
-    keep_details: bool = True,
-    stage_functions: StageFunctions = NNUNET_STAGES,
-    done_before: int = 0,
-    watch: bool = True,
-    capacity: Capacity | None = None,
-    scan_timeout: float | None = None,
-    breaker_scans: int | None = None,
-) -> list[ScanResult]:
-    """Segment every scan and write its outputs; return one ScanResult per scan.
+@dataclass(kw_only=True)
+class Segmentation:
+    """What the driver's loop is asked to do: one pass over `scans` (run_cohort makes
+    one per run; tests and benchmarks make their own).
+
+    `settings` (retries, time limit, circuit breaker, window bound, flushes, the run
+    page's window) are resolved before the loop starts (RunSettings.from_config).
+    `extra_ledger_rows` (e.g. invalid manifest rows) are written with the first flush.
+    With `keep_details` False, a successful scan's result shrinks to its id and status
+    (large cohorts: the driver's memory stays flat; everything else is in the tables).
+    With `watch`, the run's page (/pingu) and pingu_* metrics appear on the scheduler's
+    web server; `done_before` (scans done in earlier runs) is shown there. `capacity`
+    says how many workers to plan the window for (default: those present); `window`
+    fixes it. `stages` are the three task functions: the real ones, or the stand-ins
+    of the runner's own tests and benchmarks (named as such).
+    """
+
+    scans: Sequence[Scan]
+    pipeline: stages.Pipeline
+    settings: RunSettings = field(default_factory=RunSettings.from_config)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    on_progress: Callable[[Progress], None] | None = None
+    extra_ledger_rows: Sequence[dict] = ()
+    keep_details: bool = True
+    done_before: int = 0
+    watch: bool = True
+    capacity: Capacity | None = None
+    window: int | None = None
+    stages: StageFunctions = NNUNET_STAGES
+
+
+def segment_scans(client: Client, job: Segmentation) -> list[ScanResult]:
+    """Segment every scan of `job` and write its outputs; one ScanResult per scan.
 
     Masks are written by the workers; the scans' table rows come back in the results
-    and are written here with the ledger rows. `extra_ledger_rows` (e.g. invalid
-    manifest rows) are written with the first flush. With `keep_details` False, a
-    successful scan's result shrinks to its id and status (large cohorts: the driver's
-    memory stays flat; everything else is in the tables). With `watch`, the run's
-    page (/pingu) and pingu_* metrics appear on the scheduler's web server;
-    `done_before` (scans done in earlier runs) is shown there. `capacity` says how
-    many workers to plan the window for (default: those present); `window` fixes it.
-    `scan_timeout` (seconds) and `breaker_scans` default to the pingu config
-    (scan-timeout, circuit-breaker-scans). Raises RunStopped when the breaker trips.
+    and are written here with the ledger rows. Raises RunStopped when the circuit
+    breaker trips, OutOfSpace when OUT's file system is full.
     """
+    pipeline, settings = job.pipeline, job.settings
     layout.prepare_output(pipeline.out)
-    names = layout.nifti_names(scans) if pipeline.write_nifti else {}
+    names = layout.nifti_names(job.scans) if pipeline.write_nifti else {}
     if pipeline.write_nifti:
         layout.describe_nifti_dataset(pipeline.out, pipeline.model.facts())
-    retries = int(setting("retries")) if retries is None else retries
-    if scan_timeout is None:
-        scan_timeout = setting("scan-timeout")
-    if breaker_scans is None:
-        breaker_scans = int(setting("circuit-breaker-scans"))
-    run_id = run_id or uuid.uuid4().hex[:12]
     token = uuid.uuid4().hex[:8]  # this run's task keys: (f"{stage}-{token}", index, attempt)
     feed = None
-    if watch:
+    if job.watch:
         monitor = RunMonitor(
             token,
-            run_id,
-            len(scans),
-            done_before=done_before,
+            job.run_id,
+            len(job.scans),
+            done_before=job.done_before,
             out=str(pipeline.out),
             model=pipeline.model.name,
+            window_seconds=settings.throughput_window_seconds,
         )
         feed = RunFeed(client, monitor)
-    with tables.TableWriter(pipeline.out) as writer:
-        if extra_ledger_rows:
-            writer.add({}, ledger_rows=extra_ledger_rows)
+    with tables.TableWriter(pipeline.out, settings.flush) as writer:
+        if job.extra_ledger_rows:
+            writer.add({}, ledger_rows=job.extra_ledger_rows)
         loop = _Loop(
             client=client,
-            pipeline=pipeline,
+            job=job,
             names=names,
             writer=writer,
-            retries=retries,
-            run_id=run_id,
-            on_progress=on_progress,
-            keep_details=keep_details,
-            functions=stage_functions,
             token=token,
             feed=feed,
-            capacity=capacity or PresentWorkers(client),
-            window=window,
-            scan_timeout=float(scan_timeout) if scan_timeout else None,
-            breaker=CircuitBreaker(breaker_scans),
+            capacity=job.capacity or PresentWorkers(client),
+            breaker=CircuitBreaker(settings.breaker_scans),
         )
-        return loop.run(scans)
+        return loop.run(job.scans)
 
 
 @dataclass(kw_only=True)
@@ -201,28 +199,23 @@ class _Loop:
     """The driver's loop: submit, collect, record, retry, time out; one per run."""
 
     client: Client
-    pipeline: stages.Pipeline
+    job: Segmentation
     names: dict[str, str]  # scan id -> NIfTI file name
     writer: tables.TableWriter
-    retries: int
-    run_id: str
-    on_progress: Callable[[Progress], None] | None
-    keep_details: bool
-    functions: StageFunctions
     token: str
     feed: RunFeed | None  # the run's dashboard, if watched
     capacity: Capacity
-    window: int | None  # fixed number of scans in flight, or None: from capacity
-    scan_timeout: float | None
     breaker: CircuitBreaker
 
     def __post_init__(self) -> None:
+        self.pipeline = self.job.pipeline
+        self.settings = self.job.settings
         self.fingerprint = self.pipeline.fingerprint()
         self.queue: deque[tuple[int, Scan, int]] = deque()
         self.submitted: dict = {}  # finish key -> Attempt
         self.ready: queue.Queue[Future] = queue.Queue()  # finished futures, from callbacks
         self.results: list[ScanResult] = []
-        self.feed_window = FeedWindow(int(setting("max-scans-per-slot")))
+        self.feed_window = FeedWindow(self.settings.max_scans_per_slot)
         self.stopping: str | None = None
         self.out_of_space: str | None = None  # the first write that found no space left
         self._last_time_check = time.monotonic()
@@ -247,8 +240,8 @@ class _Loop:
                 self._submit_next()
                 progress.in_flight = len(self.submitted)
                 progress.stopping = self.stopping
-                if settled and self.on_progress:
-                    self.on_progress(progress)
+                if settled and self.job.on_progress:
+                    self.job.on_progress(progress)
         except BaseException as error:  # Ctrl-C (KeyboardInterrupt) or a driver error
             self._cancel(list(self.submitted.values()))
             if self.feed:
@@ -267,8 +260,8 @@ class _Loop:
     # --- submitting ---------------------------------------------------------------
 
     def _window_size(self) -> int:
-        if self.window:
-            return self.window
+        if self.job.window:
+            return self.job.window
         scans_left = len(self.queue) + len(self.submitted)
         slots = self.capacity.workers(scans_left)
         return self.feed_window.per_slot(self.capacity.threads_per_slot) * slots
@@ -287,7 +280,8 @@ class _Loop:
             futures[-1].add_done_callback(self.ready.put)
 
     def _submit(self, index: int, scan: Scan, attempt: int) -> list[Future]:
-        client, pipeline, token, functions = self.client, self.pipeline, self.token, self.functions
+        client, pipeline, token = self.client, self.pipeline, self.token
+        functions = self.job.stages
         prepared = client.submit(
             functions.preprocess, scan, pipeline, key=(f"preprocess-{token}", index, attempt)
         )
@@ -343,7 +337,7 @@ class _Loop:
             self.queue.appendleft((attempt.index, attempt.scan, attempt.attempt + 1))
             progress.retried += 1
             return
-        self.results.append(result if self.keep_details or not result.ok else result.brief())
+        self.results.append(result if self.job.keep_details or not result.ok else result.brief())
         progress.done += result.ok
         progress.failed += not result.ok
 
@@ -362,7 +356,7 @@ class _Loop:
             scan.site,
             status,
             attempt.attempt,
-            self.run_id,
+            self.job.run_id,
             attempt.started,
             result=result,
             error=error,
@@ -373,7 +367,8 @@ class _Loop:
     def _failed(self, attempt: Attempt, report: ErrorReport) -> ScanResult:
         """The failed attempt's ledger row and record (status failed, or retry)."""
         scan = attempt.scan
-        final = not report.retryable or attempt.attempt > self.retries or bool(self.stopping)
+        retries = self.settings.retries
+        final = not report.retryable or attempt.attempt > retries or bool(self.stopping)
         self.writer.add({}, ledger_rows=[self._ledger_row(attempt, Status.FAILED, error=report)])
         reason = self.breaker.failed(attempt.attempt, report)
         if reason and not self.stopping:
@@ -419,10 +414,11 @@ class _Loop:
         a worker is first seen holding one of its tasks, so scans waiting for batch
         jobs to start are not timed out.
         """
-        if not self.scan_timeout or not self.submitted:
+        limit = self.settings.scan_timeout
+        if not limit or not self.submitted:
             return 0
         now = time.monotonic()
-        if now - self._last_time_check < min(5.0, self.scan_timeout / 4):
+        if now - self._last_time_check < min(5.0, limit / 4):
             return 0
         self._last_time_check = now
         where = {key: worker for worker, keys in self.client.processing().items() for key in keys}
@@ -433,7 +429,7 @@ class _Loop:
                 if holder is not None:
                     attempt.running_since = now
                 continue
-            if now - attempt.running_since > self.scan_timeout:
+            if now - attempt.running_since > limit:
                 expired.append((attempt, holder))
         for attempt, holder in expired:
             self.submitted.pop(attempt.futures[-1].key, None)
@@ -441,7 +437,7 @@ class _Loop:
             stage = next((_stage_of(f.key) for f in attempt.futures if where.get(f.key)), "a stage")
             report = ErrorReport(
                 error_type="TimeoutError",
-                message=f"{stage}: no result after {self.scan_timeout:.0f} s (--scan-timeout) "
+                message=f"{stage}: no result after {limit:.0f} s (--scan-timeout) "
                 f"on {holder or 'a worker'}; cancelled, and the worker restarted",
                 worker=holder,
                 verdict=Verdict.TRANSIENT,

@@ -1,7 +1,8 @@
 """A whole `pingu-dask run`: lock, provenance, resume plan, cluster, runner, run.json.
 
-The CLI parses options into a RunRequest and calls run_cohort; tests and notebooks
-can do the same. Printing is left to the caller's callbacks.
+The CLI builds one RunRequest (every setting resolved then) and calls run_cohort;
+tests, notebooks and `train`'s scoring do the same. Printing is left to the caller's
+callbacks.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from pathlib import Path
 from pingu_dask.errors import RunError
 from pingu_dask.inputs.manifest import ManifestReport
 from pingu_dask.monitor.http import page_link
-from pingu_dask.nnunet.checkpoints import check_checkpoints
 from pingu_dask.output import compaction, layout, ledger, masks, parts, scans, tables
 from pingu_dask.output.lock import OutputLock
-from pingu_dask.records import ScanResult
+from pingu_dask.records import ScanResult, timestamp
 from pingu_dask.run.clusters import ClusterRequest, open_client
-from pingu_dask.run.jobs import JobOptions
-from pingu_dask.run.loop import Progress, RunStopped, segment_cohort
+from pingu_dask.run.loop import Progress, RunStopped, Segmentation, segment_scans
 from pingu_dask.run.provenance import (
     REGION_SOURCES,
     manifest_info,
@@ -31,7 +30,9 @@ from pingu_dask.run.provenance import (
     provenance,
     region_sources,
 )
+from pingu_dask.run.settings import RunSettings
 from pingu_dask.run.stages import Pipeline
+from pingu_dask.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +43,18 @@ class RunRefused(RunError):
     """The run cannot start as asked (another run, or different settings in OUT)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunRequest:
+    """One `pingu-dask run`, as the command line (or a notebook, or `train`'s scoring)
+    asks for it: every option and setting resolved when it is built, nothing looked
+    up later."""
+
     report: ManifestReport  # the validated manifest
-    pipeline: Pipeline
-    cluster: str = "local"  # local, or the address of a running scheduler
-    workers: int = 1  # local inference workers (one slot each)
-    cpu_workers: int = 0  # local workers without a slot, beside GPU workers
-    retries: int | None = None
-    force: bool = False
-    jobs: JobOptions = field(default_factory=JobOptions)  # for cluster slurm / pbs
-    dashboard_address: str | None = None  # None: config pingu.dashboard-address
-    scan_timeout: float | None = None  # seconds; None: config pingu.scan-timeout
+    pipeline: Pipeline  # the model and what decides each scan's outputs
+    cluster: ClusterRequest = field(default_factory=ClusterRequest)  # where it runs
+    # How the driver runs it (retries, limits, flushes, lock); from the config when built.
+    settings: RunSettings = field(default_factory=RunSettings.from_config)
+    force: bool = False  # delete OUT's results of other settings and start afresh
     allow_version_change: bool = False  # resume OUT made with other tool/library versions
 
 
@@ -117,8 +118,6 @@ def check_settings(
 
 def current_versions() -> dict[str, str | None]:
     """pingu-dask's, nnunetv2's and torch's versions in this process."""
-    from pingu_dask import __version__
-
     return {"pingu-dask": __version__, **package_versions(VERSIONED[1:])}
 
 
@@ -156,16 +155,17 @@ def run_cohort(
     out = Path(pipeline.out)
     out.mkdir(parents=True, exist_ok=True)
     outcome = RunOutcome(run_id=uuid.uuid4().hex[:12])
-    with OutputLock(out) as lock:
+    with OutputLock(out, request.settings.lock) as lock:
         outcome.took_over_lock = lock.took_over
         # A broken model stops here, before any scan is sent (and before --force deletes).
-        check_checkpoints(pipeline.model)
+        pipeline.model.check()
         check_settings(out, pipeline, request.force, request.allow_version_change)
         parts.remove_orphan_parts(out)
         masks.remove_partial_masks(out)
         plan = ledger.plan_resume(out, request.report.scans, pipeline.fingerprint())
         tables.drop_scans(out, plan.redo)
-        compaction.compact_if_fragmented(out)  # a resumed run's tables: few files before adding
+        compact_above = request.settings.compact_above_parts
+        compaction.compact_if_fragmented(out, compact_above)  # few files before adding
         outcome.done_before, outcome.redone = len(plan.done), len(plan.redo)
         invalid = ledger.invalid_rows(request.report.problems, outcome.run_id)
         outcome.invalid = len(invalid)
@@ -178,7 +178,7 @@ def run_cohort(
         run_info.setdefault("runs", []).append(
             {
                 "run_id": outcome.run_id,
-                "started": _now(),
+                "started": timestamp(),
                 "finished": None,
                 "to_do": len(plan.todo),
                 "versions": current_versions(),
@@ -196,26 +196,25 @@ def run_cohort(
                 if on_start:
                     on_start(outcome, plan)
                 try:
-                    outcome.results = segment_cohort(
-                        client,
-                        plan.todo,
-                        pipeline,
-                        retries=request.retries,
-                        on_progress=on_progress,
+                    job = Segmentation(
+                        scans=plan.todo,
+                        pipeline=pipeline,
+                        settings=request.settings,
                         run_id=outcome.run_id,
+                        on_progress=on_progress,
                         extra_ledger_rows=invalid,
                         keep_details=len(plan.todo) <= KEEP_DETAILS_UP_TO,
                         done_before=len(plan.done),
                         capacity=capacity,
-                        scan_timeout=request.scan_timeout,
                     )
+                    outcome.results = segment_scans(client, job)
                 except RunStopped as stopped:
                     outcome.results, outcome.stopped = stopped.results, str(stopped)
-            compaction.compact_if_fragmented(out)  # not after Ctrl-C or an error: next run's start
+            compaction.compact_if_fragmented(out, compact_above)  # not after Ctrl-C/an error
         finally:
             outcome.seconds = time.perf_counter() - started
-            run_info["runs"][-1]["finished"] = _now()
-            run_info["finished"] = _now()
+            run_info["runs"][-1]["finished"] = timestamp()
+            run_info["finished"] = timestamp()
             layout.write_json(out / layout.RUN_JSON, run_info)
             _write_scans_table(out, request.report)
     return outcome
@@ -231,18 +230,7 @@ def _write_scans_table(out: Path, report: ManifestReport) -> None:
         logger.warning("could not write %s/tables/scans: %s", out, error)
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
 def _client(request: RunRequest, scans_left: int):
     """A client on the cluster the request names, and how many workers to plan for."""
-    cluster = ClusterRequest(
-        request.cluster,
-        request.workers,
-        request.cpu_workers,
-        request.jobs,
-        request.dashboard_address,
-    )
     inference = request.pipeline.inference
-    return open_client(cluster, scans_left, inference.device, inference.torch_threads)
+    return open_client(request.cluster, scans_left, inference.device, inference.torch_threads)

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from pingu_dask import __version__
 from pingu_dask.analysis.atlas import ATLAS_REGION_SOURCE
 from pingu_dask.inputs.manifest import NO_REGION_SOURCE, Scan
+from pingu_dask.records import timestamp
 from pingu_dask.run import stages
+from pingu_dask.version import __version__
 
 REGION_SOURCES = "region_sources"  # run.json key: what the current manifest's scans used
 
@@ -62,7 +62,7 @@ def provenance(pipeline: stages.Pipeline, manifest: Path | None, n_scans: int) -
         "pipeline_fingerprint": pipeline.fingerprint(),
         "manifest": manifest_info(manifest),
         "n_scans": n_scans,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": timestamp(),
         "finished": None,
     }
 

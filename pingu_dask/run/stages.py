@@ -1,7 +1,7 @@
 """The three per-scan stages that run on Dask workers.
 
     preprocess (CPU)  read and check the channels, the parcellation on the image grid,
-                      nnU-Net's preprocessing of the voxels read
+                      the model's preparation (nnU-Net's preprocessing) of the voxels read
     predict    (slot) this worker's cached predictor: logits, and the export on the same
                       device (logits onto the scan's grid, argmax): a uint8 label map
     finish     (CPU)  label map -> mask on the input grid, clusters, mask file, record
@@ -9,10 +9,11 @@
 Each is a plain function of small picklable arguments (a Scan, a Pipeline) and the
 previous stage's result, so Dask can place, retry and overlap them: while one scan is
 on the GPU the next is being preprocessed and the last finished. The stages only
-orchestrate: nnU-Net is behind pingu_dask.nnunet, the numbers behind analyse. Big
+orchestrate: the model is behind its seam (records.SegmentationModel: prepare,
+predict, restore; nnU-Net's is nnunet/engine.py), the numbers behind analysis. Big
 arrays stay in worker memory and move between workers only if Dask chooses to; what
 crosses from predict to finish is a uint8 map of the head, and `finish` returns a
-small dict, the only thing the driver receives.
+small ScanResult, the only thing the driver receives.
 
 Nothing here starts processes: Dask workers are daemonic and cannot have children,
 which is why nnU-Net's own multi-process predict_from_files is not used.
@@ -52,18 +53,9 @@ from pingu_dask.inputs.manifest import (
     region_source,
 )
 from pingu_dask.inputs.orientation import Reorientation
-from pingu_dask.nnunet.case import (
-    CaseGeometry,
-    PreparedCase,
-    predict_case,
-    prepare_case,
-    to_image_order,
-)
-from pingu_dask.nnunet.model import Model
-from pingu_dask.nnunet.plans import model_plan
-from pingu_dask.nnunet.predictor import cached_predictor, uses_gpu, worker_slot
+from pingu_dask.nnunet.predictor import worker_slot
 from pingu_dask.output import derivatives, masks, tables
-from pingu_dask.records import ScanFacts, ScanResult
+from pingu_dask.records import PreparedScan, ScanFacts, ScanResult, SegmentationModel
 from pingu_dask.report import qc
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,7 +101,7 @@ DEFAULT_CHECKS = CheckThresholds()
 class Pipeline:
     """Everything the stages need besides the scan; small, it travels with each task."""
 
-    model: Model
+    model: SegmentationModel  # the model seam: nnunet/engine.py, or a stand-in
     inference: InferenceSettings
     out: Path
     pvs_rules: PvsClusterRules = DEFAULT_PVS_RULES
@@ -188,7 +180,7 @@ class Source:
 @dataclass
 class Preprocessed:
     scan_id: str
-    case: PreparedCase  # nnU-Net's preprocessed volume and where it lies in the scan
+    case: PreparedScan  # the model's prepared input and where it lies in the scan
     source: Source
     seconds: float
     worker: str
@@ -197,8 +189,8 @@ class Preprocessed:
 @dataclass
 class Predicted:
     scan_id: str
-    labels: np.ndarray  # uint8 label map of the cropped head, nnU-Net's axes
-    geometry: CaseGeometry
+    labels: np.ndarray  # uint8 label map as the model made it (nnU-Net: the cropped head)
+    geometry: Any  # where it lies in the scan (the model's, for restore)
     source: Source
     seconds: dict[str, float]
     workers: dict[str, str]
@@ -227,7 +219,7 @@ def stage(name: str) -> Callable[[F], F]:
 
 @stage("preprocess")
 def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
-    """Check the scan's images, bring them to the model's orientation, then nnU-Net's
+    """Check the scan's images, bring them to the model's orientation, then the model's
     preprocessing of the voxels read.
 
     Every channel is read in full first (check_image_data): nnU-Net would accept a
@@ -280,13 +272,7 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
         ),
     )
     paths = [scan.channel(column) for column in model.channels]
-    case = prepare_case(
-        model_plan(model),
-        images,
-        info.spacing[:3],
-        paths,
-        resample_now=not uses_gpu(pipeline.inference.device),
-    )
+    case = model.prepare(images, info.spacing[:3], paths, pipeline.inference)
     seconds = time.perf_counter() - started
     return Preprocessed(scan.scan_id, case, source, seconds, worker_name())
 
@@ -381,14 +367,13 @@ def reoriented_regions(regions: Regions | None, turn: Reorientation) -> Regions 
 
 @stage("predict")
 def predict(item: Preprocessed, pipeline: Pipeline) -> Predicted:
-    """The label map from this worker's cached predictor (one scan at a time per worker):
-    resampling, network and export all on the predictor's device."""
+    """The label map from the model on this worker's slot (one scan at a time per
+    worker; nnU-Net: resampling, network and export all on the predictor's device)."""
     started = time.perf_counter()
     worker = _this_worker()
     slot = worker_slot(worker.name) if worker else 0
-    predictor = cached_predictor(pipeline.model, pipeline.inference, slot)
     _set_torch_threads(pipeline.inference)
-    labels = predict_case(predictor, model_plan(pipeline.model), item.case)
+    labels = pipeline.model.predict(item.case, pipeline.inference, slot)
     return Predicted(
         item.scan_id,
         labels,
@@ -412,7 +397,7 @@ def finish(item: Predicted, scan: Scan, pipeline: Pipeline, nifti_name: str | No
     started = time.perf_counter()
     source = item.source
     info = source.info
-    raw = to_image_order(model_plan(pipeline.model), item.labels, item.geometry, info.shape[:3])
+    raw = pipeline.model.restore(item.labels, item.geometry, info.shape[:3])
     analysis = analyse_mask(
         raw,
         info.affine,

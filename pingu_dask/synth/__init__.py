@@ -1,1 +1,2 @@
-"""Test, demo and benchmark data: synthetic phantoms and cohorts, and real heads resliced."""
+"""Test, demo and benchmark data: synthetic phantoms and cohorts (real heads for the
+benchmarks are in scripts/benchkit/anatomy.py)."""

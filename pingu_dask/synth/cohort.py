@@ -31,7 +31,6 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from pingu_dask import __version__
 from pingu_dask.output.files import atomic_path, save_nifti
 from pingu_dask.synth.phantom import (
     CSF,
@@ -45,6 +44,7 @@ from pingu_dask.synth.phantom import (
     random_anatomy,
     rasterise_tubes,
 )
+from pingu_dask.version import __version__
 
 
 @dataclass(frozen=True)

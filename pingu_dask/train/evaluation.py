@@ -18,26 +18,28 @@ against the others (train-site).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from pingu_dask.analysis.evaluate import count_agreement
-from pingu_dask.analysis.regions import RegionTable
+from pingu_dask.analysis.regions import HEADLINE_REGIONS, RegionTable
 from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.inputs.checks import CheckThresholds
 from pingu_dask.inputs.manifest import ManifestReport, Scan
+from pingu_dask.nnunet.engine import NnUNetModel
 from pingu_dask.nnunet.model import Model
 from pingu_dask.output import tables
 from pingu_dask.output.training import EVALUATION, INITIAL, validation_out
+from pingu_dask.run.clusters import ClusterRequest
 from pingu_dask.run.loop import Progress
 from pingu_dask.run.orchestrate import RunOutcome, RunRefused, RunRequest, run_cohort
+from pingu_dask.run.settings import RunSettings
 from pingu_dask.run.stages import Pipeline
 from pingu_dask.train.splits import Fold
 
 TRAINED = "trained"  # the model column of the fine-tuned / trained folds' rows
-HEADLINE_REGIONS = ("white_matter", "basal_ganglia", "whole_brain")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class Scoring:
     pvs_rules: PvsClusterRules
     regions: RegionTable
     checks: CheckThresholds
-    retries: int | None = None
+    # retries, time limits, flushes: run's settings (from the config when built)
+    settings: RunSettings = field(default_factory=RunSettings.from_config)
 
 
 def predict(
@@ -72,7 +75,7 @@ def predict(
         problems=(),
     )
     pipeline = Pipeline(
-        model,
+        NnUNetModel(model),
         scoring.inference,
         out,
         scoring.pvs_rules,
@@ -81,7 +84,10 @@ def predict(
         checks=scoring.checks,
     )
     request = RunRequest(
-        report=report, pipeline=pipeline, cluster=scheduler, retries=scoring.retries
+        report=report,
+        pipeline=pipeline,
+        cluster=ClusterRequest(scheduler),
+        settings=scoring.settings,
     )
     try:
         return run_cohort(request, on_progress=on_progress)

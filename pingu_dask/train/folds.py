@@ -34,7 +34,8 @@ from distributed import Client, Future
 
 from pingu_dask.config import INFERENCE_RESOURCE, worker_threads
 from pingu_dask.errors import ErrorReport, StageFailure, Verdict, describe
-from pingu_dask.monitor.training import TRAIN_TOPIC, TrainFeed
+from pingu_dask.monitor.feed import TrainFeed
+from pingu_dask.monitor.training import TRAIN_TOPIC
 from pingu_dask.nnunet.trainer_process import (
     FoldProcess,
     TrainerSpec,

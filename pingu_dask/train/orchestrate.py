@@ -28,7 +28,8 @@ from distributed import Client
 
 from pingu_dask.errors import RunError
 from pingu_dask.inputs.manifest import Scan
-from pingu_dask.monitor.training import TrainFeed, TrainMonitor
+from pingu_dask.monitor.feed import TrainFeed
+from pingu_dask.monitor.training import TrainMonitor
 from pingu_dask.nnunet import planning
 from pingu_dask.nnunet.model import Model, resolve_model
 from pingu_dask.nnunet.planning import CONFIGURATION
@@ -39,6 +40,7 @@ from pingu_dask.nnunet.trainer_process import (
 )
 from pingu_dask.output import training as layout
 from pingu_dask.output.lock import OutputLock
+from pingu_dask.records import timestamp
 from pingu_dask.run.capacity import Capacity
 from pingu_dask.run.clusters import open_client
 from pingu_dask.run.loop import Progress
@@ -103,12 +105,12 @@ def train_model(request: TrainRequest, watch: Watch | None = None) -> TrainOutco
     model_dir.mkdir(parents=True, exist_ok=True)
     outcome = TrainOutcome(run_id=uuid.uuid4().hex[:12])
     started = time.perf_counter()
-    with OutputLock(model_dir):
+    with OutputLock(model_dir, request.scoring.settings.lock):
         record = check_previous(model_dir, request)
         record.setdefault("runs", []).append(
             {
                 "run_id": outcome.run_id,
-                "started": _now(),
+                "started": timestamp(),
                 "finished": None,
                 "command": list(request.command),
             }
@@ -132,7 +134,7 @@ def train_model(request: TrainRequest, watch: Watch | None = None) -> TrainOutco
             outcome.written["report"] = _report(model_dir)
         finally:
             outcome.seconds = time.perf_counter() - started
-            record["runs"][-1]["finished"] = _now()
+            record["runs"][-1]["finished"] = timestamp()
             layout.write_json(model_dir / layout.TRAINING_JSON, record)
     return outcome
 
@@ -247,7 +249,7 @@ class _Steps:
             prepare_case,
             candidates,
             job,
-            request.retries,
+            request.scoring.settings.retries,
             "prepare",
             lambda done: self._stage("cases", done, len(candidates)),
         )
@@ -258,7 +260,12 @@ class _Steps:
             for path in (*images, label):
                 path.unlink(missing_ok=True)
         included = sorted(results.values(), key=lambda case: case.scan_id)
-        planning.write_dataset_json(self.folders, request.channel_names, len(included))
+        planning.write_dataset_json(
+            self.folders,
+            request.channel_names,
+            len(included),
+            cases=[case.scan_id for case in included],
+        )
         return included
 
     # --- splits and plans -------------------------------------------------------------
@@ -321,7 +328,7 @@ class _Steps:
             preprocess_task,
             todo,
             (self.folders, plans_name, len(self.request.channel_names)),
-            self.request.retries,
+            self.request.scoring.settings.retries,
             "preprocess",
             lambda done: self._stage("preprocess", total - len(todo) + done, total),
         )
@@ -373,7 +380,7 @@ class _Steps:
             client=self.client,
             model_dir=self.model_dir,
             run_id=outcome.run_id,
-            retries=request.retries,
+            retries=request.scoring.settings.retries,
             capacity=self.capacity if request.cluster.is_batch else None,
             feed=self.feed,
             on_event=self.watch.on_event,
@@ -454,7 +461,3 @@ def _report(model_dir: Path) -> Path | None:
     except Exception as error:
         logger.warning("could not write the training report: %s", error)
         return None
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import platform
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pingu_dask import __version__
 from pingu_dask.errors import RunError
 from pingu_dask.inputs.checks import CheckThresholds
 from pingu_dask.inputs.manifest import ManifestReport
@@ -23,10 +21,12 @@ from pingu_dask.nnunet.model import Model
 from pingu_dask.nnunet.planning import Preset
 from pingu_dask.nnunet.trainer_process import TrainerSettings
 from pingu_dask.output import training as layout
+from pingu_dask.records import timestamp
 from pingu_dask.run.clusters import ClusterRequest
 from pingu_dask.run.provenance import manifest_info, package_versions
 from pingu_dask.train import evaluation
 from pingu_dask.train.splits import SplitSpec
+from pingu_dask.version import __version__
 
 
 class TrainRefused(RunError):
@@ -50,7 +50,6 @@ class TrainRequest:
     device: str = "auto"
     checks: CheckThresholds = field(default_factory=CheckThresholds)
     strict: bool = False
-    retries: int = 2
     augmentation_processes: int | None = None
     evaluate: bool = True
     prepare_only: bool = False  # stop after preprocessing (e.g. on a CPU node)
@@ -92,7 +91,7 @@ def check_previous(model_dir: Path, request: TrainRequest) -> dict:
     return {
         "tool": "pingu-dask",
         "version": __version__,
-        "created": _now(),
+        "created": timestamp(),
         "settings": mine,
         "manifest": manifest_info(request.report.path),
         "split": {**asdict(request.split), "description": request.split.describe()},
@@ -124,7 +123,3 @@ def reset(model_dir: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
