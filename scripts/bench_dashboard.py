@@ -1,8 +1,8 @@
 """What watching a run costs: the dashboard plugin's per-transition time, its snapshot
 (page, JSON, /metrics) at cohort scale, and the runner's throughput with and without it.
 
-The runner comparison uses bench_scale's no-op stand-in (test-only, not a model): with
-no imaging work, the scheduler and the driver are the bottleneck, so any cost of the
+The runner comparison uses the tests' stand-in stages (benchkit/standins.py, not a
+model): with no imaging work, the scheduler and the driver are the bottleneck, so any cost of the
 plugin shows at its largest. Run:
 
     .venv/bin/python scripts/bench_dashboard.py [--scans 4000] [--rounds 2] [--workers 2]
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from bench_scale import NOOP_STAGES
+from benchkit import standins
 from benchkit.benchdoc import git_revision, machine, write_section
 from distributed import Client
 from prometheus_client import CollectorRegistry, generate_latest
@@ -89,7 +89,7 @@ def runner_rate(client: Client, scans: list[Scan], pipeline: Pipeline, watch: bo
     records = segment_scans(
         client,
         Segmentation(
-            scans=scans, pipeline=pipeline, keep_details=False, stages=NOOP_STAGES, watch=watch
+            scans=scans, pipeline=pipeline, keep_details=False, stages=standins.STAGES, watch=watch
         ),
     )
     seconds = time.perf_counter() - started
@@ -143,7 +143,7 @@ def main() -> None:
         ),
         ("/metrics text (pingu_* only), same run", f"{metrics_ms:.1f} ms"),
         (
-            f"runner, no-op stand-in, {runs}, without the plugin",
+            f"runner, stand-in stages, {runs}, without the plugin",
             f"{off:.1f} scans/s ({listed(rates[False])})",
         ),
         ("the same with the plugin", f"{on:.1f} scans/s ({listed(rates[True])})"),

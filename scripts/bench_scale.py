@@ -3,9 +3,10 @@
 Targets (issue 5): manifest validation, planning, and the resume check of a fully done
 run each < 60 s at 100,000 rows; driver + scheduler memory flat (< 1 GiB) over a run.
 
-The model is replaced by NOOP_STAGES, a **test-only stand-in, not a model**: its three
-tasks do no imaging work, but `finish` writes a real (tiny, 4³) mask group to Zarr with
-the same attributes and returns a real regions row, so the Dask traffic, the ledger,
+The model is replaced by the stand-in stages the runner's tests use
+(benchkit/standins.py: **not a model**): its three tasks do no imaging work, but with
+the control file `masks` `finish` writes a real (tiny, 4³) mask group to Zarr with the
+fingerprints a resume checks and returns a real regions row, so the Dask traffic, the ledger,
 the Parquet flushes and the resume check are the real ones. Run:
 
     .venv/bin/python scripts/bench_scale.py [--rows 100000] [--run-scans 20000] [--workers 2]
@@ -34,49 +35,19 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import psutil
+from benchkit import standins
 from benchkit.benchdoc import git_revision, machine, write_section
 from distributed import Client
 
 from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan, input_fingerprint, load_manifest
 from pingu_dask.nnunet.engine import nnunet_model
-from pingu_dask.output import compaction, layout, ledger, masks, parts, tables
-from pingu_dask.records import ScanCounts, ScanResult, Status
+from pingu_dask.output import compaction, layout, ledger, parts, tables
+from pingu_dask.records import ScanResult, Status
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
+from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.run.stages import Pipeline
 
-
-# --- the no-op stand-in (test-only; not a model) ---------------------------------------
-def noop_preprocess(scan: Scan, pipeline: Pipeline) -> str:
-    return scan.scan_id
-
-
-def noop_predict(item: str, pipeline: Pipeline) -> str:
-    return item
-
-
-def noop_finish(item: str, scan: Scan, pipeline: Pipeline, nifti_name: str | None) -> ScanResult:
-    mask = np.zeros((4, 4, 4), np.uint8)
-    attrs = {
-        "model_fingerprint": pipeline.model.fingerprint,
-        "pipeline_fingerprint": pipeline.fingerprint(),
-        "input_fingerprint": input_fingerprint(scan),
-    }
-    masks.write_mask(pipeline.out, scan.scan_id, mask, np.eye(4), attrs)
-    fingerprint = attrs["input_fingerprint"]
-    row = {**tables.scan_columns(scan), "region": "whole_brain", "n_clusters": 0}
-    row.update(n_voxels=0, total_volume_mm3=0.0)
-    return ScanResult.counted(
-        scan.scan_id,
-        ScanCounts(n_clusters=0, n_voxels=0, volume_mm3=0.0),
-        seconds={"preprocess": 0.0, "predict": 0.0, "finish": 0.0},
-        input_fingerprint=fingerprint,
-        tables={"regions": tables.to_table("regions", [row])},
-    )
-
-
-NOOP_STAGES = StageFunctions(noop_preprocess, noop_predict, noop_finish)
 FLUSH_EVERY_SCANS = 1  # the most parts a run can write: what slow scans lead to
 
 
@@ -207,6 +178,7 @@ def main() -> None:
         results.append((f"validate {args.rows:,} rows (file checks on)", f"{seconds:.1f} s"))
 
         out = scratch / "out"
+        (scratch / "masks").write_text("")  # the stand-ins write a tiny mask per scan
         pipeline = Pipeline(nnunet_model("demo"), InferenceSettings(tta=False, device="cpu"), out)
         layout.prepare_output(out)
         seconds, plan = timed(ledger.plan_resume, out, report.scans, pipeline.fingerprint())
@@ -225,7 +197,7 @@ def main() -> None:
         flushing = {"pingu.flush-every-scans": FLUSH_EVERY_SCANS}
         with dask.config.set(flushing):
             job = Segmentation(
-                scans=run_scans, pipeline=pipeline, keep_details=False, stages=NOOP_STAGES
+                scans=run_scans, pipeline=pipeline, keep_details=False, stages=standins.STAGES
             )
         with cluster, Client(cluster) as client, sampled(sampler):
             seconds, records = timed(segment_scans, client, job)
@@ -234,7 +206,7 @@ def main() -> None:
         tenth = max(1, len(rss) // 10)
         results.append(
             (
-                f"run {len(run_scans):,} scans through the runner (no-op stand-in, "
+                f"run {len(run_scans):,} scans through the runner (stand-in stages, "
                 f"{args.workers} workers, tables flushed after every scan)",
                 f"{seconds:.0f} s ({len(run_scans) / seconds:.0f} scans/s)",
             )
@@ -266,13 +238,13 @@ Machine: {machine()}; revision {git_revision()}.
 Command: `.venv/bin/python {command}`
 Load average (1 min) at start / end: {load} ({os.cpu_count()} cores).
 
-The model is replaced by a **no-op stand-in (test-only, not a model)**: no imaging work,
+The model is replaced by the tests' stand-in stages (**not a model**): no imaging work,
 but real Dask tasks (three per scan), real tiny Zarr mask groups, real ledger and
 Parquet flushes. Goals: each step < 60 s at 100,000 rows; memory flat, < 1 GiB; after
 compaction at most 1 file per 1,000 scans per table. The run flushes its tables after
 every scan (pingu.flush-every-scans = {FLUSH_EVERY_SCANS}): the most files a run of
 slow scans can leave (one part per table per flush). It is then compacted as
-run_cohort does at its end. The no-op stand-in writes regions rows only (no clusters,
+run_cohort does at its end. The stand-in writes regions rows only (no clusters,
 no evaluation).
 
 | step | figure |

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -242,14 +241,14 @@ def test_a_run_names_its_model_in_the_dataset_description(tmp_path: Path) -> Non
     LocalCluster: the description carries the pipeline's own model facts, and the
     same run resumed leaves it untouched."""
     import cloudpickle
-    import standins
+    from benchkit import standins
     from distributed import Client
 
     from pingu_dask.run.local import local_cluster
-    from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
+    from pingu_dask.run.loop import Segmentation, segment_scans
 
-    cloudpickle.register_pickle_by_value(sys.modules["standins"])
-    functions = StageFunctions(standins.preprocess, standins.predict, standins.finish)
+    cloudpickle.register_pickle_by_value(standins)
+    functions = standins.STAGES
     scans = standins.make_scans(2, tmp_path)
     pipeline = dataclasses.replace(standins.pipeline_in(tmp_path), write_nifti=True)
     path = tmp_path / "out" / "nifti" / "dataset_description.json"

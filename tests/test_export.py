@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-import standins
+from benchkit import standins
 from click.testing import CliRunner
 from distributed import Client
 

@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import cloudpickle
 import pytest
-import standins
+from benchkit import standins
+from benchkit.standins import make_scans, pipeline_in
 from distributed import Client
-from standins import make_scans, pipeline_in
 
 from pingu_dask.config import INFERENCE_RESOURCE
 from pingu_dask.output import tables
 from pingu_dask.run.capacity import FixedCapacity
 from pingu_dask.run.local import LocalLayout, local_cluster
-from pingu_dask.run.loop import Progress, Segmentation, StageFunctions, segment_scans
+from pingu_dask.run.loop import Progress, Segmentation, segment_scans
 from pingu_dask.run.policies import FeedWindow
 
-STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
+STANDINS = standins.STAGES
 
 
 def stage_seconds(preprocess: float, predict: float, finish: float) -> dict[str, float]:
@@ -86,7 +85,7 @@ def test_a_gpu_machine_gives_its_cores_to_the_cpu_stages(
 def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
     """Predict 0.1 s, preprocess 0.5 s: a window of 3 would leave the slot idle 4/5 of
     the time; the runner raises it to 2 + ceil((0.5 + 0) / 0.1) = 7 once times are known."""
-    cloudpickle.register_pickle_by_value(sys.modules["standins"])
+    cloudpickle.register_pickle_by_value(standins)
     (tmp_path / "sleep").write_text("0.1")
     (tmp_path / "preprocess-sleep").write_text("0.5")
     layout = LocalLayout.for_machine(1, gpu=True, cores=8)  # 9 threads (sleeps: no CPU)
@@ -116,7 +115,7 @@ def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
 
 
 def test_cpu_workers_beside_a_gpu_worker_take_only_cpu_stages(tmp_path: Path) -> None:
-    cloudpickle.register_pickle_by_value(sys.modules["standins"])
+    cloudpickle.register_pickle_by_value(standins)
     (tmp_path / "preprocess-sleep").write_text("0.2")
     (tmp_path / "finish-sleep").write_text("0.2")
     layout = LocalLayout.for_machine(1, gpu=True, cpu_workers=2, cores=4)

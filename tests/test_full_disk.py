@@ -25,7 +25,7 @@ from pathlib import Path
 import dask
 import pandas as pd
 import pytest
-import standins
+from benchkit import standins
 from click.testing import CliRunner
 from distributed import Client
 from helpers import absolute_manifest

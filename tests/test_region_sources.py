@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import standins
+from benchkit import standins
 from click.testing import CliRunner
 from distributed import Client
 from helpers import shown
@@ -40,12 +40,12 @@ from pingu_dask.output.scans import read_scans
 from pingu_dask.report.build import build_report
 from pingu_dask.run import orchestrate
 from pingu_dask.run.capacity import FixedCapacity
-from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
+from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.run.orchestrate import RunRequest, run_cohort
 from pingu_dask.run.provenance import region_sources
 from pingu_dask.run.stages import Pipeline
 
-STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
+STANDINS = standins.STAGES
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ and batch-style scaling from the work left (ScaleFromWork on a LocalCluster).
 from __future__ import annotations
 
 import functools
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-import standins
+from benchkit import standins
 from distributed import Client, LocalCluster
 
 from pingu_dask.config import INFERENCE_RESOURCE
@@ -27,11 +26,11 @@ from pingu_dask.output import ledger, tables
 from pingu_dask.run.capacity import PresentWorkers
 from pingu_dask.run.jobs import JobCapacity, ScaleFromWork
 from pingu_dask.run.local import scheduler_settings
-from pingu_dask.run.loop import RunStopped, Segmentation, StageFunctions, segment_scans
+from pingu_dask.run.loop import RunStopped, Segmentation, segment_scans
 from pingu_dask.run.settings import RunSettings
 from pingu_dask.run.stages import Pipeline
 
-STANDINS = StageFunctions(standins.preprocess, standins.predict, standins.finish)
+STANDINS = standins.STAGES
 make_scans, pipeline_in = standins.make_scans, standins.pipeline_in
 
 
@@ -196,7 +195,7 @@ def test_job_capacity_follows_the_scans_left() -> None:
 def test_scaling_from_the_work_grows_to_the_maximum_and_releases_workers(tmp_path: Path) -> None:
     """Batch-style scaling on a LocalCluster: no worker at the start, up to 3 asked for
     from the 9 scans left (Dask's own target would stay at one worker), back to none."""
-    cloudpickle.register_pickle_by_value(sys.modules["standins"])
+    cloudpickle.register_pickle_by_value(standins)
     scans, pipeline = make_scans(9, tmp_path), pipeline_in(tmp_path)
     (tmp_path / "sleep").write_text("1.0")
     capacity = JobCapacity(minimum_workers=0, maximum_workers=3)

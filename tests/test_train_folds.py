@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import pandas as pd
 import pytest
-import standins
+from benchkit import standins
 from distributed import Client
 
 from pingu_dask.errors import StageFailure, Verdict

@@ -1,11 +1,14 @@
-"""Test-only stand-in stages for the runner's fault tests: **not a model**.
+"""Stand-in stages for the runner's tests and benchmarks: **not a model**.
 
 They do no imaging: `preprocess` and `predict` pass the scan id on, `finish` returns a
 real record with a real regions row (as the nnU-Net stages do), so the runner's window,
 retries, time limits, circuit breaker and Parquet flushes run for real, on a real
 LocalCluster, in seconds. Behaviour is steered by files in the folder above the
-pipeline's OUT (the test writes them), so the stand-ins stay plain picklable functions.
-Tests ship this module to the workers by value (cloudpickle.register_pickle_by_value).
+pipeline's OUT (the test or benchmark writes them), so the stand-ins stay plain
+picklable functions. `STAGES` is what Segmentation.stages takes. The one set of
+stand-ins: tests (pytest's pythonpath has scripts/) and benchmarks (bench_scale,
+bench_dashboard) import this module; tests ship it to the workers by value
+(cloudpickle.register_pickle_by_value).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.output import masks, tables
 from pingu_dask.records import ScanCounts, ScanResult
 from pingu_dask.run.local import local_cluster
+from pingu_dask.run.loop import StageFunctions
 from pingu_dask.run.stages import Pipeline, stage
 
 
@@ -119,6 +123,10 @@ def finish(predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | No
         input_fingerprint=fingerprint,
         tables={"regions": tables.to_table("regions", [row])},
     )
+
+
+#: The three stand-in stages, as Segmentation.stages takes them.
+STAGES = StageFunctions(preprocess, predict, finish)
 
 
 def make_scans(n: int, folder: Path) -> list[Scan]:
