@@ -168,3 +168,23 @@ def test_no_private_dask_api_in_the_cluster_modules() -> None:
     for name in ("jobs.py", "local.py", "clusters.py", "worker.py"):
         text = (PINGU_RUN / name).read_text()
         assert not re.findall(r"\w\._[a-z]\w*", text), name
+
+
+def test_a_client_on_the_address_of_an_open_tls_cluster_gets_its_credentials(
+    tmp_path: Path,
+) -> None:
+    """`train` evaluates its folds through a second client on its batch cluster's address:
+    while open_client holds the cluster, that client connects with its credentials (no
+    work left: no job is asked for)."""
+    from pingu_dask.run.clusters import ClusterRequest, open_client
+
+    request = ClusterRequest("slurm", dashboard_address="127.0.0.1:0")
+    with (
+        dask.config.set({"pingu.batch-tls-directory": str(tmp_path / "tls")}),
+        open_client(request, 0, "cpu") as (client, _),
+    ):
+        address = client.scheduler.address
+        assert address.startswith("tls://")
+        with open_client(ClusterRequest(address), 0, "cpu") as (again, _):
+            assert again.scheduler_info()["address"] == address
+    assert refusal(address)  # closed with the first client's cluster

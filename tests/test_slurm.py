@@ -1,7 +1,8 @@
 """Runs through a real SLURM (scripts/slurm_testbed.sh start), and the PBS job script.
 
 The SLURM tests need the single-node test cluster that `make test` starts; when SLURM
-is not there they fail and say why, rather than skip.
+is not there they fail and say why, rather than skip. They run as a user would, with
+TLS between the scheduler and the worker jobs (pingu.batch-tls, on by default).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_jobs import assert_strangers_are_refused
 
 from pingu_dask.output import tables
 from pingu_dask.run.jobs import JobOptions, jobqueue_cluster, lifetime_arguments, parse_walltime
@@ -67,11 +69,13 @@ def cohort6(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "absolute.csv"
 
 
-def start_run(manifest: Path, out: Path, logs: Path, *extra: str) -> subprocess.Popen:
+def start_run(
+    manifest: Path, out: Path, logs: Path, *extra: str, **environment: str
+) -> subprocess.Popen:
     command = [sys.executable, "-m", "pingu_dask.cli", "run", str(manifest), "--out", str(out)]
     return subprocess.Popen(
         [*command, *SLURM_OPTIONS, "--log-dir", str(logs), *extra],
-        env=dict(os.environ, DASK_PINGU__FLUSH_EVERY_SCANS="1", COLUMNS="200"),
+        env=dict(os.environ, DASK_PINGU__FLUSH_EVERY_SCANS="1", COLUMNS="200", **environment),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -118,6 +122,42 @@ def test_a_cohort_runs_on_slurm_worker_jobs(slurm, cohort6: Path, tmp_path: Path
     worker_logs = "".join(p.read_text() for p in logs.glob("*.err"))
     for worker in set(ledger.worker.dropna()):
         assert worker in worker_logs
+
+
+def worker_log_lines(logs: Path, label: str) -> list[str]:
+    """The addresses after `label` (e.g. 'Registered to:') in the worker jobs' logs."""
+    text = "".join(p.read_text() for p in logs.glob("*.err"))
+    return re.findall(rf"{label}\s+(\S+)", text)
+
+
+@pytest.mark.slurm
+def test_a_tls_run_completes_and_strangers_are_refused(
+    slurm, cohort6: Path, tmp_path: Path
+) -> None:
+    """TLS is on by default (nothing asks for it here): the scheduler listens on
+    tls://, the worker jobs join it with the run's certificate (dask-jobqueue's files
+    in pingu.batch-tls-directory, readable by the user only), and while the run goes on
+    clients without the credentials are refused: plain TCP to the scheduler's port, and
+    TLS with a certificate of their own. The run completes."""
+    out, logs, tls = tmp_path / "out", tmp_path / "logs", tmp_path / "tls"
+    process = start_run(cohort6, out, logs, DASK_PINGU__BATCH_TLS_DIRECTORY=str(tls))
+    deadline = time.monotonic() + 300
+    while not worker_log_lines(logs, "Registered to:"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no worker joined the scheduler:\n{finish(process, 10)}")
+        time.sleep(0.5)
+    scheduler = worker_log_lines(logs, "Registered to:")[0]
+    files = sorted(tls.iterdir())
+    assert len(files) == 3 and all(f.stat().st_mode & 0o077 == 0 for f in files), files
+    started = time.monotonic()
+    assert_strangers_are_refused(scheduler)
+    assert process.poll() is None, "the run ended before the strangers were tried"
+    print(f"strangers refused in {time.monotonic() - started:.1f} s while the run went on")
+    output = finish(process)
+    assert process.returncode == 0, output
+    assert (tables.read_table(out, "ledger").status == "ok").sum() == 6
+    assert all(a.startswith("tls://") for a in worker_log_lines(logs, "Start worker at:"))
+    assert not list(tls.iterdir())  # the driver's files went with it
 
 
 def running_worker_jobs() -> set[str]:
