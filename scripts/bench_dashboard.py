@@ -114,6 +114,7 @@ def main() -> None:
         nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
         settings = InferenceSettings(tta=False, device="cpu")
         cluster = local_cluster(n_workers=args.workers, threads_per_worker=3)
+        (scratch / "masks").write_text("")  # the stand-ins write a tiny mask per scan
         with cluster, Client(cluster) as client:
             for round_ in range(args.rounds):
                 for watch in (False, True):  # alternate, so that drift hits both alike
