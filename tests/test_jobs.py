@@ -37,7 +37,7 @@ def refusal(address: str, security: Security | None = None, timeout: float = 3) 
     """How a client at `address` with `security` (None: none) fails to get in ('' if
     it gets in)."""
     try:
-        with Client(address, security=security, timeout=timeout) as client:
+        with Client(address, security=security, timeout=timeout, set_as_default=False) as client:
             client.scheduler_info()
     except Exception as error:  # OSError, TimeoutError, CommClosedError: kept out
         return f"{type(error).__name__}: {error}"
@@ -126,14 +126,22 @@ def test_the_command_line_turns_tls_on_over_the_config(tmp_path: Path) -> None:
         assert cluster.scheduler_address.startswith("tls://")
 
 
+def jobqueue_and_scheduler_config() -> dict:
+    """What building a batch cluster could have changed in Dask's config (the whole of
+    it would see other tests' clients come and go)."""
+    sections = ("jobqueue", "distributed.scheduler", "distributed.nanny", "pingu")
+    return copy.deepcopy({name: dask.config.get(name) for name in sections})
+
+
 def test_building_a_batch_cluster_leaves_dasks_config_as_it_was(tmp_path: Path) -> None:
     named = {"cores": 16, "processes": 2, "job-extra-directives": ["--constraint=a100"]}
     with dask.config.set({"jobqueue.slurm-a100": named}):
-        before = copy.deepcopy(dask.config.config)
+        before = jobqueue_and_scheduler_config()
         with cluster_with(tmp_path, config_name="slurm-a100", walltime="02:00:00") as cluster:
             script = cluster.job_script()
-            assert dask.config.config == before  # the named section was not merged into it
-        assert dask.config.config == before
+            # The named section was not merged into the base one, nor anything set.
+            assert jobqueue_and_scheduler_config() == before
+        assert jobqueue_and_scheduler_config() == before
     for line in ("--constraint=a100", "--gres=gpu:2", "--cpus-per-task=16", "-t 02:00:00"):
         assert line in script, (line, script)
     assert "--nworkers 2" in script and "export DASK_PINGU__WORKER_THREADS=8" in script

@@ -42,9 +42,20 @@ def tuned_config(threads: int) -> dict:
     """
     environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     environment.pop("MALLOC_TRIM_THRESHOLD_", None)
-    environment.update({name: str(threads) for name in THREAD_VARIABLES})
-    environment["DASK_PINGU__WORKER_THREADS"] = str(threads)
+    environment.update(thread_environment(threads))
     return {"distributed.nanny.pre-spawn-environ": environment, "pingu.worker-threads": threads}
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    """The thread variables of a worker process with `threads` threads.
+
+    Also given to a local nanny as its `env` (set in the worker process as it starts):
+    Dask takes a pre-spawn variable from the driver's own environment when that has
+    it, and every nanny's start writes its pre-spawn variables there, so a second
+    cluster in the same process (or a shell's OMP_NUM_THREADS) would otherwise win.
+    """
+    values = {name: str(threads) for name in THREAD_VARIABLES}
+    return {**values, "DASK_PINGU__WORKER_THREADS": str(threads)}
 
 
 def scheduler_options() -> dict:
@@ -138,6 +149,7 @@ def local_cluster(
             threads_per_worker=layout.threads_per_inference_worker,
             processes=True,
             resources={INFERENCE_RESOURCE: 1},
+            env=thread_environment(layout.torch_threads),
             memory_limit=memory_limit,
             dashboard_address=dashboard_address or setting("dashboard-address"),
             scheduler_kwargs=scheduler_options(),
@@ -170,9 +182,7 @@ def _add_cpu_workers(cluster: LocalCluster, layout: LocalLayout) -> None:
         options = spec["options"]
         options["nthreads"] = layout.threads_per_cpu_worker
         options["resources"] = {}
-        threads = str(layout.threads_per_cpu_worker)
-        options["env"] = {name: threads for name in THREAD_VARIABLES}
-        options["env"]["DASK_PINGU__WORKER_THREADS"] = threads
+        options["env"] = thread_environment(layout.threads_per_cpu_worker)
         options["config"] = {"pingu": {"worker-threads": layout.threads_per_cpu_worker}}
         cluster.worker_spec[f"cpu-{index}"] = spec
     cluster.scale(len(cluster.worker_spec))
