@@ -110,6 +110,7 @@ def moved_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.asarray(moved.dataobj), np.asarray(truth.dataobj).astype(np.int32), grid
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it
 def test_moved_template_is_found_again() -> None:
     t1, truth, affine = moved_template()
     labels = atlas_parcellation(t1, affine, FAST)

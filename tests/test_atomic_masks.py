@@ -237,6 +237,7 @@ def _keep_writing(out: str, seed: int, barrier, writes: int) -> None:
         write(Path(out), "s1", seed)
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it
 def test_racing_attempts_never_show_a_reader_a_mixed_or_missing_mask(out: Path) -> None:
     expected = [random_mask(1), random_mask(2)]
     context = multiprocessing.get_context("spawn")

@@ -82,6 +82,7 @@ def test_a_gpu_machine_gives_its_cores_to_the_cpu_stages(
     assert LocalLayout(1, 2, 1, 3, 5).threads_per_slot == 17
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it
 def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
     """Predict 0.1 s, preprocess 0.5 s: a window of 3 would leave the slot idle 4/5 of
     the time; the runner raises it to 2 + ceil((0.5 + 0) / 0.1) = 7 once times are known."""
@@ -114,6 +115,7 @@ def test_slow_cpu_stages_get_more_scans_in_flight(tmp_path: Path) -> None:
     assert 7 <= max(in_flight) <= layout.threads_per_slot
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it
 def test_cpu_workers_beside_a_gpu_worker_take_only_cpu_stages(tmp_path: Path) -> None:
     cloudpickle.register_pickle_by_value(standins)
     (tmp_path / "preprocess-sleep").write_text("0.2")

@@ -267,6 +267,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it
 def test_a_killed_holder_on_another_host_becomes_stale_after_the_stale_time(
     tmp_path: Path,
 ) -> None:

@@ -104,6 +104,7 @@ def test_the_breaker_does_not_trip_on_scattered_failures(client: Client, tmp_pat
     assert sum(r.status == "failed" for r in records) == 12
 
 
+@pytest.mark.slow  # seconds of real processes: the full suite runs it
 def test_a_hanging_stage_is_timed_out_and_retried(client: Client, tmp_path: Path) -> None:
     scans, pipeline = make_scans(4, tmp_path), pipeline_in(tmp_path)
     (tmp_path / "hang-once").write_text("sub-002")  # its first predict sleeps 300 s
