@@ -240,23 +240,15 @@ def test_a_run_names_its_model_in_the_dataset_description(tmp_path: Path) -> Non
     """segment_scans with stand-in stages (test-only, no imaging) on a real
     LocalCluster: the description carries the pipeline's own model facts, and the
     same run resumed leaves it untouched."""
-    import cloudpickle
     from benchkit import standins
-    from distributed import Client
 
-    from pingu_dask.run.local import local_cluster
     from pingu_dask.run.loop import Segmentation, segment_scans
 
-    cloudpickle.register_pickle_by_value(standins)
     functions = standins.STAGES
     scans = standins.make_scans(2, tmp_path)
     pipeline = dataclasses.replace(standins.pipeline_in(tmp_path), write_nifti=True)
     path = tmp_path / "out" / "nifti" / "dataset_description.json"
-    with (
-        local_cluster(n_workers=1, threads_per_worker=2, torch_threads=1,
-                      dashboard_address="127.0.0.1:0") as cluster,
-        Client(cluster) as client,
-    ):  # fmt: skip
+    with standins.client_for_stand_ins(1, 2) as client:
         records = segment_scans(
             client, Segmentation(scans=scans, pipeline=pipeline, stages=functions, watch=False)
         )

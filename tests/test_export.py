@@ -20,7 +20,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import cloudpickle
 import duckdb
 import numpy as np
 import pandas as pd
@@ -28,7 +27,6 @@ import pyarrow as pa
 import pytest
 from benchkit import standins
 from click.testing import CliRunner
-from distributed import Client
 
 from pingu_dask.cli import main
 from pingu_dask.errors import ErrorReport, Verdict
@@ -36,7 +34,6 @@ from pingu_dask.inputs.manifest import Problem, Scan, scan_columns
 from pingu_dask.output import export, layout, ledger, tables
 from pingu_dask.output import scans as scans_table
 from pingu_dask.records import ScanCounts, ScanResult, Status
-from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
 from pingu_dask.run.stages import Pipeline, stage
 
@@ -109,14 +106,8 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pd.DataFrame(rows).to_csv(manifest, index=False)
     problem = Problem("no image path for channel 't1w'", 6, INVALID_ID, "t1w")
     invalid = ledger.invalid_rows([problem], RUN_ID)
-    for module in (standins, sys.modules[__name__]):
-        cloudpickle.register_pickle_by_value(module)
     stages = StageFunctions(standins.preprocess, standins.predict, finish_with_regions)
-    with (
-        local_cluster(n_workers=1, threads_per_worker=2, torch_threads=1,
-                      dashboard_address="127.0.0.1:0") as cluster,
-        Client(cluster) as client,
-    ):  # fmt: skip
+    with standins.client_for_stand_ins(1, 2, sys.modules[__name__]) as client:
         results = segment_scans(
             client,
             Segmentation(
