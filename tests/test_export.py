@@ -1,7 +1,7 @@
 """`pingu-dask export`: wide and long tables in CSV, TSV and Parquet that pandas and DuckDB read.
 
 The OUT is made by a real run (segment_scans on a real LocalCluster) on stand-in
-stages (tests/standins.py, test-only: no imaging, no model). Its finish stage here
+stages (scripts/benchkit/standins.py, test-only: no imaging, no model). Its finish stage here
 writes regions rows with float noise in the volumes (as real float32 sums have), one
 scan fails in predict, one manifest scan is never attempted, one manifest row is
 invalid; run.json holds what run_cohort writes there (region table, manifest path and

@@ -3,7 +3,7 @@
 The window of scans per slot follows the measured stage times (runner.FeedWindow), and
 on a GPU machine the CPU stages get the machine's cores, as threads of the GPU worker
 or as CPU-only workers beside it (cluster.LocalLayout). Checked with the stand-in
-stages (tests/standins.py, test-only: sleeps instead of imaging and inference) on real
+stages (scripts/benchkit/standins.py, test-only: sleeps instead of imaging and inference) on real
 LocalClusters; the window is counted, not timed.
 """
 

@@ -4,7 +4,7 @@ fills up mid-run (a real tmpfs, mounted small: this machine and CI run as root).
 
 A full disk or quota is no scan's fault: the run stops with one line (what is kept, what
 to free, that the same command resumes), exit code 4, and the rerun after space was
-freed does every scan exactly once. The stand-in tests (tests/standins.py: real Dask
+freed does every scan exactly once. The stand-in tests (scripts/benchkit/standins.py: real Dask
 workers and Parquet files, no inference) take seconds; the command-line test runs the
 tiny random-weight model (conftest's `tiny_model`) and is marked slow.
 """

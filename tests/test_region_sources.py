@@ -4,7 +4,7 @@ run.json's `region_sources` (run/provenance.py) counts, for the current manifest
 scans with and without a parcellation and those the brain rule ran for; `status` and the
 report say "N scans without a parcellation: whole-brain figures only" from it, and a
 resume with a changed manifest is not mistaken for changed settings. Fast tier: the
-stand-in stages (tests/standins.py) on a real LocalCluster, real ledger, tables and
+stand-in stages (scripts/benchkit/standins.py) on a real LocalCluster, real ledger, tables and
 run.json; and a small hand-made BIDS tree for the `manifest` command.
 """
 

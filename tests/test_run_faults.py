@@ -1,6 +1,6 @@
 """The runner's fault handling on a real LocalCluster with stand-in stages (fast tier).
 
-tests/standins.py holds the stand-ins (test-only, not a model): real Dask workers,
+scripts/benchkit/standins.py holds the stand-ins (test-only, not a model): real Dask workers,
 real ledger and Parquet files, no inference, so each test takes seconds. What is
 tested: transient errors retried and seen in the ledger, repeating errors failed at
 once, the circuit breaker, the per-scan time limit, flushes while the driver waits,
