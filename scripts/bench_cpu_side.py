@@ -98,8 +98,8 @@ def stand_in_logits(shape: tuple[int, ...], seed: int = 7) -> np.ndarray:
 def run_variant(variant: str, model_folder: Path, scan_path: Path, out: Path) -> dict:
     import torch
 
+    from pingu_dask.nnunet import engine
     from pingu_dask.output import layout
-    from pingu_dask.run import stages
 
     torch.set_num_threads(available_cores())
     model = resolve_model(model_folder)
@@ -119,7 +119,7 @@ def run_variant(variant: str, model_folder: Path, scan_path: Path, out: Path) ->
     elif variant == "before":
         before_variant(pipeline, scan, clock)
     else:
-        stages.uses_gpu = lambda device: variant == "after_gpu"  # as on a GPU worker
+        engine.uses_gpu = lambda device: variant == "after_gpu"  # as on a GPU worker
         after_variant(pipeline, scan, clock)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"core": clock.core, "wall": clock.wall, "peak_mib": peak, "mask": str(mask_file)}
@@ -159,7 +159,7 @@ def before_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
     from pingu_dask.output import masks
     from pingu_dask.output.files import save_nifti
 
-    plan = model_plan(pipeline.model)
+    plan = model_plan(pipeline.model.model)  # the nnU-Net model behind the seam
     with clock.step("preprocess"):
         info, _ = check_image_data(scan.channel("t1w"))
         input_fingerprint(scan)
@@ -189,7 +189,7 @@ def after_variant(pipeline: Pipeline, scan: Scan, clock: Clock) -> None:
     from pingu_dask.nnunet.plans import model_plan
     from pingu_dask.run import stages
 
-    plan = model_plan(pipeline.model)
+    plan = model_plan(pipeline.model.model)  # the nnU-Net model behind the seam
     with clock.step("preprocess"):
         item = stages.preprocess(scan, pipeline)
     geometry = item.case.geometry
