@@ -11,17 +11,17 @@ import re
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import dask.config
 import pytest
-from dask_jobqueue import PBSCluster, SLURMCluster
-from dask_jobqueue.pbs import PBSJob
-from dask_jobqueue.slurm import SLURMJob
 from distributed import Client
 from distributed.security import Security
 
+from pingu_dask.run.jobqueue import PBSCluster, PBSJob, SLURMCluster, SLURMJob
 from pingu_dask.run.jobs import (
     GpuPBSJob,
     GpuSLURMJob,
@@ -196,3 +196,16 @@ def test_a_client_on_the_address_of_an_open_tls_cluster_gets_its_credentials(
         with open_client(ClusterRequest(address), 0, "cpu") as (again, _):
             assert again.scheduler_info()["address"] == address
     assert refusal(address)  # closed with the first client's cluster
+
+
+def test_importing_the_batch_code_leaves_ctrl_c_to_python() -> None:
+    """dask_jobqueue's runner module sets SIGINT to sys.exit() when imported: Ctrl-C
+    then ended a run with exit 0 and no clean-up message. A fresh interpreter that
+    imports the CLI and the batch code keeps Python's own handler."""
+    code = (
+        "import signal, pingu_dask.cli, pingu_dask.run.jobs, dask_jobqueue\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"

@@ -32,14 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import dask.config
-from dask_jobqueue import PBSCluster, SLURMCluster
-from dask_jobqueue.pbs import PBSJob
-from dask_jobqueue.slurm import SLURMJob
 from distributed import Adaptive
 from distributed.security import Security
 
 from pingu_dask.config import DEFAULTS, INFERENCE_RESOURCE, cache_dir, setting, setting_flag
 from pingu_dask.run.capacity import Capacity, PresentWorkers
+from pingu_dask.run.jobqueue import PBSCluster, PBSJob, SLURMCluster, SLURMJob
 from pingu_dask.run.local import scheduler_options
 
 BATCH_SYSTEMS = ("slurm", "pbs")
