@@ -178,12 +178,12 @@ def test_no_private_dask_api_in_the_cluster_modules() -> None:
         assert not re.findall(r"\w\._[a-z]\w*", text), name
 
 
-def test_a_client_on_the_address_of_an_open_tls_cluster_gets_its_credentials(
+def test_a_second_client_on_a_tls_cluster_connects_with_the_first_clients_credentials(
     tmp_path: Path,
 ) -> None:
-    """`train` evaluates its folds through a second client on its batch cluster's address:
-    while open_client holds the cluster, that client connects with its credentials (no
-    work left: no job is asked for)."""
+    """`train` scores its folds through a second client on its batch cluster's address,
+    given the first client's credentials (ClusterRequest.security); without them that
+    client is refused (no work left: no job is asked for)."""
     from pingu_dask.run.clusters import ClusterRequest, open_client
 
     request = ClusterRequest("slurm", dashboard_address="127.0.0.1:0")
@@ -193,8 +193,10 @@ def test_a_client_on_the_address_of_an_open_tls_cluster_gets_its_credentials(
     ):
         address = client.scheduler.address
         assert address.startswith("tls://")
-        with open_client(ClusterRequest(address), 0, "cpu") as (again, _):
+        given = ClusterRequest(address, security=client.security)
+        with open_client(given, 0, "cpu") as (again, _):
             assert again.scheduler_info()["address"] == address
+        assert refusal(address)  # the address alone is not enough
     assert refusal(address)  # closed with the first client's cluster
 
 

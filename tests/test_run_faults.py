@@ -25,7 +25,7 @@ from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import ledger, tables
 from pingu_dask.run.capacity import PresentWorkers
 from pingu_dask.run.jobs import JobCapacity, ScaleFromWork
-from pingu_dask.run.local import scheduler_settings
+from pingu_dask.run.local import scheduler_options
 from pingu_dask.run.loop import RunStopped, Segmentation, segment_scans
 from pingu_dask.run.settings import RunSettings
 from pingu_dask.run.stages import Pipeline
@@ -201,16 +201,14 @@ def test_scaling_from_the_work_grows_to_the_maximum_and_releases_workers(tmp_pat
     (tmp_path / "sleep").write_text("1.0")
     capacity = JobCapacity(minimum_workers=0, maximum_workers=3)
     capacity.workers(len(scans))
-    import dask.config
-
-    with dask.config.set(scheduler_settings()):
-        cluster = LocalCluster(
-            n_workers=0,
-            threads_per_worker=4,
-            processes=True,
-            resources={INFERENCE_RESOURCE: 1},
-            dashboard_address=":0",
-        )
+    cluster = LocalCluster(
+        n_workers=0,
+        threads_per_worker=4,
+        processes=True,
+        resources={INFERENCE_RESOURCE: 1},
+        dashboard_address=":0",
+        scheduler_kwargs=scheduler_options(),
+    )
     with cluster, Client(cluster) as client:
         capacity.present = PresentWorkers(client, every=0.2)  # as scale_from_work does
         cluster.adapt(Adaptive=functools.partial(ScaleFromWork, capacity=capacity),

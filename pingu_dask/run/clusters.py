@@ -16,7 +16,8 @@ from distributed.security import Security
 
 from pingu_dask.nnunet.predictor import uses_gpu
 from pingu_dask.run.capacity import Capacity, FixedCapacity, PresentWorkers
-from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions
+from pingu_dask.run.jobs import BATCH_SYSTEMS, JobOptions, jobqueue_cluster, scale_from_work
+from pingu_dask.run.local import LocalLayout, local_cluster
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class ClusterRequest:
     cpu_workers: int = 0  # local workers without a slot, beside GPU workers
     jobs: JobOptions = field(default_factory=JobOptions)  # for cluster slurm / pbs
     dashboard_address: str | None = None  # None: config pingu.dashboard-address
-    # For the address of a running TLS scheduler: its credentials. None: those of a
-    # batch cluster this process has open at that address (see open_client), or none.
+    # For the address of a running TLS scheduler: its credentials (e.g. the client's
+    # that opened it, Client.security).
     security: Security | None = None
 
     @property
@@ -49,21 +50,17 @@ def open_client(
     the jobs still there. `device` decides a local machine's layout (GPU or CPU).
 
     A batch cluster's scheduler speaks TLS unless the job options say otherwise
-    (jobs.batch_security): Client(cluster) takes its credentials, and so does a client
-    opened here, while the cluster is, on its address (`train` evaluates its folds
-    through one); any other client is refused.
+    (jobs.batch_security): Client(cluster) takes its credentials; another client on
+    its address needs them given (request.security: `train` passes its client's when it
+    scores its folds through run_cohort); any other client is refused.
     """
-    from pingu_dask.run.jobs import jobqueue_cluster, scale_from_work
-    from pingu_dask.run.local import LocalLayout, local_cluster
-
     if request.is_batch:
         cluster = jobqueue_cluster(request.cluster, request.jobs, request.dashboard_address)
-        with cluster, Client(cluster) as client, _credentials_for(cluster):
+        with cluster, Client(cluster) as client:
             yield client, scale_from_work(cluster, client, request.jobs, work_left)
         return
     if request.cluster != "local":
-        security = request.security or _OPEN_CLUSTERS.get(request.cluster)
-        with Client(request.cluster, security=security) as client:
+        with Client(request.cluster, security=request.security) as client:
             yield client, PresentWorkers(client)
         return
     machine = LocalLayout.for_machine(
@@ -75,18 +72,3 @@ def open_client(
     cluster = local_cluster(layout=machine, dashboard_address=request.dashboard_address)
     with cluster, Client(cluster) as client:
         yield client, FixedCapacity(request.workers, machine.threads_per_slot)
-
-
-#: Scheduler address -> credentials of the batch clusters open_client has open.
-_OPEN_CLUSTERS: dict[str, Security] = {}
-
-
-@contextmanager
-def _credentials_for(cluster) -> Iterator[None]:
-    """While open, `cluster`'s address is reached with its own credentials."""
-    address, security = cluster.scheduler_address, cluster.security
-    _OPEN_CLUSTERS[address] = security
-    try:
-        yield
-    finally:
-        _OPEN_CLUSTERS.pop(address, None)

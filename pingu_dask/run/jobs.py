@@ -100,29 +100,29 @@ def jobqueue_section(kind: str, config_name: str | None = None) -> dict[str, Any
     and the rest comes from `kind`'s. Read only: Dask's config is left as it is.
     """
     base = dict(dask.config.get(f"jobqueue.{kind}", default=None) or {})
-    if not config_name or config_name == kind:
-        return base
-    named = dask.config.get(f"jobqueue.{config_name}", default=None)
-    if named is None:
-        raise ValueError(f"no section jobqueue.{config_name} in Dask's config")
-    return {**base, **named}
+    return {**base, **_named_section(kind, config_name)}
 
 
 def section_arguments(kind: str, config_name: str | None) -> dict[str, Any]:
     """A named section's own settings as keyword arguments of a `kind` cluster and job
     (`name` is the job's `job_name`; keys that jobqueue.<kind> does not have are left
     out, as dask-jobqueue leaves them)."""
+    base = jobqueue_section(kind)
+    return {
+        "job_name" if key == "name" else key.replace("-", "_"): value
+        for key, value in _named_section(kind, config_name).items()
+        if key in base
+    }
+
+
+def _named_section(kind: str, config_name: str | None) -> dict[str, Any]:
+    """The named section's own keys ({} for none, or `kind` itself)."""
     if not config_name or config_name == kind:
         return {}
-    base = jobqueue_section(kind)
     named = dask.config.get(f"jobqueue.{config_name}", default=None)
     if named is None:
         raise ValueError(f"no section jobqueue.{config_name} in Dask's config")
-    return {
-        "job_name" if key == "name" else key.replace("-", "_"): value
-        for key, value in named.items()
-        if key in base
-    }
+    return dict(named)
 
 
 @dataclass(frozen=True)

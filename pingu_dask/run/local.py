@@ -70,11 +70,6 @@ def scheduler_options() -> dict:
     return {"allowed_failures": int(setting("allowed-failures"))}
 
 
-def scheduler_settings() -> dict:
-    """scheduler_options() as Dask config, for a scheduler started elsewhere (tests)."""
-    return {"distributed.scheduler.allowed-failures": scheduler_options()["allowed_failures"]}
-
-
 @dataclass(frozen=True)
 class LocalLayout:
     """How a machine's cores are shared among local worker processes.

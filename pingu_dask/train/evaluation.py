@@ -60,10 +60,10 @@ def predict(
     out: Path,
     manifest: Path,
     scoring: Scoring,
-    scheduler: str,
+    scheduler: ClusterRequest,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RunOutcome:
-    """`run` of `scans` with `model` into `out`, on the scheduler at `scheduler`.
+    """`run` of `scans` with `model` into `out`, on the running scheduler `scheduler`.
 
     An OUT left by other settings (e.g. another --tta) is started afresh: it holds
     nothing but this training's validation predictions."""
@@ -86,7 +86,7 @@ def predict(
     request = RunRequest(
         report=report,
         pipeline=pipeline,
-        cluster=ClusterRequest(scheduler),
+        cluster=scheduler,
         settings=scoring.settings,
     )
     try:

@@ -42,7 +42,7 @@ from pingu_dask.output import training as layout
 from pingu_dask.output.lock import OutputLock
 from pingu_dask.records import timestamp
 from pingu_dask.run.capacity import Capacity
-from pingu_dask.run.clusters import open_client
+from pingu_dask.run.clusters import ClusterRequest, open_client
 from pingu_dask.run.loop import Progress
 from pingu_dask.train import evaluation
 from pingu_dask.train.cases import (
@@ -397,7 +397,8 @@ class _Steps:
 
     def score(self, folds: Sequence[Fold], model_folder: Path, scans: dict[str, Scan]) -> None:
         request, say = self.request, self.watch.say
-        scheduler = self.client.scheduler.address
+        # This training's own scheduler, reached with this client's credentials (TLS).
+        scheduler = ClusterRequest(self.client.scheduler.address, security=self.client.security)
         per_fold = evaluation.fold_scans(folds, scans)
         total = sum(len(v) for v in per_fold.values())
         if request.cluster.is_batch:
