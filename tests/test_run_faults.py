@@ -21,7 +21,6 @@ from benchkit import standins
 from distributed import Client, LocalCluster
 
 from pingu_dask.config import INFERENCE_RESOURCE
-from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import ledger, tables
 from pingu_dask.run.capacity import PresentWorkers
 from pingu_dask.run.jobs import JobCapacity, ScaleFromWork
