@@ -147,6 +147,16 @@ class ScanResult:
         )
 
 
+@dataclass(frozen=True)
+class ScanImages:
+    """A scan's channels as SegmentationModel.prepare gets them: read, checked and
+    turned onto the model's orientation, in the model's channel order."""
+
+    images: Sequence[np.ndarray]
+    spacing: Sequence[float]  # mm per array axis, of the images as given
+    paths: Sequence[Path]  # the files they were read from (for a model's own records)
+
+
 class PreparedScan(Protocol):
     """A scan made ready for a network by SegmentationModel.prepare (on a CPU worker)."""
 
@@ -187,13 +197,7 @@ class SegmentationModel(Protocol):
     def check(self) -> None:
         """Raise ModelError now, before any scan is sent, when the model cannot load."""
 
-    def prepare(
-        self,
-        images: Sequence[np.ndarray],
-        spacing: Sequence[float],
-        paths: Sequence[Path],
-        inference: InferenceSettings,
-    ) -> PreparedScan:
+    def prepare(self, scan: ScanImages, inference: InferenceSettings) -> PreparedScan:
         """The channels (on the model's orientation, as read) made ready for the network."""
 
     def predict(self, prepared: Any, inference: InferenceSettings, slot: int) -> np.ndarray:

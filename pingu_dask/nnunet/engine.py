@@ -8,7 +8,6 @@ same device (predictor.py), and the label map back into the input's array order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from pingu_dask.nnunet.checkpoints import check_checkpoints
 from pingu_dask.nnunet.model import DEFAULT_CHECKPOINT, Model, resolve_model
 from pingu_dask.nnunet.plans import model_plan
 from pingu_dask.nnunet.predictor import cached_predictor, uses_gpu
+from pingu_dask.records import ScanImages
 
 
 @dataclass(frozen=True)
@@ -56,19 +56,13 @@ class NnUNetModel:
         """Every fold's checkpoint read once (a broken one stops the run before any scan)."""
         check_checkpoints(self.model)
 
-    def prepare(
-        self,
-        images: Sequence[np.ndarray],
-        spacing: Sequence[float],
-        paths: Sequence[Path],
-        inference: InferenceSettings,
-    ) -> PreparedCase:
+    def prepare(self, scan: ScanImages, inference: InferenceSettings) -> PreparedCase:
         """nnU-Net's preprocessing; on a GPU run the resampling is left to the device."""
         return prepare_case(
             model_plan(self.model),
-            images,
-            spacing,
-            paths,
+            scan.images,
+            scan.spacing,
+            scan.paths,
             resample_now=not uses_gpu(inference.device),
         )
 

@@ -55,7 +55,13 @@ from pingu_dask.inputs.manifest import (
 from pingu_dask.inputs.orientation import Reorientation
 from pingu_dask.nnunet.predictor import worker_slot
 from pingu_dask.output import derivatives, masks, tables
-from pingu_dask.records import PreparedScan, ScanFacts, ScanResult, SegmentationModel
+from pingu_dask.records import (
+    PreparedScan,
+    ScanFacts,
+    ScanImages,
+    ScanResult,
+    SegmentationModel,
+)
 from pingu_dask.report import qc
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -272,7 +278,7 @@ def preprocess(scan: Scan, pipeline: Pipeline) -> Preprocessed:
         ),
     )
     paths = [scan.channel(column) for column in model.channels]
-    case = model.prepare(images, info.spacing[:3], paths, pipeline.inference)
+    case = model.prepare(ScanImages(images, info.spacing[:3], paths), pipeline.inference)
     seconds = time.perf_counter() - started
     return Preprocessed(scan.scan_id, case, source, seconds, worker_name())
 

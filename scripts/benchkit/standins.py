@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,6 +35,7 @@ from pingu_dask.errors import ModelError
 from pingu_dask.inputs.checks import CheckThresholds
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output.files import save_nifti
+from pingu_dask.records import ScanImages
 from pingu_dask.run.local import local_cluster
 from pingu_dask.run.stages import Pipeline
 
@@ -43,20 +44,7 @@ from pingu_dask.run.stages import Pipeline
 SHAPE = (12, 12, 12)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 #: Every verdict of the pre-flight checks off: the stand-in images are noise.
-NO_CHECKS = CheckThresholds(
-    label_map_min_values=None,
-    label_map_equal_neighbours=None,
-    same_value_share=None,
-    min_contrast=None,
-    voxel_mm_flag=None,
-    voxel_mm_fail=None,
-    fov_mm_flag=None,
-    fov_mm_fail=None,
-    brain_in_head_flag=None,
-    brain_in_head_fail=None,
-    orientation_flag=None,
-    orientation_fail=None,
-)
+NO_CHECKS = CheckThresholds(**{item.name: None for item in fields(CheckThresholds)})
 
 
 def scan_of(path: Path) -> str:
@@ -117,16 +105,10 @@ class StandInModel:
         if self._control(name).exists():
             time.sleep(float(self._control(name).read_text()))
 
-    def prepare(
-        self,
-        images: Sequence[np.ndarray],
-        spacing: Sequence[float],
-        paths: Sequence[Path],
-        inference: InferenceSettings,
-    ) -> StandInCase:
+    def prepare(self, scan: ScanImages, inference: InferenceSettings) -> StandInCase:
         """`preprocess-sleep`: seconds per scan."""
         self._sleep("preprocess-sleep")
-        return StandInCase(scan_of(paths[0]), tuple(images[0].shape))
+        return StandInCase(scan_of(scan.paths[0]), tuple(scan.images[0].shape))
 
     def predict(self, prepared: Any, inference: InferenceSettings, slot: int) -> np.ndarray:
         """Steered by control files: `sleep` (seconds per scan), `broken-model` (every
