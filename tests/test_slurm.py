@@ -301,6 +301,16 @@ def ended(job_id: int) -> bool:
     return job_state(job_id) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
 
 
+def processes_gone(job_id: int) -> bool:
+    """The job has ended and none of its processes is left. A cancelled job reads
+    CANCELLED at once, while its processes still have KillWait (30 s) to clean up;
+    squeue lists it as COMPLETING until the last of them has exited."""
+    listed = subprocess.run(
+        ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True
+    )
+    return ended(job_id) and listed.stdout.strip() in ("", "CANCELLED", "COMPLETED", "FAILED")
+
+
 @pytest.mark.slurm
 def test_a_driver_job_is_resubmitted_stopped_and_resumed_without_a_person(
     slurm, cohort9: Path, tmp_path: Path
@@ -331,7 +341,7 @@ def test_a_driver_job_is_resubmitted_stopped_and_resumed_without_a_person(
     assert f"resuming: {done_by_first} scans done earlier are skipped" in log, log
     assert "took over a stale lock" not in log  # the first driver released it
     subprocess.run(["scancel", str(successor)], check=True)
-    wait_until(lambda: ended(successor), "the cancelled driver job to end", 120)
+    wait_until(lambda: processes_gone(successor), "the cancelled driver to exit", 120)
     log = driver_log(tmp_path, successor)
     assert "interrupted by SIGTERM" in log, log
     assert not (out / ".lock").exists(), log  # released on SIGTERM
