@@ -38,7 +38,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
 
 from distributed import Client, Future
 
@@ -64,18 +63,6 @@ from pingu_dask.run.settings import RunSettings
 TICK_SECONDS = 1.0  #: the longest the loop waits without flushing or checking time limits
 
 logger = logging.getLogger(__name__)
-
-
-class StageFunctions(NamedTuple):
-    """The three per-scan task functions. The real ones run nnU-Net; benchmarks and
-    tests of the runner itself pass stand-ins, named as such."""
-
-    preprocess: Callable
-    predict: Callable
-    finish: Callable
-
-
-NNUNET_STAGES = StageFunctions(stages.preprocess, stages.predict, stages.finish)
 
 
 @dataclass
@@ -135,8 +122,8 @@ class Segmentation:
     With `watch`, the run's page (/pingu) and pingu_* metrics appear on the scheduler's
     web server; `done_before` (scans done in earlier runs) is shown there. `capacity`
     says how many workers to plan the window for (default: those present); `window`
-    fixes it. `stages` are the three task functions: the real ones, or the stand-ins
-    of the runner's own tests and benchmarks (named as such).
+    fixes it. The model is the pipeline's (the seam: nnU-Net, or the stand-in model of
+    the runner's own tests and benchmarks).
     """
 
     scans: Sequence[Scan]
@@ -150,7 +137,6 @@ class Segmentation:
     watch: bool = True
     capacity: Capacity | None = None
     window: int | None = None
-    stages: StageFunctions = NNUNET_STAGES
 
 
 def segment_scans(client: Client, job: Segmentation) -> list[ScanResult]:
@@ -281,19 +267,18 @@ class _Loop:
 
     def _submit(self, index: int, scan: Scan, attempt: int) -> list[Future]:
         client, pipeline, token = self.client, self.pipeline, self.token
-        functions = self.job.stages
         prepared = client.submit(
-            functions.preprocess, scan, pipeline, key=(f"preprocess-{token}", index, attempt)
+            stages.preprocess, scan, pipeline, key=(f"preprocess-{token}", index, attempt)
         )
         predicted = client.submit(
-            functions.predict,
+            stages.predict,
             prepared,
             pipeline,
             key=(f"predict-{token}", index, attempt),
             resources={INFERENCE_RESOURCE: 1},
         )
         finished = client.submit(
-            functions.finish,
+            stages.finish,
             predicted,
             scan,
             pipeline,
