@@ -7,12 +7,12 @@
   plus Sources and the cluster image's name, and inputs that do not fit are refused.
 - dataset_description.json: GeneratedBy names the tool and the model; the same
   model again leaves the file alone; another version is added, not swapped in; and a
-  real segment_scans (stand-in stages on a LocalCluster) writes the model's facts.
+  real segment_scans (the real stages around the stand-in model, on a LocalCluster)
+  writes each scan's derivatives and the model's facts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -236,35 +236,53 @@ def test_generated_by_names_the_tool_and_the_model(tmp_path: Path, monkeypatch) 
     assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temporaries
 
 
-def test_a_run_names_its_model_in_the_dataset_description(tmp_path: Path) -> None:
-    """segment_scans with stand-in stages (test-only, no imaging) on a real
-    LocalCluster: the description carries the pipeline's own model facts, and the
-    same run resumed leaves it untouched."""
+def test_a_run_writes_its_derivatives_and_names_its_model(tmp_path: Path) -> None:
+    """segment_scans with write_nifti on a real LocalCluster: the real stages around the
+    stand-in model (test-only: an empty label map, tiny real images) write each scan's
+    mask, cluster image and sidecars on the input's grid, and the description carries
+    the pipeline's own model facts; the same run again rewrites the scans' files under
+    the same names and leaves the description untouched."""
     from benchkit import standins
 
     from pingu_dask.run.loop import Segmentation, segment_scans
 
-    functions = standins.STAGES
     scans = standins.make_scans(2, tmp_path)
-    pipeline = dataclasses.replace(standins.pipeline_in(tmp_path), write_nifti=True)
-    path = tmp_path / "out" / "nifti" / "dataset_description.json"
+    pipeline = standins.pipeline_in(tmp_path, write_nifti=True)
+    nifti = tmp_path / "out" / "nifti"
+    path = nifti / "dataset_description.json"
     with standins.client_for_stand_ins(1, 2) as client:
-        records = segment_scans(
-            client, Segmentation(scans=scans, pipeline=pipeline, stages=functions, watch=False)
-        )
+        records = segment_scans(client, Segmentation(scans=scans, pipeline=pipeline, watch=False))
         assert [r.status for r in records] == ["ok", "ok"]
         before = path.stat()
-        segment_scans(
-            client, Segmentation(scans=scans, pipeline=pipeline, stages=functions, watch=False)
-        )
+        again = segment_scans(client, Segmentation(scans=scans, pipeline=pipeline, watch=False))
+        assert [r.status for r in again] == ["ok", "ok"]
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    model = pipeline.model.model  # the nnU-Net model behind the seam
     [entry] = json.loads(path.read_text())["GeneratedBy"]
-    assert entry["Model"] == {
-        "Name": model.name,
-        "Folds": list(model.folds),
-        "Fingerprint": model.fingerprint,
-        "Configuration": model.configuration,
-        "Checkpoint": model.checkpoint,
-    }
-    assert len(model.fingerprint) == 64  # the SHA-256 run.json records
+    assert entry["Model"] == {"Name": "stand-in", "Fingerprint": "stand-in-0001", "StandIn": True}
+    # Each scan's four files, at the top (no BIDS subject), and nothing else (no temporaries).
+    assert sorted(p.name for p in nifti.iterdir()) == sorted(
+        [path.name]
+        + [f"{s.scan_id}_desc-pvs{kind}" for s in scans for kind in (
+            "_mask.nii.gz", "_mask.json", "clusters_dseg.nii.gz", "clusters_dseg.json")]
+    )  # fmt: skip
+    written = {r.scan_id: r.nifti for r in again}
+    for scan in scans:
+        mask_path = nifti / f"{scan.scan_id}_desc-pvs_mask.nii.gz"
+        assert written[scan.scan_id] == str(mask_path)
+        mask = nib.Nifti1Image.from_filename(mask_path)
+        clusters = nib.Nifti1Image.from_filename(
+            nifti / f"{scan.scan_id}_desc-pvsclusters_dseg.nii.gz"
+        )
+        for image in (mask, clusters):  # the input's grid, as stored
+            assert image.shape == standins.SHAPE
+            np.testing.assert_allclose(image.affine, standins.AFFINE)
+        assert not np.asanyarray(mask.dataobj).any()  # the stand-in's empty label map
+        assert not np.asanyarray(clusters.dataobj).any()
+        sidecar = json.loads((nifti / f"{scan.scan_id}_desc-pvs_mask.json").read_text())
+        assert sidecar["Model"] == pipeline.model.facts()
+        assert sidecar["PipelineFingerprint"] == pipeline.fingerprint()
+        assert sidecar["RegionSource"] == "none" and sidecar["Flags"] == []
+        assert sidecar["Sources"] == [str(scan.channel("t1w"))]
+        assert sidecar["ClusterImage"] == f"{scan.scan_id}_desc-pvsclusters_dseg.nii.gz"
+        of_clusters = json.loads((nifti / f"{scan.scan_id}_desc-pvsclusters_dseg.json").read_text())
+        assert of_clusters["NumberOfClusters"] == 0

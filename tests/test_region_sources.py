@@ -4,7 +4,8 @@ run.json's `region_sources` (run/provenance.py) counts, for the current manifest
 scans with and without a parcellation and those the brain rule ran for; `status` and the
 report say "N scans without a parcellation: whole-brain figures only" from it, and a
 resume with a changed manifest is not mistaken for changed settings. Fast tier: the
-stand-in stages (scripts/benchkit/standins.py) on a real LocalCluster, real ledger, tables and
+real stages around the stand-in model (scripts/benchkit/standins.py) on a real
+LocalCluster, a tiny real label image as the parcellation, real ledger, tables and
 run.json; and a small hand-made BIDS tree for the `manifest` command.
 """
 
@@ -24,7 +25,7 @@ from distributed import Client
 from helpers import shown
 
 from pingu_dask.cli import main
-from pingu_dask.config import InferenceSettings, PvsClusterRules
+from pingu_dask.config import PvsClusterRules
 from pingu_dask.inputs import bids
 from pingu_dask.inputs.manifest import (
     ManifestReport,
@@ -33,19 +34,15 @@ from pingu_dask.inputs.manifest import (
     region_sources_note,
     whole_brain_only_note,
 )
-from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.output import layout, tables
 from pingu_dask.output.files import save_nifti
 from pingu_dask.output.scans import read_scans
 from pingu_dask.report.build import build_report
 from pingu_dask.run import orchestrate
 from pingu_dask.run.capacity import FixedCapacity
-from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.run.orchestrate import RunRequest, run_cohort
 from pingu_dask.run.provenance import region_sources
 from pingu_dask.run.stages import Pipeline
-
-STANDINS = standins.STAGES
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +53,8 @@ def client() -> Iterator[Client]:
 
 @pytest.fixture
 def stand_in_runs(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    """run_cohort as `pingu-dask run` calls it, on the module's cluster and the stand-ins."""
+    """run_cohort as `pingu-dask run` calls it, on the module's cluster: its own
+    segment_scans runs the real stages around the pipeline's stand-in model."""
 
     @contextmanager
     def given_cluster(request: RunRequest, scans_left: int) -> Iterator[tuple[Client, object]]:
@@ -64,15 +62,23 @@ def stand_in_runs(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(orchestrate, "_client", given_cluster)
 
-    def on_stand_ins(client: Client, job: Segmentation) -> list:
-        return segment_scans(client, dataclasses.replace(job, stages=STANDINS, watch=False))
 
-    monkeypatch.setattr(orchestrate, "segment_scans", on_stand_ins)
+def write_dseg(path: Path) -> Path:
+    """A tiny SynthSeg-numbered parcellation on the stand-in scans' grid: left and right
+    cerebral white matter (2, 41), a left putamen (12) in the middle; the rest 0."""
+    labels = np.zeros(standins.SHAPE, np.int16)
+    half = standins.SHAPE[0] // 2
+    labels[1:half, 1:-1, 1:-1] = 2
+    labels[half:-1, 1:-1, 1:-1] = 41
+    labels[half - 2 : half, 4:8, 4:8] = 12
+    return save_nifti(path, labels, standins.AFFINE, intent="label")
 
 
 def scans_in(folder: Path, n: int, parcellated: Sequence[int]) -> list[Scan]:
-    """`n` stand-in scans; those at the indices `parcellated` name a parcellation file."""
+    """`n` stand-in scans; those at the indices `parcellated` name a real parcellation."""
     dseg = folder / "dseg.nii.gz"
+    if not dseg.exists():
+        write_dseg(dseg)
     return [
         dataclasses.replace(scan, parcellation=dseg if index in parcellated else None)
         for index, scan in enumerate(standins.make_scans(n, folder))
@@ -80,9 +86,8 @@ def scans_in(folder: Path, n: int, parcellated: Sequence[int]) -> list[Scan]:
 
 
 def pipeline_in(folder: Path, rules: PvsClusterRules | None = None) -> Pipeline:
-    settings = InferenceSettings(tta=False, device="cpu")
-    rules = rules or PvsClusterRules.from_config()
-    return Pipeline(nnunet_model("demo"), settings, folder / "out", rules, write_nifti=False)
+    """The stand-in model's pipeline (the model does not matter here) with `rules`."""
+    return standins.pipeline_in(folder, pvs_rules=rules or PvsClusterRules.from_config())
 
 
 def run_scans(folder: Path, scans: list[Scan], pipeline: Pipeline) -> dict:
@@ -146,7 +151,18 @@ def test_run_json_records_what_was_used_and_status_and_report_say_it(
         "max_outside_brain": 0.25, "on": True, "scans_with": 3, "scans_without": 2
     }  # fmt: skip
     assert run_info["regions"]["table"] == "synthseg"  # the setting, compared on resume
-    assert len(tables.read_table(pipeline.out, "regions")) == 5  # the stand-ins did run
+    # The real stages read the parcellation: region rows per parcellated scan, its
+    # tissue volumes from the label image (8 mm3 voxels); whole-brain rows for the others.
+    regions = tables.read_table(pipeline.out, "regions").set_index(["scan_id", "region"])
+    assert sorted(set(regions.index.get_level_values(0))) == [f"sub-{i:03d}" for i in range(5)]
+    for scan_id in ("sub-000", "sub-001", "sub-002"):
+        rows = regions.loc[scan_id]
+        assert set(rows.region_source) == {"synthseg"}
+        assert rows.tissue_volume_mm3["white_matter"] == pytest.approx((1000 - 32) * 8.0)
+        assert rows.tissue_volume_mm3["basal_ganglia"] == pytest.approx(32 * 8.0)
+    for scan_id in ("sub-003", "sub-004"):
+        rows = regions.loc[scan_id]
+        assert rows.index.tolist() == ["whole_brain"] and set(rows.region_source) == {"none"}
 
     status = CliRunner().invoke(main, ["status", str(pipeline.out)])
     assert status.exit_code == 0, status.output
@@ -157,7 +173,7 @@ def test_run_json_records_what_was_used_and_status_and_report_say_it(
     ) in text
     assert text.index("5 done") < text.index("without a parcellation")  # after the counts
 
-    page = build_report(pipeline.out).read_text()
+    page = build_report(pipeline.out).read_text()  # of a model without nnU-Net's folds
     assert shown(page, "whole-brain-only") == (
         "2 scans without a parcellation: whole-brain figures only, and no brain rule "
         "(max-outside-brain 0.25 needs a parcellation)."
