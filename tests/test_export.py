@@ -1,8 +1,11 @@
 """`pingu-dask export`: wide and long tables in CSV, TSV and Parquet that pandas and DuckDB read.
 
-The OUT is made by a real run (segment_scans on a real LocalCluster) on stand-in
-stages (scripts/benchkit/standins.py, test-only: no imaging, no model). Its finish stage here
-writes regions rows with float noise in the volumes (as real float32 sums have), one
+The OUT is made by a real run (segment_scans on a real LocalCluster) of the real stages
+around a stand-in model (scripts/benchkit/standins.py, test-only: no network). Each
+scan has a tiny real image and, but for one, a real aseg-numbered parcellation, so the
+real analysis writes the regions rows; the stand-in model here (PvsStandIn) puts a few
+PVS into white matter, basal ganglia and cortex (`other`), seeded by the scan id, on
+0.8 mm voxels stored as float32 (so volumes carry float noise, as real ones do). One
 scan fails in predict, one manifest scan is never attempted, one manifest row is
 invalid; run.json holds what run_cohort writes there (region table, manifest path and
 SHA-256). What is checked: one wide row per manifest scan, failed ones with their
@@ -18,7 +21,9 @@ import io
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -28,103 +33,120 @@ import pytest
 from benchkit import standins
 from click.testing import CliRunner
 
+from pingu_dask.analysis.regions import ASEG
 from pingu_dask.cli import main
+from pingu_dask.config import InferenceSettings
 from pingu_dask.errors import ErrorReport, Verdict
 from pingu_dask.inputs.manifest import Problem, Scan, scan_columns
 from pingu_dask.output import export, layout, ledger, tables
 from pingu_dask.output import scans as scans_table
-from pingu_dask.records import ScanCounts, ScanResult, Status
-from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
-from pingu_dask.run.stages import Pipeline, stage
+from pingu_dask.output.files import save_nifti
+from pingu_dask.records import Status
+from pingu_dask.run.loop import Segmentation, segment_scans
 
-REGIONS = ("white_matter", "basal_ganglia")  # the run's region table
+REGIONS = ASEG.names  # the run's region table: the pipeline's default (aseg numbers)
 FAILING = "sub-03"  # fails in predict (a programming error: not retried)
 NOT_RUN = "sub-05"  # in the manifest, never given to the runner
-WHOLE_BRAIN_ONLY = "sub-04"  # "no parcellation": its regions rows are whole_brain only
+WHOLE_BRAIN_ONLY = "sub-04"  # no parcellation: its regions rows are whole_brain only
 INVALID_ID = "sub-bad"  # an invalid manifest row
 RUN_ID = "exporttest01"
 MEASURES = [*export.MEASURES]
 
+#: The scans' grid: the stand-ins' shape on 0.8 mm voxels (float32 in the header, so a
+#: voxel is 0.5120000229 mm³ and every volume has float noise to round away).
+AFFINE = np.diag([0.8, 0.8, 0.8, 1.0])
+# The parcellation (aseg/SynthSeg numbers), by y row: 0 on the grid's border; inside,
+# y 1-5 cerebral white matter (2 left of x 6, 41 right), y 6-8 putamen (12, 51), y 9-10
+# cortex (3, 42: in no region of the table, so its clusters are counted as `other`).
+LAYERS = {"white_matter": (1, 6, 2, 41), "basal_ganglia": (6, 9, 12, 51), "other": (9, 11, 3, 42)}
+# Where PVS may lie: lines along z at these (x, y), a gap between any two (26-connected
+# clusters stay apart), each wholly inside one layer.
+PVS_SITES = {
+    "white_matter": [(x, y) for y in (2, 4) for x in (2, 4, 6, 8)],
+    "basal_ganglia": [(x, 7) for x in (2, 4, 6, 8)],
+    "other": [(x, 10) for x in (2, 5, 8)],
+}
 
-@stage("finish")
-def finish_with_regions(
-    predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | None
-) -> ScanResult:
-    """Regions rows with float noise (from a generator seeded by the scan id)."""
-    rng = np.random.default_rng(int(scan.scan_id.removeprefix("sub-")))
-    names = ["whole_brain"] if scan.scan_id == WHOLE_BRAIN_ONLY else [*REGIONS, "other"]
-    rows = []
-    for region in names:
-        volumes = rng.uniform(1.0, 40.0, size=int(rng.integers(1, 6))) * 0.7310000002
-        rows.append(
-            {
-                **scan_columns(scan),
-                "region": region,
-                "n_clusters": len(volumes),
-                "n_voxels": len(volumes) * 9,
-                "total_volume_mm3": float(volumes.sum()),
-                "mean_volume_mm3": float(volumes.mean()),
-                "median_volume_mm3": float(np.median(volumes)),
-                "sd_volume_mm3": float(volumes.std(ddof=1)) if len(volumes) > 1 else None,
-                "min_volume_mm3": float(volumes.min()),
-                "max_volume_mm3": float(volumes.max()),
-                # used where the regions schema has them (issue 24 part 5), else dropped
-                "tissue_volume_mm3": float(rng.uniform(2e5, 6e5)),
-                "pvs_volume_fraction": float(volumes.sum() / 4e5),
-            }
-        )
-    if len(names) > 1:  # whole_brain: the first region's figures again (a stand-in)
-        rows.append({**rows[0], "region": "whole_brain"})
-    total = float(rows[-1]["total_volume_mm3"])  # type: ignore[arg-type]
-    return ScanResult.counted(
-        scan.scan_id,
-        ScanCounts(n_clusters=len(rows), n_voxels=0, volume_mm3=total),
-        seconds=predicted["seconds"],
-        workers=predicted["workers"],
-        tables={"regions": tables.to_table("regions", rows)},
-    )
+
+def parcellation() -> np.ndarray:
+    labels = np.zeros(standins.SHAPE, np.int16)
+    for first, end, left, right in LAYERS.values():
+        labels[1:6, first:end, 1:-1] = left
+        labels[6:-1, first:end, 1:-1] = right
+    return labels
+
+
+@dataclass(frozen=True)
+class PvsStandIn(standins.StandInModel):
+    """The stand-in model (its control files still steer it), with PVS: in each layer a
+    few lines along z of 6 to 8 voxels (min-cluster-voxels is 6), as many and as long
+    as a generator seeded by the scan id says."""
+
+    def predict(self, prepared: Any, inference: InferenceSettings, slot: int) -> np.ndarray:
+        labels = super().predict(prepared, inference, slot)  # its failures, or all 0
+        rng = np.random.default_rng(int(prepared.scan_id.removeprefix("sub-")))
+        for region, sites in PVS_SITES.items():
+            count = int(rng.integers(1, 4 if region == "other" else 5))
+            for i in rng.choice(len(sites), size=count, replace=False):
+                x, y = sites[i]
+                labels[x, y, 2 : 2 + int(rng.integers(6, 9))] = 1
+        return labels
 
 
 def manifest_scans(folder: Path) -> list[Scan]:
-    image = folder / "unused_T1w.nii.gz"
-    sites = ("site-a", "site-b")
-    return [
-        Scan(f"sub-{i:02d}", (("t1w", image),), f"{i:02d}", "baseline", sites[i % 2])
-        for i in range(1, 6)
-    ]
+    """sub-01 to sub-05 with their own noise image and (but WHOLE_BRAIN_ONLY) the
+    parcellation, on AFFINE, written into folder/images."""
+    images, sites = folder / "images", ("site-a", "site-b")
+    scans = []
+    for i in range(1, 6):
+        scan_id = f"sub-{i:02d}"
+        image = images / f"{scan_id}_T1w.nii.gz"
+        parcels = None if scan_id == WHOLE_BRAIN_ONLY else images / f"{scan_id}_aseg.nii.gz"
+        if not image.exists():
+            noise = np.random.default_rng(i).uniform(10, 100, standins.SHAPE)
+            save_nifti(image, noise.astype(np.float32), AFFINE)
+            if parcels is not None:
+                save_nifti(parcels, parcellation(), AFFINE, intent="label")
+        channels = (("t1w", image),)
+        scans.append(Scan(scan_id, channels, f"{i:02d}", "baseline", sites[i % 2], parcels))
+    return scans
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An OUT written by a real run on the stand-ins (see the module docstring)."""
+    """An OUT written by a real run on the stand-in model (see the module docstring)."""
     root = tmp_path_factory.mktemp("export")
-    scans, pipeline = manifest_scans(root), standins.pipeline_in(root)
+    scans = manifest_scans(root)
+    pipeline = standins.pipeline_in(root, model=PvsStandIn(root))
     (root / "type-error").write_text(FAILING)
     manifest = root / "manifest.csv"
-    rows = [{**scan_columns(s), "t1w": str(s.channels[0][1])} for s in scans]
+    rows = [
+        {**scan_columns(s), "t1w": str(s.channels[0][1]), "parcellation": s.parcellation or ""}
+        for s in scans
+    ]
     rows.append({"scan_id": INVALID_ID, "subject": "bad", "session": "", "site": "", "t1w": ""})
     pd.DataFrame(rows).to_csv(manifest, index=False)
     problem = Problem("no image path for channel 't1w'", 6, INVALID_ID, "t1w")
     invalid = ledger.invalid_rows([problem], RUN_ID)
-    stages = StageFunctions(standins.preprocess, standins.predict, finish_with_regions)
     with standins.client_for_stand_ins(1, 2, sys.modules[__name__]) as client:
         results = segment_scans(
             client,
             Segmentation(
                 scans=[s for s in scans if s.scan_id != NOT_RUN],
                 pipeline=pipeline,
-                stages=stages,
                 watch=False,
                 run_id=RUN_ID,
                 extra_ledger_rows=invalid,
             ),
         )
-    assert {r.scan_id: r.status for r in results}[FAILING] == "failed"
+    assert {r.scan_id: r.status for r in results} == {
+        **{s.scan_id: "ok" for s in scans if s.scan_id != NOT_RUN}, FAILING: "failed"
+    }  # fmt: skip
     # What run_cohort records beside the tables: the manifest's scan ids, run.json.
     ledger.write_manifest_scans(pipeline.out, [s.scan_id for s in scans])
     sha256 = hashlib.sha256(manifest.read_bytes()).hexdigest()
     run = {
-        "regions": {"table": "test", "regions": {r: [i + 1] for i, r in enumerate(REGIONS)}},
+        "regions": {"table": pipeline.regions.name, "regions": dict(pipeline.regions.regions)},
         "manifest": {"path": str(manifest), "sha256": sha256},
     }
     layout.write_json(pipeline.out / layout.RUN_JSON, run)
@@ -162,7 +184,17 @@ def test_the_wide_table_has_one_row_per_manifest_scan_with_its_status(out: Path)
     assert "no image path for channel 't1w'" in rows.loc[INVALID_ID, "reason"]
     assert "the run stopped before it" in rows.loc[NOT_RUN, "reason"]
     assert pd.isna(rows.loc["sub-01", "reason"])
-    measure_columns = [c for c in wide.columns if c not in export.SCAN_COLUMNS]
+    # The facts the real stages report, after the scan columns: from the ledger.
+    facts = ["region_source", "brain_rule", "voxel_size_x_mm", "voxel_size_y_mm",
+             "voxel_size_z_mm"]  # fmt: skip
+    assert list(wide.columns[7:12]) == facts
+    assert rows.loc[["sub-01", "sub-02", WHOLE_BRAIN_ONLY], "region_source"].tolist() == [
+        ASEG.name, ASEG.name, "none"
+    ]  # fmt: skip
+    assert rows.loc[["sub-01", "sub-02", WHOLE_BRAIN_ONLY], "brain_rule"].tolist() == [1, 1, 0]
+    assert rows.loc["sub-01", "voxel_size_x_mm"] == 0.8  # float32 0.8, rounded
+    assert rows.loc[[FAILING, NOT_RUN, INVALID_ID], facts].isna().all().all()
+    measure_columns = [c for c in wide.columns if c not in (*export.SCAN_COLUMNS, *facts)]
     regions_order = [*REGIONS, "other", "whole_brain"]
     names = measures_of(out)
     assert measure_columns == [f"{r}_{m}" for r in regions_order for m in names]
@@ -174,7 +206,17 @@ def test_the_wide_table_has_one_row_per_manifest_scan_with_its_status(out: Path)
     assert str(wide["white_matter_n_clusters"].dtype) == "Int64"
     # Every measure equals the regions table's, rounded as stated.
     regions = tables.read_table(out, "regions").set_index(["scan_id", "region"])
-    assert len(regions) == 2 * 4 + 1  # sub-01, sub-02: 4 regions; sub-04: whole_brain
+    # sub-01, sub-02: the table's regions, other, whole_brain; sub-04: whole_brain
+    assert len(regions) == 2 * (len(REGIONS) + 2) + 1
+    # PVS where the model put them: so many clusters in WM, BG, other (seeded, see
+    # PvsStandIn) and the sum in whole_brain.
+    assert regions.loc[("sub-01", "white_matter"), "n_clusters"] >= 1
+    assert regions.loc[("sub-02", "thalamus"), "n_clusters"] == 0
+    for scan_id in ("sub-01", "sub-02"):
+        counts = regions.loc[scan_id, "n_clusters"]
+        assert counts["whole_brain"] == counts.drop("whole_brain").sum() >= 3
+    volumes = regions.total_volume_mm3  # real float32 voxel volumes: float noise to round
+    assert (volumes != volumes.round(3)).any()
     compared = 0
     for (scan_id, region), row in regions.iterrows():
         for measure in names:
@@ -284,17 +326,15 @@ def test_a_folder_that_is_not_an_output_is_refused(tmp_path: Path) -> None:
 
 def scans_table_in(out: Path, tmp_path: Path) -> Path:
     """A copy of OUT with the scans table the run writes at its end (output/scans.py),
-    given facts that the stand-ins do not report (flags, region source, ICV)."""
+    given facts that the stand-in run does not report (flags: the checks are off; ICV:
+    the parcellation has no CSF label)."""
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     problem = Problem("no image path for channel 't1w'", 6, INVALID_ID, "t1w")
     scans_table.write_scans_table(copy, manifest_scans(out.parent), [problem])
     table = tables.read_table(copy, "scans")
     table["flags"] = ["low_contrast;thick_slices" if s == "sub-02" else "" for s in table.scan_id]
-    table["region_source"] = "synthseg"
-    table["brain_rule"] = True
     table["icv_mm3"] = 1.4e6 + np.arange(len(table)) / 3
-    table["voxel_size_x_mm"] = 0.800000011920929  # float32 0.8
     table.loc[table.scan_id == FAILING, "reason"] = "TypeError: line one\nline two"
     schema = tables.SCHEMAS["scans"]
     tables.replace_table(copy, "scans", pa.Table.from_pandas(table, schema, preserve_index=False))
@@ -310,7 +350,10 @@ def test_the_scans_table_is_used_when_the_run_wrote_one(out: Path, tmp_path: Pat
     assert pd.isna(again.loc["sub-01", "flags"])
     assert again.loc[FAILING, "reason"] == "TypeError: line one line two"  # one line per row
     assert again.loc["sub-02", "icv_mm3"] == round(1.4e6 + 1 / 3, 3)
-    assert again.loc["sub-02", "voxel_size_x_mm"] == 0.8 and again.brain_rule.eq(1).all()
+    assert again.loc["sub-02", "voxel_size_x_mm"] == 0.8  # float32 0.8 in the header
+    ran = ["sub-01", "sub-02", WHOLE_BRAIN_ONLY]
+    assert again.loc[ran, "brain_rule"].tolist() == [1, 1, 0]  # 1/0, as the run found
+    assert again.loc[ran, "region_source"].tolist() == [ASEG.name, ASEG.name, "none"]
     facts = ["region_source", "brain_rule", "icv_mm3", "voxel_size_x_mm"]
     assert list(again.columns[6:10]) == facts  # after flags, before the measures
     assert (
@@ -340,7 +383,12 @@ def test_an_ok_scan_whose_rows_were_removed_for_a_redo_is_not_run(
 ) -> None:
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    assert tables.drop_scans(copy, ["sub-02"]) == 4  # what a resume does before redoing it
+    regions = tables.read_table(copy, "regions").query("scan_id == 'sub-02'")
+    clusters = tables.read_table(copy, "clusters").query("scan_id == 'sub-02'")
+    assert len(regions) == len(REGIONS) + 2  # the table's regions, other, whole_brain
+    assert len(clusters) == regions.set_index("region").n_clusters["whole_brain"] >= 1
+    # What a resume does before redoing it: every data-table row of the scan goes.
+    assert tables.drop_scans(copy, ["sub-02"]) == len(regions) + len(clusters)
     rows = export.wide_table(copy).set_index("scan_id")
     assert rows.loc["sub-02", "status"] == "not_run" and "redo" in rows.loc["sub-02", "reason"]
     assert rows.loc["sub-02"].filter(like="_mm3").isna().all()

@@ -4,9 +4,10 @@ fills up mid-run (a real tmpfs, mounted small: this machine and CI run as root).
 
 A full disk or quota is no scan's fault: the run stops with one line (what is kept, what
 to free, that the same command resumes), exit code 4, and the rerun after space was
-freed does every scan exactly once. The stand-in tests (scripts/benchkit/standins.py: real Dask
-workers and Parquet files, no inference) take seconds; the command-line test runs the
-tiny random-weight model (conftest's `tiny_model`) and is marked slow.
+freed does every scan exactly once. The stand-in tests (the real stages around the
+stand-in model of scripts/benchkit/standins.py: real Dask workers, masks and Parquet
+files, no network) take seconds; the command-line test runs the tiny random-weight
+model (conftest's `tiny_model`) and is marked slow.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask
+import numpy as np
 import pandas as pd
 import pytest
 from benchkit import standins
@@ -44,8 +48,8 @@ from pingu_dask.errors import ErrorReport, OutOfSpace, StageFailure, Verdict, is
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.output import layout, ledger, masks, tables
 from pingu_dask.records import ScanResult, Status
-from pingu_dask.run.loop import Progress, Segmentation, StageFunctions, segment_scans
-from pingu_dask.run.stages import Pipeline, stage
+from pingu_dask.run.loop import Progress, Segmentation, segment_scans
+from pingu_dask.run.stages import Pipeline
 
 PAGE = 4096
 
@@ -331,7 +335,7 @@ def test_a_flush_on_a_full_disk_writes_nothing_and_a_later_one_everything(
     assert len({p.name for p in (out / "tables").rglob("*.parquet")}) == 1
 
 
-# --- a full disk mid-run, stand-in stages ---------------------------------------------------
+# --- a full disk mid-run, the real stages around the stand-in model --------------------------
 
 
 @pytest.fixture(scope="module")
@@ -340,37 +344,42 @@ def client() -> Iterator[Client]:
         yield client
 
 
-@stage("finish")
-def counted_finish(
-    predicted: dict, scan: Scan, pipeline: Pipeline, nifti_name: str | None, *, attempts: str
-) -> ScanResult:
-    """standins.finish, leaving a marker per attempt in `attempts` (off the full disk)."""
-    Path(attempts, f"{scan.scan_id}.{uuid.uuid4().hex}").touch()
-    unwrapped = standins.finish.__wrapped__  # type: ignore[attr-defined]  # functools.wraps
-    return unwrapped(predicted, scan, pipeline, nifti_name)
+@dataclass(frozen=True)
+class CountedStandIn(standins.StandInModel):
+    """The stand-in model leaving a marker per attempt in controls/attempts (off the
+    full disk): restore is the finish stage's first step, before the mask is written."""
+
+    def restore(self, labels: np.ndarray, geometry: Any, shape: tuple[int, ...]) -> np.ndarray:
+        Path(self.controls, "attempts", f"{geometry.scan_id}.{uuid.uuid4().hex}").touch()
+        return super().restore(labels, geometry, shape)
 
 
-def stand_in_run(tmp_path: Path, disk: Path, n: int) -> tuple[list[Scan], Pipeline, Path]:
-    """Scans whose (shared) input lies off the small disk, a pipeline writing onto it."""
-    (tmp_path / "unused_T1w.nii.gz").write_bytes(b"the stand-ins never read it")
+def stand_in_run(
+    tmp_path: Path, disk: Path, n: int, masks_on: Path | None = None
+) -> tuple[list[Scan], Pipeline, Path]:
+    """Scans whose images and control files lie off the small disk, a pipeline whose
+    OUT is on it (its masks.zarr a link to `masks_on`, another disk, if given)."""
     attempts = tmp_path / "attempts"
     attempts.mkdir(exist_ok=True)
-    pipeline = standins.pipeline_in(disk)
+    out = disk / "out"
+    if masks_on is not None:
+        masks_on.mkdir()
+        out.mkdir()
+        (out / masks.MASKS).symlink_to(masks_on, target_is_directory=True)
+    pipeline = standins.pipeline_in(tmp_path, model=CountedStandIn(tmp_path), out=out)
     layout.prepare_output(pipeline.out)
     return standins.make_scans(n, tmp_path), pipeline, attempts
 
 
-def stages_counting(attempts: Path) -> StageFunctions:
-    finish = functools.partial(counted_finish, attempts=str(attempts))
-    return StageFunctions(standins.preprocess, standins.predict, finish)
-
-
-def counted_run(client: Client, scans: list[Scan], pipeline, attempts: Path, **given) -> list:
-    """The scans through the loop on the counting stand-ins (unwatched)."""
-    job = Segmentation(
-        scans=scans, pipeline=pipeline, stages=stages_counting(attempts), watch=False, **given
-    )
+def counted_run(client: Client, scans: list[Scan], pipeline: Pipeline, **given: Any) -> list:
+    """The scans through the loop on the counting stand-in model (unwatched)."""
+    job = Segmentation(scans=scans, pipeline=pipeline, watch=False, **given)
     return segment_scans(client, job)
+
+
+def tried(attempts: Path) -> list[str]:
+    """The scan of each attempt so far (a marker each, see CountedStandIn)."""
+    return [p.name.split(".")[0] for p in attempts.iterdir()]
 
 
 def assert_every_scan_once(out: Path, scans: list[Scan]) -> None:
@@ -380,53 +389,65 @@ def assert_every_scan_once(out: Path, scans: list[Scan]) -> None:
     latest = ledger.latest_attempts(out)
     assert sorted(latest.scan_id) == sorted(s.scan_id for s in scans)
     assert set(latest.status) == {"ok"}
+    assert masks.stored_scan_ids(out) == sorted(s.scan_id for s in scans)
 
 
 def test_a_full_disk_on_the_workers_stops_the_run_and_the_rerun_does_the_rest(
     client: Client, small_disk: Callable[[int], Path], tmp_path: Path
 ) -> None:
-    """Each stand-in scan writes a real (tiny) Zarr mask onto a disk with no space left:
-    the first failure stops the run (not 40 scans failing, nor retries); no scan gets a
-    failed ledger row for it; after freeing space the same scans all finish, once."""
+    """Each scan's finish writes its real (tiny) Zarr mask into OUT, on a disk with no
+    space left: the first failure stops the run (not 40 scans failing, nor retries); no
+    scan gets a failed ledger row for it; after freeing space the same scans all
+    finish, once."""
     disk = small_disk(512)
     scans, pipeline, attempts = stand_in_run(tmp_path, disk, 40)
-    (disk / "masks").write_text("")  # stand-ins: write a mask per scan
     filler = fill(disk)
     no_flush_until_the_end = {"pingu.flush-every-scans": 1000, "pingu.flush-every-seconds": 1e6}
     with dask.config.set(no_flush_until_the_end), pytest.raises(OutOfSpace) as stopped:
-        counted_run(client, scans, pipeline, attempts, window=4)
+        counted_run(client, scans, pipeline, window=4)
     message = str(stopped.value)  # the first scan that found the disk full, and why
     assert re.match(r"sub-\d{3}, finish: \[Errno 28\] No space left on device", message)
-    tried = [p.name.split(".")[0] for p in attempts.iterdir()]
-    assert len(tried) == len(set(tried))  # never retried
-    assert len(tried) <= 4  # stopped at the first failure: only what was in flight
+    first = tried(attempts)
+    assert len(first) == len(set(first))  # never retried
+    assert len(first) <= 4  # stopped at the first failure: only what was in flight
     assert tables.read_table(pipeline.out, "ledger").empty  # not counted as the scans' fault
+    assert masks.stored_scan_ids(pipeline.out) == []
 
     filler.unlink()
     masks.remove_partial_masks(pipeline.out)  # what a run does at its start
-    records = counted_run(client, scans, pipeline, attempts)
+    records = counted_run(client, scans, pipeline)
     assert [r.status for r in records] == ["ok"] * len(scans)
     assert_every_scan_once(pipeline.out, scans)
-    assert sorted(masks.stored_scan_ids(pipeline.out)) == sorted(s.scan_id for s in scans)
+    assert len(tried(attempts)) == len(first) + len(scans)  # the rerun: once each
 
 
 def test_a_full_disk_on_the_driver_stops_the_run_and_the_rerun_does_the_rest(
     client: Client, small_disk: Callable[[int], Path], tmp_path: Path
 ) -> None:
-    """No masks: the first table flush (after each scan here) finds the disk full."""
+    """The masks on another disk (OUT's masks.zarr a link there, as masks.py allows):
+    the workers' writes find space, the first write that finds OUT's disk full is the
+    driver's table flush (after each scan here)."""
     disk = small_disk(512)
-    scans, pipeline, attempts = stand_in_run(tmp_path, disk, 12)
+    scans, pipeline, attempts = stand_in_run(tmp_path, disk, 12, masks_on=tmp_path / "bulk")
     filler = fill(disk)
     with dask.config.set({"pingu.flush-every-scans": 1}):
         with pytest.raises(OutOfSpace, match="the driver's table write") as stopped:
-            counted_run(client, scans, pipeline, attempts, window=2)
+            counted_run(client, scans, pipeline, window=2)
         assert isinstance(stopped.value.__cause__, OSError)
         assert stopped.value.__cause__.errno == errno.ENOSPC
         assert tables.read_table(pipeline.out, "ledger").empty
         assert not [p for p in (pipeline.out / "tables").rglob("*") if p.is_file()]
+        first = tried(attempts)
+        assert len(first) == len(set(first)) and len(first) <= 2  # only what was in flight
+        # The scan whose rows the flush could not write has its mask (on the other disk).
+        stored = set(masks.stored_scan_ids(pipeline.out))
+        assert stored and stored <= set(first)
         filler.unlink()
-        counted_run(client, scans, pipeline, attempts)
+        masks.remove_partial_masks(pipeline.out)  # what a run does at its start
+        counted_run(client, scans, pipeline)
     assert_every_scan_once(pipeline.out, scans)
+    assert len(tried(attempts)) == len(first) + len(scans)  # the rerun: once each
+    assert (tmp_path / "bulk" / scans[0].scan_id / "zarr.json").is_file()  # not on the disk
 
 
 # --- the command line, with a real model ---------------------------------------------------
