@@ -402,6 +402,7 @@ def _check_files(scans: list[Scan], jobs: int) -> tuple[list[Scan], list[Problem
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         infos = dict(zip(paths, pool.map(inspect, paths), strict=True))
 
+    read = {path: info for path, info in infos.items() if isinstance(info, ImageInfo)}
     good: list[Scan] = []
     problems: list[Problem] = []
     for scan in scans:
@@ -420,7 +421,6 @@ def _check_files(scans: list[Scan], jobs: int) -> tuple[list[Scan], list[Problem
                     )
                 )
         if not found:
-            read = {path: info for path, info in infos.items() if isinstance(info, ImageInfo)}
             mismatch = channel_grid_mismatch(scan, read)
             if mismatch:
                 found.append(Problem(mismatch, scan.row, scan.scan_id, scan.channels[0][0]))
