@@ -1,9 +1,11 @@
 """What watching a run costs: the dashboard plugin's per-transition time, its snapshot
 (page, JSON, /metrics) at cohort scale, and the runner's throughput with and without it.
 
-The runner comparison uses the tests' stand-in stages (benchkit/standins.py, not a
-model): with no imaging work, the scheduler and the driver are the bottleneck, so any cost of the
-plugin shows at its largest. Run:
+The runner comparison uses the tests' stand-in model (benchkit/standins.py: no network,
+an empty label map) behind the real stages: each scan is a tiny real image (12³), read,
+checked, analysed and its mask written to Zarr, so the per-scan work is small and the
+scheduler and the driver are the bottleneck: any cost of the plugin shows at its
+largest. Run:
 
     .venv/bin/python scripts/bench_dashboard.py [--scans 4000] [--rounds 2] [--workers 2]
 """
@@ -16,17 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from benchkit import standins
 from benchkit.benchdoc import git_revision, machine, write_section
 from distributed import Client
 from prometheus_client import CollectorRegistry, generate_latest
 
-from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.monitor import plugin, prometheus
-from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.run.local import local_cluster
 from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.run.stages import Pipeline
@@ -88,9 +87,7 @@ def runner_rate(client: Client, scans: list[Scan], pipeline: Pipeline, watch: bo
     started = time.perf_counter()
     records = segment_scans(
         client,
-        Segmentation(
-            scans=scans, pipeline=pipeline, keep_details=False, stages=standins.STAGES, watch=watch
-        ),
+        Segmentation(scans=scans, pipeline=pipeline, keep_details=False, watch=watch),
     )
     seconds = time.perf_counter() - started
     assert sum(r.status == "ok" for r in records) == len(scans)
@@ -110,20 +107,13 @@ def main() -> None:
     rates: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        image = scratch / "tiny_T1w.nii.gz"
-        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
-        settings = InferenceSettings(tta=False, device="cpu")
+        scans = standins.make_scans(args.scans, scratch)  # tiny real images, linked
         cluster = local_cluster(n_workers=args.workers, threads_per_worker=3)
-        (scratch / "masks").write_text("")  # the stand-ins write a tiny mask per scan
         with cluster, Client(cluster) as client:
             for round_ in range(args.rounds):
                 for watch in (False, True):  # alternate, so that drift hits both alike
-                    scans = [
-                        Scan(f"r{round_}-{watch:d}-{i:06d}", (("t1w", image),))
-                        for i in range(args.scans)
-                    ]
-                    out = scratch / f"out-{round_}-{watch:d}"
-                    pipeline = Pipeline(nnunet_model("demo"), settings, out)
+                    out = scratch / f"out-{round_}-{watch:d}"  # a fresh output per run
+                    pipeline = standins.pipeline_in(scratch, out=out)
                     rates[watch].append(runner_rate(client, scans, pipeline, watch))
                     print(f"round {round_} watch={watch}: {rates[watch][-1]:.1f} scans/s")
 
@@ -144,7 +134,8 @@ def main() -> None:
         ),
         ("/metrics text (pingu_* only), same run", f"{metrics_ms:.1f} ms"),
         (
-            f"runner, stand-in stages, {runs}, without the plugin",
+            f"runner, stand-in model (no network) behind the real stages, {runs}, "
+            "without the plugin",
             f"{off:.1f} scans/s ({listed(rates[False])})",
         ),
         ("the same with the plugin", f"{on:.1f} scans/s ({listed(rates[True])})"),

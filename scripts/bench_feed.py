@@ -1,19 +1,22 @@
 """Benchmark: does the CPU side keep an inference slot busy? (GPU stand-in)
 
-No GPU here, so predict is replaced by a **GPU stand-in (a sleep, not a model)**: it
-holds the inference slot for `--predict-seconds` and hands finish a fixed label map
-(2x2x2 blobs on a 16-voxel lattice of the head, ~1,000 clusters). Preprocess and
-finish are the real stages on real heads (Colin27 and MNI152 on the grids of
-benchkit.anatomy, in turn), with a real model's plans (default: the PINGU-sized
-model, 0.8 mm, so every scan is resampled; on a GPU machine preprocess would leave that
-to the device, so the CPU side here is heavier than there). Real LocalClusters, laid
-out for a GPU machine (cluster.LocalLayout): the CPU stages on threads of the slot's
-worker, or on CPU-only workers beside it.
+No GPU here, so the network is replaced by a **GPU stand-in (a sleep, not a model)**:
+SleepingModel, a real nnU-Net model behind the model seam whose predict holds the
+inference slot for `--predict-seconds` and returns a fixed label map (2x2x2 blobs on a
+16-voxel lattice of the head, ~1,000 clusters) instead of running the network. The
+three stages are the real ones, on real heads (Colin27 and MNI152 on the grids of
+benchkit.anatomy, in turn), and so are the model's preparation (nnU-Net's
+preprocessing) and restore, with a real model's plans (default: the PINGU-sized model,
+0.8 mm, so every scan is resampled; on a GPU machine preprocess would leave that to the
+device, so the CPU side here is heavier than there). Real LocalClusters, laid out for
+a GPU machine (cluster.LocalLayout): the CPU stages on threads of the slot's worker,
+or on CPU-only workers beside it.
 
-Figures per run: scans/min; the slots' occupancy (stand-in seconds / (slots x time))
-over the whole run and between the first predict's start and the last one's end (the
-fill and drain of the pipeline left out); the workers' CPU use; and which side limits:
-the slots (slots / predict seconds scans/s) or the CPU (cores / core-seconds per scan).
+Figures per run: scans/min; the slots' occupancy (predict seconds / (slots x time))
+over the whole run and between the first predict task's start and the last one's end
+(Dask's task stream; the fill and drain of the pipeline left out); the workers' CPU
+use; and which side limits: the slots (slots / predict seconds scans/s) or the CPU
+(cores / core-seconds per scan).
 Run:
 
     .venv/bin/python scripts/bench_feed.py [--scans 16] [--workers 1 2]
@@ -23,12 +26,13 @@ Run:
 from __future__ import annotations
 
 import argparse
-import functools
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from benchkit.anatomy import KINDS, real_scans
@@ -38,27 +42,39 @@ from pingu_dask.config import InferenceSettings, available_cores
 from pingu_dask.inputs.manifest import Scan
 from pingu_dask.nnunet.engine import NnUNetModel
 from pingu_dask.nnunet.model import resolve_model
-from pingu_dask.run.stages import Pipeline, Predicted, Preprocessed, stage
+from pingu_dask.run.stages import Pipeline
 
 SCRIPTS = Path(__file__).resolve().parent
 
 
-@stage("predict")
-def sleeping_predict(item: Preprocessed, pipeline: Pipeline, seconds: float) -> Predicted:
-    """GPU stand-in, not a model: holds the slot `seconds`, returns fixed blobs."""
-    from distributed import get_worker
+@dataclass(frozen=True)
+class SleepingModel(NnUNetModel):
+    """GPU stand-in, not a model: nnU-Net's prepare and restore (the CPU side), but
+    predict holds the slot `seconds` and returns fixed blobs instead of the network's
+    label map (no checkpoint is loaded)."""
 
-    started = time.time()
-    time.sleep(seconds)
-    geometry = item.case.geometry
-    labels = np.zeros(geometry.cropped_shape, dtype=np.uint8)
-    for offset in range(2):
-        labels[offset::16, offset::16, offset::16] = 1
-        labels[offset::16, offset::16, 1 - offset :: 16] = 1
-    times = {"preprocess": item.seconds, "predict": time.time() - started}
-    times.update(predict_started=started, predict_ended=time.time())
-    workers = {"preprocess": item.worker, "predict": get_worker().address}
-    return Predicted(item.scan_id, labels, geometry, item.source, times, workers)
+    seconds: float = 0.0
+
+    def predict(self, prepared: Any, inference: InferenceSettings, slot: int) -> np.ndarray:
+        time.sleep(self.seconds)
+        labels = np.zeros(prepared.geometry.cropped_shape, dtype=np.uint8)
+        for offset in range(2):
+            labels[offset::16, offset::16, offset::16] = 1
+            labels[offset::16, offset::16, 1 - offset :: 16] = 1
+        return labels
+
+
+def predict_span(task_stream: list[dict]) -> tuple[float, float]:
+    """The first predict task's start and the last one's end (Dask's task stream: task
+    keys are (f"{stage}-{token}", index, attempt))."""
+    spans = [
+        (startstop["start"], startstop["stop"])
+        for task in task_stream
+        if isinstance(task["key"], tuple) and str(task["key"][0]).startswith("predict-")
+        for startstop in task["startstops"]
+        if startstop["action"] == "compute"
+    ]
+    return min(start for start, _ in spans), max(stop for _, stop in spans)
 
 
 def worker_cpu_seconds(client) -> float:
@@ -74,21 +90,17 @@ def worker_cpu_seconds(client) -> float:
 
 def run_once(scans: list[Scan], model, workers: int, mode: str, seconds: float, out: Path):
     import cloudpickle
-    from distributed import Client
+    from distributed import Client, get_task_stream
 
     from pingu_dask.run.capacity import FixedCapacity
     from pingu_dask.run.local import LocalLayout, local_cluster
-    from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
-    from pingu_dask.run.stages import finish, preprocess
+    from pingu_dask.run.loop import Segmentation, segment_scans
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cpu_workers = workers if mode == "cpu-workers" else 0
     layout = LocalLayout.for_machine(workers, gpu=True, cpu_workers=cpu_workers)
-    functions = StageFunctions(
-        preprocess, functools.partial(sleeping_predict, seconds=seconds), finish
-    )
     settings = InferenceSettings(tta=False, device="cpu")
-    pipeline = Pipeline(NnUNetModel(model), settings, out, write_nifti=False)
+    pipeline = Pipeline(SleepingModel(model, seconds), settings, out, write_nifti=False)
     capacity = FixedCapacity(workers, layout.threads_per_slot)
     with (
         local_cluster(layout=layout, dashboard_address="127.0.0.1:0") as cluster,
@@ -96,18 +108,14 @@ def run_once(scans: list[Scan], model, workers: int, mode: str, seconds: float, 
     ):
         client.wait_for_workers(workers + cpu_workers)
         cpu_before, started = worker_cpu_seconds(client), time.perf_counter()
-        records = segment_scans(
-            client,
-            Segmentation(
-                scans=scans, pipeline=pipeline, stages=functions, watch=False, capacity=capacity
-            ),
-        )
+        job = Segmentation(scans=scans, pipeline=pipeline, watch=False, capacity=capacity)
+        with get_task_stream(client) as stream:
+            records = segment_scans(client, job)
         wall = time.perf_counter() - started
         cpu = worker_cpu_seconds(client) - cpu_before
     assert all(r.status == "ok" for r in records), records
     busy = sum(r.seconds["predict"] for r in records)
-    first = min(r.seconds["predict_started"] for r in records)
-    last = max(r.seconds["predict_ended"] for r in records)
+    first, last = predict_span(stream.data)
     return {
         "layout": layout,
         "scans_per_min": len(scans) / wall * 60,
@@ -174,11 +182,13 @@ def main() -> None:
         f"{' '.join(map(str, args.workers))} --predict-seconds "
         f"{' '.join(map(str, args.predict_seconds))} --modes {' '.join(args.modes)} "
         f"--model {args.model}`.",
-        f"Predict is a **GPU stand-in (a sleep, not a model)**; preprocess and finish are real,"
-        f" on {args.scans} real heads ({', '.join(kinds)} in turn), model plans "
-        f"`{model.name}`; each scan resampled on the CPU in preprocess (a GPU worker leaves "
-        "that to the device). `threads`: the CPU stages on the slot worker's threads (a "
-        "thread per core + 1); `cpu-workers`: one CPU-only worker per slot beside it.",
+        "The network is a **GPU stand-in (a sleep, not a model)** behind the real stages: "
+        "predict holds the slot, then returns fixed blobs; the real preprocess and finish, "
+        f"with nnU-Net's preparation and restore, on {args.scans} real heads "
+        f"({', '.join(kinds)} in turn), model plans `{model.name}`; each scan resampled on "
+        "the CPU in preprocess (a GPU worker leaves that to the device). `threads`: the CPU "
+        "stages on the slot worker's threads (a thread per core + 1); `cpu-workers`: one "
+        "CPU-only worker per slot beside it.",
         "",
         "| slots | CPU stages on | stand-in s | layout (threads; CPU workers x threads) | "
         "scans/min | slots busy (run) | slots busy (first to last predict) | CPU busy | "

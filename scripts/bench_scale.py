@@ -1,13 +1,13 @@
-"""Benchmark: the cohort runner at 100,000 scans, with a no-op model stand-in.
+"""Benchmark: the cohort runner at 100,000 scans, with a stand-in model (no network).
 
 Targets (issue 5): manifest validation, planning, and the resume check of a fully done
 run each < 60 s at 100,000 rows; driver + scheduler memory flat (< 1 GiB) over a run.
 
-The model is replaced by the stand-in stages the runner's tests use
-(benchkit/standins.py: **not a model**): its three tasks do no imaging work, but with
-the control file `masks` `finish` writes a real (tiny, 4³) mask group to Zarr with the
-fingerprints a resume checks and returns a real regions row, so the Dask traffic, the ledger,
-the Parquet flushes and the resume check are the real ones. Run:
+The model is the stand-in model the runner's tests use (benchkit/standins.py: **no
+network**, an empty label map) behind the real stages: each scan is a tiny real image
+(12³, standins.make_scans), read and checked, analysed, its mask group written to Zarr
+with the fingerprints a resume checks and its table rows returned, so the Dask
+traffic, the ledger, the Parquet flushes and the resume check are the real ones. Run:
 
     .venv/bin/python scripts/bench_scale.py [--rows 100000] [--run-scans 20000] [--workers 2]
 
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import dask.config
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import psutil
@@ -39,9 +38,7 @@ from benchkit import standins
 from benchkit.benchdoc import git_revision, machine, write_section
 from distributed import Client
 
-from pingu_dask.config import InferenceSettings
 from pingu_dask.inputs.manifest import Scan, input_fingerprint, load_manifest
-from pingu_dask.nnunet.engine import nnunet_model
 from pingu_dask.output import compaction, layout, ledger, parts, tables
 from pingu_dask.records import ScanResult, Status
 from pingu_dask.run.local import local_cluster
@@ -164,12 +161,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        image = scratch / "tiny_T1w.nii.gz"
-        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
-        ids = [f"sub-{i:06d}" for i in range(args.rows)]
+        # tiny real images, one link per scan (the stand-in model reads the scan's id
+        # from its image's name)
+        scans = standins.make_scans(args.rows, scratch)
         sites = ["a", "b", "c", "d"]
         manifest = pd.DataFrame(
-            {"scan_id": ids, "t1w": str(image), "site": [sites[i % 4] for i in range(len(ids))]}
+            {
+                "scan_id": [scan.scan_id for scan in scans],
+                "t1w": [str(scan.channel("t1w")) for scan in scans],
+                "site": [sites[i % 4] for i in range(len(scans))],
+            }
         )
         manifest.to_csv(scratch / "manifest.csv", index=False)
 
@@ -178,8 +179,8 @@ def main() -> None:
         results.append((f"validate {args.rows:,} rows (file checks on)", f"{seconds:.1f} s"))
 
         out = scratch / "out"
-        (scratch / "masks").write_text("")  # the stand-ins write a tiny mask per scan
-        pipeline = Pipeline(nnunet_model("demo"), InferenceSettings(tta=False, device="cpu"), out)
+        pipeline = standins.pipeline_in(scratch)  # writes to scratch/out
+        assert pipeline.out == out
         layout.prepare_output(out)
         seconds, plan = timed(ledger.plan_resume, out, report.scans, pipeline.fingerprint())
         assert len(plan.todo) == args.rows
@@ -196,9 +197,7 @@ def main() -> None:
         cluster = local_cluster(n_workers=args.workers, threads_per_worker=3)
         flushing = {"pingu.flush-every-scans": FLUSH_EVERY_SCANS}
         with dask.config.set(flushing):
-            job = Segmentation(
-                scans=run_scans, pipeline=pipeline, keep_details=False, stages=standins.STAGES
-            )
+            job = Segmentation(scans=run_scans, pipeline=pipeline, keep_details=False)
         with cluster, Client(cluster) as client, sampled(sampler):
             seconds, records = timed(segment_scans, client, job)
         assert sum(r.status == "ok" for r in records) == len(run_scans)
@@ -206,8 +205,8 @@ def main() -> None:
         tenth = max(1, len(rss) // 10)
         results.append(
             (
-                f"run {len(run_scans):,} scans through the runner (stand-in stages, "
-                f"{args.workers} workers, tables flushed after every scan)",
+                f"run {len(run_scans):,} scans through the runner (stand-in model behind "
+                f"the real stages, {args.workers} workers, tables flushed after every scan)",
                 f"{seconds:.0f} s ({len(run_scans) / seconds:.0f} scans/s)",
             )
         )
@@ -238,14 +237,15 @@ Machine: {machine()}; revision {git_revision()}.
 Command: `.venv/bin/python {command}`
 Load average (1 min) at start / end: {load} ({os.cpu_count()} cores).
 
-The model is replaced by the tests' stand-in stages (**not a model**): no imaging work,
-but real Dask tasks (three per scan), real tiny Zarr mask groups, real ledger and
-Parquet flushes. Goals: each step < 60 s at 100,000 rows; memory flat, < 1 GiB; after
-compaction at most 1 file per 1,000 scans per table. The run flushes its tables after
-every scan (pingu.flush-every-scans = {FLUSH_EVERY_SCANS}): the most files a run of
-slow scans can leave (one part per table per flush). It is then compacted as
-run_cohort does at its end. The stand-in writes regions rows only (no clusters,
-no evaluation).
+The model is the tests' stand-in model (**no network**: an empty label map) behind
+the real stages: each scan is a tiny real image (12³, one link per manifest row, so
+validation opens every row's file), read and checked, analysed, its mask group written
+to Zarr; real Dask tasks (three per scan), real ledger and Parquet flushes. Goals: each
+step < 60 s at 100,000 rows; memory flat, < 1 GiB; after compaction at most 1 file per
+1,000 scans per table. The run flushes its tables after every scan
+(pingu.flush-every-scans = {FLUSH_EVERY_SCANS}): the most files a run of slow scans can
+leave (one part per table per flush). It is then compacted as run_cohort does at its
+end. The empty label map gives regions rows only (no clusters, no evaluation).
 
 | step | figure |
 |---|---|

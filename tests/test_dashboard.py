@@ -2,8 +2,8 @@
 
 First the monitor's arithmetic on made-up transitions with a fake clock (exact values),
 then a real run: the bundled demo model on a LocalCluster of worker processes, with one
-known bad scan (NaN voxels) and one injected transient I/O error (a test-only wrapper
-around the real preprocess stage that fails a scan's first attempt). While it runs,
+known bad scan (NaN voxels) and one injected transient I/O error (a test-only subclass of
+the real model whose preparation fails one scan's first attempt). While it runs,
 headless Chromium renders the page; afterwards the JSON and /metrics are checked
 against the ledger.
 """
@@ -11,11 +11,13 @@ against the ledger.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,13 +31,15 @@ from pingu_dask.analysis.regions import ASEG
 from pingu_dask.config import InferenceSettings, PvsClusterRules
 from pingu_dask.inputs.manifest import load_manifest
 from pingu_dask.monitor import http, plugin, prometheus
-from pingu_dask.nnunet.engine import nnunet_model
+from pingu_dask.nnunet.case import PreparedCase
+from pingu_dask.nnunet.engine import NnUNetModel
 from pingu_dask.nnunet.model import resolve_model
 from pingu_dask.output import tables
+from pingu_dask.records import ScanImages
 from pingu_dask.run import stages
 from pingu_dask.run.jobs import JobOptions, jobqueue_cluster
 from pingu_dask.run.local import local_cluster
-from pingu_dask.run.loop import Segmentation, StageFunctions, segment_scans
+from pingu_dask.run.loop import Segmentation, segment_scans
 from pingu_dask.synth.cohort import generate_cohort
 
 FAST = InferenceSettings(tta=False, step_size=1.0, device="cpu", torch_threads=1)
@@ -206,15 +210,25 @@ def test_the_web_server_binds_to_localhost_by_default() -> None:
 # -- a real run, watched -------------------------------------------------------------------
 
 
-def preprocess_failing_once(scan, pipeline):
-    """Test-only fault injection around the real preprocess: the scan named in the
-    pipeline's output folder's `flaky` file fails its first attempt with an I/O error."""
-    flaky = Path(pipeline.out).parent / "flaky"
-    attempted = Path(pipeline.out).parent / "flaky-attempted"
-    if flaky.read_text() == scan.scan_id and not attempted.exists():
-        attempted.write_text("1")
-        raise OSError(f"injected I/O error reading {scan.scan_id}")
-    return stages.preprocess(scan, pipeline)
+@dataclass(frozen=True)
+class FailingOnceModel(NnUNetModel):
+    """Test-only fault injection behind the model seam: the real model, but preparing the
+    scan whose image is `flaky` fails its first attempt with an I/O error (in the real
+    preprocess stage, after its reads and checks). The first attempt makes `marker`
+    (atomically, O_EXCL), so only one attempt fails whichever worker runs the retry."""
+
+    flaky: Path = Path()
+    marker: Path = Path()
+
+    def prepare(self, scan: ScanImages, inference: InferenceSettings) -> PreparedCase:
+        if Path(scan.paths[0]) == self.flaky:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass  # the retry
+            else:
+                raise OSError(f"injected I/O error reading {self.flaky.name}")
+        return super().prepare(scan, inference)
 
 
 class PagePoller(threading.Thread):
@@ -248,12 +262,11 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
     manifest = absolute_manifest(root / "cohort", root / "good.csv")
     with_nan_scan(manifest, "nan_voxels", root, at=1).to_csv(root / "manifest.csv", index=False)
     scans = load_manifest(root / "manifest.csv", ("t1w",)).scans
-    (root / "flaky").write_text(scans[0].scan_id)
-    pipeline = stages.Pipeline(
-        nnunet_model("demo"), FAST, root / "out", PvsClusterRules(), ASEG, write_nifti=False
-    )
-    functions = StageFunctions(preprocess_failing_once, stages.predict, stages.finish)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    flaky = scans[0].channel("t1w")
+    model = FailingOnceModel(resolve_model("demo"), flaky=flaky, marker=root / "flaky-attempted")
+    pipeline = stages.Pipeline(model, FAST, root / "out", PvsClusterRules(), ASEG,
+                               write_nifti=False)  # fmt: skip
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the model's class
     screenshot = root / "pingu-dashboard.png"
     with (
         local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1,
@@ -269,7 +282,6 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
                 Segmentation(
                     scans=scans,
                     pipeline=pipeline,
-                    stages=functions,
                     run_id="watched",
                     done_before=0,
                     window=3,
