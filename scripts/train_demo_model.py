@@ -228,17 +228,9 @@ def evaluate(work: Path, n_scans: int, train_args: argparse.Namespace) -> str:
     print(table)
     readme = MODEL_DIR.parent / "README.md"
     readme.write_text(
-        README.format(
-            train_scans=train_args.train_scans,
-            seed=train_args.seed,
-            epochs=train_args.epochs,
-            iterations=train_args.iterations,
-            features=train_args.features,
-            patch=train_args.patch,
-            lr=train_args.lr,
-            eval_scans=n_scans,
-            table=table,
-            fingerprint=model.fingerprint,
+        README.format_map(
+            vars(train_args)
+            | {"eval_scans": n_scans, "table": table, "fingerprint": model.fingerprint}
         )
     )
     return table

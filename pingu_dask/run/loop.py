@@ -167,16 +167,7 @@ def segment_scans(client: Client, job: Segmentation) -> list[ScanResult]:
     with tables.TableWriter(pipeline.out, settings.flush) as writer:
         if job.extra_ledger_rows:
             writer.add({}, ledger_rows=job.extra_ledger_rows)
-        loop = _Loop(
-            client=client,
-            job=job,
-            names=names,
-            writer=writer,
-            token=token,
-            feed=feed,
-            capacity=job.capacity or PresentWorkers(client),
-            breaker=CircuitBreaker(settings.breaker_scans),
-        )
+        loop = _Loop(client=client, job=job, names=names, writer=writer, token=token, feed=feed)
         return loop.run(job.scans)
 
 
@@ -190,12 +181,12 @@ class _Loop:
     writer: tables.TableWriter
     token: str
     feed: RunFeed | None  # the run's dashboard, if watched
-    capacity: Capacity
-    breaker: CircuitBreaker
 
     def __post_init__(self) -> None:
         self.pipeline = self.job.pipeline
         self.settings = self.job.settings
+        self.capacity: Capacity = self.job.capacity or PresentWorkers(self.client)
+        self.breaker = CircuitBreaker(self.settings.breaker_scans)
         self.fingerprint = self.pipeline.fingerprint()
         self.queue: deque[tuple[int, Scan, int]] = deque()
         self.submitted: dict = {}  # finish key -> Attempt
