@@ -450,6 +450,27 @@ def test_a_full_disk_on_the_driver_stops_the_run_and_the_rerun_does_the_rest(
     assert (tmp_path / "bulk" / scans[0].scan_id / "zarr.json").is_file()  # not on the disk
 
 
+def test_the_last_flush_on_a_full_disk_is_out_of_space_too(
+    client: Client, small_disk: Callable[[int], Path], tmp_path: Path
+) -> None:
+    """No flush until the run ends: the first write to find OUT's disk full is the table
+    writer's last flush, after the loop; it stops the run as OutOfSpace, as a flush
+    inside the loop does, and the rerun does every scan once."""
+    disk = small_disk(512)
+    scans, pipeline, attempts = stand_in_run(tmp_path, disk, 3, masks_on=tmp_path / "bulk")
+    filler = fill(disk)
+    no_flush_until_the_end = {"pingu.flush-every-scans": 1000, "pingu.flush-every-seconds": 1e6}
+    with dask.config.set(no_flush_until_the_end):
+        with pytest.raises(OutOfSpace, match="the driver's table write") as stopped:
+            counted_run(client, scans, pipeline)
+        assert stopped.value.__cause__.errno == errno.ENOSPC  # type: ignore[union-attr]
+        assert sorted(tried(attempts)) == sorted(s.scan_id for s in scans)  # all ran
+        assert tables.read_table(pipeline.out, "ledger").empty
+        filler.unlink()
+        counted_run(client, scans, pipeline)
+    assert_every_scan_once(pipeline.out, scans)
+
+
 # --- the command line, with a real model ---------------------------------------------------
 
 

@@ -164,11 +164,17 @@ def segment_scans(client: Client, job: Segmentation) -> list[ScanResult]:
             window_seconds=settings.throughput_window_seconds,
         )
         feed = RunFeed(client, monitor)
-    with tables.TableWriter(pipeline.out, settings.flush) as writer:
-        if job.extra_ledger_rows:
-            writer.add({}, ledger_rows=job.extra_ledger_rows)
-        loop = _Loop(client=client, job=job, names=names, writer=writer, token=token, feed=feed)
-        return loop.run(job.scans)
+    try:
+        with tables.TableWriter(pipeline.out, settings.flush) as writer:
+            if job.extra_ledger_rows:
+                writer.add({}, ledger_rows=job.extra_ledger_rows)
+            loop = _Loop(client=client, job=job, names=names, writer=writer, token=token,
+                         feed=feed)  # fmt: skip
+            return loop.run(job.scans)
+    except OSError as error:  # the last flush, as the writer closes after the loop
+        if is_out_of_space(error):
+            raise OutOfSpace(f"the driver's table write: {error}") from error
+        raise
 
 
 @dataclass(kw_only=True)
