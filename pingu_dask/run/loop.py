@@ -171,7 +171,7 @@ def segment_scans(client: Client, job: Segmentation) -> list[ScanResult]:
             loop = _Loop(client=client, job=job, names=names, writer=writer, token=token,
                          feed=feed)  # fmt: skip
             return loop.run(job.scans)
-    except OSError as error:  # the last flush, as the writer closes after the loop
+    except OSError as error:  # a table flush, in the loop or as the writer closes
         if is_out_of_space(error):
             raise OutOfSpace(f"the driver's table write: {error}") from error
         raise
@@ -225,13 +225,11 @@ class _Loop:
                 progress.stopping = self.stopping
                 if settled and self.job.on_progress:
                     self.job.on_progress(progress)
-        except BaseException as error:  # Ctrl-C (KeyboardInterrupt) or a driver error
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) or a driver error
             self._cancel(list(self.submitted.values()))
             if self.feed:
                 self.feed.ended("interrupted")
-            if isinstance(error, Exception) and is_out_of_space(error):  # a table flush
-                raise OutOfSpace(f"the driver's table write: {error}") from error
-            raise
+            raise  # a table flush on a full disk: segment_scans names it OutOfSpace
         if self.feed:
             self.feed.ended("stopped" if self.stopping else "finished")
         if self.out_of_space:
