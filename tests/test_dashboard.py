@@ -11,7 +11,6 @@ against the ledger.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import threading
@@ -23,6 +22,7 @@ from urllib.parse import urlparse
 
 import cloudpickle
 import pytest
+from benchkit import standins
 from distributed import Client
 from helpers import absolute_manifest, headless, shown, with_nan_scan
 from prometheus_client import CollectorRegistry, generate_latest
@@ -221,13 +221,8 @@ class FailingOnceModel(NnUNetModel):
     marker: Path = Path()
 
     def prepare(self, scan: ScanImages, inference: InferenceSettings) -> PreparedCase:
-        if Path(scan.paths[0]) == self.flaky:
-            try:
-                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                pass  # the retry
-            else:
-                raise OSError(f"injected I/O error reading {self.flaky.name}")
+        if Path(scan.paths[0]) == self.flaky and standins.first_time(self.marker):
+            raise OSError(f"injected I/O error reading {self.flaky.name}")
         return super().prepare(scan, inference)
 
 
@@ -267,6 +262,7 @@ def watched_run(tmp_path_factory: pytest.TempPathFactory):
     pipeline = stages.Pipeline(model, FAST, root / "out", PvsClusterRules(), ASEG,
                                write_nifti=False)  # fmt: skip
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the model's class
+    cloudpickle.register_pickle_by_value(standins)  # first_time, which the model calls
     screenshot = root / "pingu-dashboard.png"
     with (
         local_cluster(n_workers=2, threads_per_worker=2, torch_threads=1,

@@ -47,6 +47,16 @@ AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 NO_CHECKS = CheckThresholds(**{item.name: None for item in fields(CheckThresholds)})
 
 
+def first_time(marker: Path) -> bool:
+    """True for the first caller only, across processes: it makes `marker` atomically
+    (O_EXCL), so a fault injected "once" fails one attempt whichever worker retries."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def scan_of(path: Path) -> str:
     """The scan id a stand-in image is named after (`<scan_id>_T1w.nii.gz`)."""
     return Path(path).name.split("_T1w")[0]
@@ -93,13 +103,8 @@ class StandInModel:
         return path.exists() and scan_id in path.read_text().split()
 
     def _first_attempt(self, what: str, scan_id: str) -> bool:
-        """True once per (what, scan): the marker is made atomically (O_EXCL)."""
-        marker = self._control(f".{what}-{scan_id}")
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-        return True
+        """True once per (what, scan), whichever worker asks."""
+        return first_time(self._control(f".{what}-{scan_id}"))
 
     def _sleep(self, name: str) -> None:
         if self._control(name).exists():
